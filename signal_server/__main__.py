@@ -1,0 +1,9 @@
+"""``python -m signal_server`` is the ``signal-server`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

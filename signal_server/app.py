@@ -1,0 +1,89 @@
+"""Application factories: the signaling sub-app, and the standalone root app.
+
+``create_app(settings)`` returns a self-contained ``web.Application`` that a
+host mounts with ``host.add_subapp("/webrtc", create_app(settings))``; aiohttp
+forwards the host's start-up, shutdown and cleanup signals to it, so the
+sub-app's lifecycle follows the host's. ``create_standalone_app`` is what the
+``signal-server`` command serves: the same sub-app at ``/webrtc`` plus the
+operational endpoints at the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp_cors
+from aiohttp import web
+
+from .context import SIGNALING, Signaling
+from .errors import CloseCode
+from .handlers import OPERATIONS, config_handler, websocket_handler
+from .logs import install_token_redaction
+from .settings import Settings
+
+__all__ = ["create_app", "create_standalone_app", "SIGNALING_APP"]
+
+SIGNALING_APP = web.AppKey("SIGNALING_APP", web.Application)
+OperationView = Callable[[Signaling], Awaitable[web.Response]]
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the signaling sub-app (``/config``, ``/ws/{room_id}``, health, metrics).
+
+    Raises:
+        ValueError: when no JWT secret or public key is configured.
+    """
+    app = web.Application()
+    sig = app[SIGNALING] = Signaling(settings)
+    app.router.add_get("/ws/{room_id}", websocket_handler)
+    config_route = app.router.add_get("/config", config_handler, allow_head=False)
+    _add_operations(app, sig)
+    origins = settings.allowed_origins or ("*",)
+    cors = aiohttp_cors.setup(
+        app,
+        defaults={
+            origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+                allow_headers=("Authorization", "Content-Type"), max_age=600
+            )
+            for origin in origins
+        },
+    )
+    cors.add(config_route)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_connections)
+    install_token_redaction()
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    sig = app[SIGNALING]
+    sig.ready = True
+    yield
+    sig.ready = False
+    sig.hub.cancel_timers()
+
+
+async def _close_connections(app: web.Application) -> None:
+    """On shutdown every client gets close 1001; their slots stay held (not a leave)."""
+    sig = app[SIGNALING]
+    sig.ready = False
+    sig.hub.close_all(CloseCode.GOING_AWAY)
+
+
+def _add_operations(app: web.Application, sig: Signaling) -> None:
+    for path, view in OPERATIONS.items():
+
+        async def handler(request: web.Request, view: OperationView = view) -> web.Response:
+            return await view(sig)
+
+        app.router.add_get(path, handler)
+
+
+def create_standalone_app(settings: Settings) -> web.Application:
+    """The root app the command serves: ``/webrtc/*`` plus root health and metrics."""
+    root = web.Application()
+    signaling = create_app(settings)
+    root[SIGNALING_APP] = signaling
+    root.add_subapp("/webrtc", signaling)
+    _add_operations(root, signaling[SIGNALING])
+    return root

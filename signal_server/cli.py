@@ -1,0 +1,205 @@
+"""The ``signal-server`` command: ``serve`` (the default) and ``token``.
+
+The only module with process-wide side effects: logging set-up, signal
+handlers, the file-descriptor limit, printing. Bad input is one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import resource
+import secrets
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from .app import create_standalone_app
+from .auth import mint_token
+from .logs import configure_logging
+from .settings import OPTIONS, Settings, SettingsError, load_settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("signal_server")
+PROG = "signal-server"
+SHUTDOWN_TIMEOUT = 5.0
+DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _settings_parser(prog: str, description: str) -> _Parser:
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    for option in OPTIONS:
+        parser.add_argument(
+            f"--{option.flag}",
+            dest=option.flag,
+            action="append" if option.repeat else "store",
+            metavar=option.metavar or option.flag.split("-")[-1].upper(),
+            help=f"{option.help} [{option.env}]",
+        )
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m signal_server``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if environ is None else environ
+    if args and args[0] == "token":
+        return _token_command(args[1:], env)
+    if args and args[0] == "serve":
+        args = args[1:]
+    return _serve_command(args, env)
+
+
+# ------------------------------------------------------------------ token
+
+
+def _token_command(args: list[str], env: Mapping[str, str]) -> int:
+    parser = _settings_parser(f"{PROG} token", "Print an HS256 token signed with the configured secret.")
+    parser.add_argument("sub", help="user id (the token's 'sub')")
+    parser.add_argument("--name", help="display name")
+    parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    parser.add_argument("--room", action="append", help="restrict the token to this room (repeatable)")
+    namespace = parser.parse_args(args)
+    try:
+        settings = load_settings(vars(namespace), env, namespace.config)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    if not settings.jwt_secret or not settings.jwt_algorithm.startswith("HS"):
+        return _fail("--jwt-secret: tokens are signed with the HS256 secret; none is configured")
+    if not 0 < len(namespace.sub) <= 128:
+        return _fail("sub: must be 1-128 characters")
+    if namespace.ttl <= 0:
+        return _fail("--ttl: must be a positive number of seconds")
+    print(
+        mint_token(
+            settings.jwt_secret, namespace.sub, name=namespace.name, ttl=namespace.ttl,
+            rooms=namespace.room, algorithm=settings.jwt_algorithm,
+        )
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ serve
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
+    parser = _settings_parser(PROG, "WebRTC signaling server (aiohttp).")
+    namespace = parser.parse_args(args)
+    try:
+        settings = load_settings(vars(namespace), env, namespace.config)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    if not settings.auth_configured:
+        if not _is_loopback(settings.host):
+            return _fail(
+                "--jwt-secret: dev mode (no secret) only binds to loopback; "
+                f"set a secret to listen on {settings.host}"
+            )
+        settings = replace(settings, jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
+    configure_logging(settings.log_level)
+    _raise_file_limit()
+    try:
+        _run(serve(settings))
+    except OSError as exc:
+        return _fail(f"--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+    return 0
+
+
+def _run(coroutine: Any) -> None:
+    """Run on uvloop when it is installed (faster relay), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coroutine)
+
+
+def _raise_file_limit() -> None:
+    """Every connection is a file descriptor; take all the kernel allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then close every client with 1001 and exit."""
+    app = create_standalone_app(settings)
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        # Also the bound on how long a connection may take to send its first
+        # request: a client that never completes its upgrade is dropped.
+        keepalive_timeout=settings.handshake_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        _announce(settings, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        logger.info("shutting down: closing every connection with 1001")
+    finally:
+        await runner.cleanup()
+
+
+def _announce(settings: Settings, host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    lines = [f"signal-server listening on {base} (WebSocket: ws://{shown}:{port}/webrtc/ws/ROOM?token=JWT)"]
+    if settings.dev_mode:
+        secret = settings.jwt_secret or ""
+        tokens = [(sub, mint_token(secret, sub, name=name, ttl=86400)) for sub, name in DEV_USERS]
+        lines += [
+            "",
+            "*** DEV MODE: no --jwt-secret given, so a random one was generated and the server",
+            "*** only listens on loopback. Tokens below are valid for 24 h, until this process exits.",
+            "",
+        ]
+        lines += [f"  token for {sub}: {token}" for sub, token in tokens]
+        lines += [
+            "",
+            "  Try it with wscat (type the JSON lines of README.md after it connects):",
+            f'    npx --yes wscat -c "ws://{shown}:{port}/webrtc/ws/demo?token={tokens[0][1]}"',
+            f'    npx --yes wscat -c "ws://{shown}:{port}/webrtc/ws/demo?token={tokens[1][1]}"',
+            f'  ICE config:  curl -H "Authorization: Bearer {tokens[0][1]}" {base}/webrtc/config',
+            "",
+        ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,52 @@
+"""The per-app service object that handlers share, and the typed key it sits under.
+
+Kept apart from ``app`` so handlers can import it without an import cycle.
+Nothing here is global: two apps in one process have two of everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .admission import Admission, ClientAddress
+from .auth import TokenVerifier
+from .hub import Hub, HubLimits
+from .metrics import Metrics
+from .settings import Settings
+
+__all__ = ["Signaling", "SIGNALING"]
+
+
+@dataclass(eq=False)
+class Signaling:
+    """Everything one signaling app owns: settings, verifier, hub, limits, metrics."""
+
+    settings: Settings
+    verifier: TokenVerifier = field(init=False)
+    metrics: Metrics = field(init=False)
+    hub: Hub = field(init=False)
+    admission: Admission = field(init=False)
+    client_address: ClientAddress = field(init=False)
+    ready: bool = False
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.verifier = TokenVerifier(settings)
+        self.admission = Admission(settings)
+        self.client_address = ClientAddress(settings.trusted_proxies)
+        self.metrics = Metrics(lambda: (self.admission.open, len(self.hub.rooms)))
+        self.hub = Hub(
+            HubLimits(
+                max_participants=settings.max_participants,
+                reconnect_grace=settings.reconnect_grace,
+                kept_messages=settings.kept_messages,
+                kept_bytes=settings.kept_bytes,
+                max_rooms_per_user=settings.max_rooms_per_user,
+            ),
+            self.metrics,
+        )
+
+
+SIGNALING = web.AppKey("SIGNALING", Signaling)

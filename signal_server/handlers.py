@@ -1,0 +1,281 @@
+"""HTTP and WebSocket handlers: the thin I/O shell around the hub.
+
+The WebSocket handler is the only task that reads its socket. It admits the
+connection (limits, origin, token, room), joins the hub, then loops: rate
+limit, parse, route. How the connection ended decides between leaving at
+once (a clean close by the client) and holding the slot for a resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import re
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
+
+from .auth import Identity
+from .context import SIGNALING, Signaling
+from .errors import CloseCode, SignalError
+from .hub import Slot
+from .peer import WebSocketPeer
+from .protocol import encode_server_message, parse_client_message
+from .ratelimit import MessageRateLimiter, Verdict
+
+__all__ = ["config_handler", "websocket_handler", "OPERATIONS"]
+
+logger = logging.getLogger(__name__)
+
+ROOM_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}\Z")
+# A client's close frame with one of these codes is a deliberate leave. 0 is
+# how aiohttp reports a close frame with no status code (the guide's
+# disconnect() and wscat send that); 1005 is its on-the-wire name.
+CLEAN_CLOSE_CODES = frozenset({0, 1000, 1001, 1005})
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+# ------------------------------------------------------------------ config
+
+
+def turn_credentials(secret: str, user_id: str, ttl: int, now: float) -> tuple[str, str]:
+    """TURN REST API (coturn use-auth-secret): ``expiry:user`` and its HMAC-SHA1."""
+    username = f"{int(now) + ttl}:{user_id}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def ice_configuration(sig: Signaling, identity: Identity, now: float) -> dict[str, Any]:
+    """The guide's snake_case config plus the camelCase keys RTCPeerConnection reads."""
+    settings = sig.settings
+    servers: list[dict[str, Any]] = []
+    if settings.stun_urls:
+        servers.append({"urls": list(settings.stun_urls)})
+    body: dict[str, Any] = {}
+    if settings.turn_urls:
+        turn: dict[str, Any] = {"urls": list(settings.turn_urls)}
+        if settings.turn_secret:
+            username, credential = turn_credentials(
+                settings.turn_secret, identity.user_id, settings.turn_ttl, now
+            )
+            turn.update(username=username, credential=credential, ttl=settings.turn_ttl)
+            body["ttl"] = settings.turn_ttl
+        elif settings.turn_username and settings.turn_credential:
+            turn.update(username=settings.turn_username, credential=settings.turn_credential)
+        servers.append(turn)
+    policies = {"ice_transport_policy": "all", "bundle_policy": "balanced", "rtcp_mux_policy": "require"}
+    body.update(ice_servers=servers, **policies)
+    body.update(
+        iceServers=servers,
+        iceTransportPolicy=policies["ice_transport_policy"],
+        bundlePolicy=policies["bundle_policy"],
+        rtcpMuxPolicy=policies["rtcp_mux_policy"],
+    )
+    return body
+
+
+def unauthorized_response(error: SignalError) -> web.Response:
+    return web.json_response(
+        {"error": "UNAUTHORIZED", "message": error.message},
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer realm="signal-server", error="invalid_token"'},
+    )
+
+
+async def config_handler(request: web.Request) -> web.Response:
+    """GET /config: ICE servers for the bearer of a valid token."""
+    sig = request.app[SIGNALING]
+    try:
+        identity = sig.verifier.verify(bearer_token(request))
+    except SignalError as error:
+        sig.metrics.errors[error.code] += 1
+        return unauthorized_response(error)
+    return web.json_response(
+        ice_configuration(sig, identity, time.time()), headers={"Cache-Control": "no-store"}
+    )
+
+
+# ---------------------------------------------------------------- websocket
+
+
+def _origin_allowed(sig: Signaling, origin: str | None) -> bool:
+    allowed = sig.settings.allowed_origins
+    return origin is None or not allowed or "*" in allowed or origin.rstrip("/") in allowed
+
+
+async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling, error: SignalError) -> None:
+    """Report a fatal error in-band (browsers cannot read HTTP statuses), then close."""
+    sig.metrics.errors[error.code] += 1
+    peer.send_error(error)
+    await ws.close(code=error.close_code or CloseCode.NORMAL, message=error.code.encode())
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """GET /ws/{room_id}: one participant's signaling connection."""
+    sig = request.app[SIGNALING]
+    settings = sig.settings
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat, max_msg_size=settings.max_message_size, compress=False
+    )
+    if not ws.can_prepare(request).ok:
+        raise web.HTTPBadRequest(text="this endpoint speaks WebSocket only\n")
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client went away during the handshake
+        return ws
+    room_id = request.match_info["room_id"]
+    peer = WebSocketPeer(
+        ws, transport, room_id if ROOM_ID.match(room_id) else None,
+        settings.max_send_buffer, on_slow=lambda: _count_slow(sig),
+    )
+    address = sig.client_address(request.remote, request.headers)
+    refusal = sig.admission.admit_address(address, time.monotonic())
+    if refusal is not None:
+        error, limit = refusal
+        sig.metrics.refused[limit] += 1
+        await _refuse(ws, peer, sig, error)
+        return ws
+    try:
+        identity = _admit(sig, request, room_id)
+        user_refusal = sig.admission.admit_user(identity.user_id)
+        if user_refusal is not None:
+            sig.metrics.refused["user_concurrent"] += 1
+            raise user_refusal
+        try:
+            await _participate(sig, ws, peer, room_id, identity)
+        finally:
+            sig.admission.release_user(identity.user_id)
+    except SignalError as error:
+        await _refuse(ws, peer, sig, error)
+    finally:
+        sig.admission.release_address(address)
+    return ws
+
+
+def _count_slow(sig: Signaling) -> None:
+    sig.metrics.limit_closes["slow_consumer"] += 1
+
+
+def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
+    """Origin, token, room id and the token's room list, in that order."""
+    if not _origin_allowed(sig, request.headers.get("Origin")):
+        raise SignalError("FORBIDDEN", "this origin is not allowed")
+    token = request.query.get("token") or bearer_token(request)
+    identity = sig.verifier.verify(token)
+    if not ROOM_ID.match(room_id):
+        raise SignalError("INVALID_ROOM", "room ids are 1-64 characters of A-Z a-z 0-9 . _ ~ -")
+    if not identity.may_join(room_id):
+        raise SignalError("FORBIDDEN", f"this token may not join room {room_id!r}")
+    return identity
+
+
+async def _participate(
+    sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer, room_id: str, identity: Identity
+) -> None:
+    """Join, relay until the connection ends, then leave or hold the slot."""
+    hub = sig.hub
+    slot = await hub.join(room_id, identity, peer)
+    logger.info("join room=%s user=%s", room_id, identity.user_id)
+    clean = False
+    try:
+        clean = await _relay(sig, ws, peer, slot)
+    finally:
+        if clean:
+            await hub.leave(slot, peer, "left")
+        else:
+            await hub.drop(slot, peer)
+        logger.info("close room=%s user=%s clean=%s code=%s", room_id, identity.user_id, clean, ws.close_code)
+    await peer.wait_closed()
+
+
+async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer, slot: Slot) -> bool:
+    """The per-message loop. Returns True when the client closed cleanly."""
+    hub = sig.hub
+    metrics = sig.metrics
+    room_id = slot.room.room_id
+    limiter = MessageRateLimiter(sig.settings.rate_limit, sig.settings.rate_burst, time.monotonic())
+    check = limiter.check
+    monotonic = time.monotonic
+    receive = ws.receive
+    route = hub.route
+    send = peer.send
+    text = WSMsgType.TEXT
+    binary = WSMsgType.BINARY
+    allow = Verdict.ALLOW
+    while True:
+        message = await receive()
+        kind_of_frame = message.type
+        if kind_of_frame is text or kind_of_frame is binary:
+            verdict = check(monotonic())
+            if verdict is not allow:
+                if verdict is Verdict.CLOSE:
+                    metrics.limit_closes["rate_limit"] += 1
+                    await _refuse(ws, peer, sig, SignalError("RATE_LIMITED", "sustained flooding"))
+                    return False
+                metrics.rate_limited += 1
+                if verdict is Verdict.DROP_AND_REPORT:
+                    error = SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False)
+                    send(hub.error_frame(error, room_id))
+                continue
+            if kind_of_frame is binary:
+                error = SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text")
+                send(hub.error_frame(error, room_id))
+                continue
+            try:
+                kind, payload, target = parse_client_message(message.data)
+            except SignalError as error:
+                send(hub.error_frame(error, room_id))
+                continue
+            if kind == "ping":
+                send(encode_server_message("pong", {}, room_id))
+                continue
+            failure = route(slot, kind, payload, target)
+            if failure is not None:
+                send(hub.error_frame(failure, room_id))
+        elif message.type is WSMsgType.CLOSE:
+            return message.data in CLEAN_CLOSE_CODES
+        else:  # CLOSING (we closed it), CLOSED (transport lost), ERROR
+            if message.type is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+                if message.data.code == CloseCode.MESSAGE_TOO_BIG:
+                    metrics.limit_closes["message_too_large"] += 1
+                    metrics.errors["MESSAGE_TOO_LARGE"] += 1
+            return False
+
+
+# ------------------------------------------------------------ operations
+# These take the Signaling object rather than the request, so the standalone
+# root app can serve them at /healthz etc. for the sub-app mounted at /webrtc.
+
+
+async def healthz(sig: Signaling) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(sig: Signaling) -> web.Response:
+    """Readiness: started and not shutting down."""
+    if sig.ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+async def metrics_view(sig: Signaling) -> web.Response:
+    """Prometheus text exposition."""
+    return web.Response(
+        body=sig.metrics.exposition(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+OPERATIONS = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_view}

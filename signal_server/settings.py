@@ -1,0 +1,323 @@
+"""Server settings: one table of options read from flags, environment and TOML.
+
+Each option is declared once in :data:`OPTIONS`; the command line flag
+(``--max-participants``), the environment variable
+(``SIGNAL_MAX_PARTICIPANTS``) and the TOML key (``max_participants`` or
+``max-participants``) are all derived from that one entry, so they cannot
+drift apart. Precedence: flag, then environment, then file, then default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
+
+
+class SettingsError(ValueError):
+    """A bad option value; ``str()`` is a one-line message naming the option."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be configured with. Defaults are production-safe."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM text, read from --jwt-public-key FILE
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    max_participants: int = 8
+    max_message_size: int = 65536
+    heartbeat: float = 15.0
+    stun_urls: tuple[str, ...] = ()
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str | None = None
+    turn_ttl: int = 3600
+    turn_username: str | None = None
+    turn_credential: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+    redis_url: str | None = None
+    reconnect_grace: float = 20.0
+    kept_messages: int = 256
+    kept_bytes: int = 1024 * 1024
+    rate_limit: float = 50.0
+    rate_burst: int = 200
+    max_connections: int = 20000
+    max_connections_per_ip: int = 1000
+    ip_connect_rate: float = 50.0
+    ip_connect_burst: int = 200
+    max_connections_per_user: int = 32
+    max_rooms_per_user: int = 16
+    trusted_proxies: tuple[str, ...] = ()
+    handshake_timeout: float = 10.0
+    max_send_buffer: int = 1024 * 1024
+    dev_mode: bool = field(default=False, compare=False)
+
+    @property
+    def auth_configured(self) -> bool:
+        """True when tokens can be verified (a secret or a public key is set)."""
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(choices: Sequence[str], fold: Callable[[str], str] = str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = fold(text)
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.startswith(tuple(s + ":" for s in schemes)):
+            raise ValueError(f"must start with {' or '.join(s + ':' for s in schemes)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _origin(text: str) -> str:
+    if text != "*" and not text.startswith(("http://", "https://")):
+        raise ValueError(f"must be an origin like https://app.example.com, got {text!r}")
+    return text.rstrip("/")
+
+
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"must be an IP address or CIDR network, got {text!r}") from None
+    return text
+
+
+def _pem_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            pem = handle.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+    if "-----BEGIN" not in pem:
+        raise ValueError(f"{path!r} is not a PEM file")
+    return pem
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag name, the Settings field it fills, its parser."""
+
+    flag: str  # without the leading dashes
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    repeat: bool = False
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "SIGNAL_" + self.flag.upper().replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "host", _text, "address to bind (default 127.0.0.1)"),
+    Option("port", "port", _int(0, 65535), "port to bind (default 8080; 0 picks a free one)"),
+    Option("jwt-secret", "jwt_secret", _text, "HS256 shared secret; none = dev mode"),
+    Option(
+        "jwt-public-key", "jwt_public_key", _pem_file,
+        "PEM public key FILE for RS256/ES256 tokens", metavar="FILE",
+    ),
+    Option(
+        "jwt-algorithm", "jwt_algorithm", _choice(JWT_ALGORITHMS, str.upper),
+        "the one JWT algorithm accepted (default HS256)",
+    ),
+    Option("jwt-audience", "jwt_audience", _text, "required 'aud' claim"),
+    Option("jwt-issuer", "jwt_issuer", _text, "required 'iss' claim"),
+    Option("max-participants", "max_participants", _int(1, 1000), "room capacity (default 8)"),
+    Option(
+        "max-message-size", "max_message_size", _int(1024, 16 * 1024 * 1024),
+        "largest client frame in bytes; larger closes with 1009 (default 65536)",
+    ),
+    Option("heartbeat", "heartbeat", _float(0.5, 3600), "ping interval, seconds (default 15)"),
+    Option("stun-url", "stun_urls", _url(("stun", "stuns")), "STUN server URL", repeat=True),
+    Option("turn-url", "turn_urls", _url(("turn", "turns")), "TURN server URL", repeat=True),
+    Option("turn-secret", "turn_secret", _text, "TURN REST API shared secret (coturn use-auth-secret)"),
+    Option("turn-ttl", "turn_ttl", _int(60, 7 * 86400), "TURN credential lifetime, seconds (default 3600)"),
+    Option("turn-username", "turn_username", _text, "static TURN username (without --turn-secret)"),
+    Option("turn-credential", "turn_credential", _text, "static TURN password (without --turn-secret)"),
+    Option(
+        "allowed-origin", "allowed_origins", _origin,
+        "browser Origin allowed for CORS and WebSocket; none = all (dev)", repeat=True,
+    ),
+    Option("log-level", "log_level", _choice(LOG_LEVELS, str.lower), "debug, info, warning or error"),
+    Option("redis-url", "redis_url", _url(("redis", "rediss", "unix")), "Redis URL for many nodes"),
+    Option(
+        "reconnect-grace", "reconnect_grace", _float(0, 3600),
+        "seconds a dropped participant's slot is held for a resume (default 20)",
+    ),
+    Option("kept-messages", "kept_messages", _int(1, 100000), "messages kept per held slot (default 256)"),
+    Option("kept-bytes", "kept_bytes", _int(1024, 64 * 1024 * 1024), "bytes kept per held slot (default 1 MiB)"),
+    Option("rate-limit", "rate_limit", _float(0.1, 1e7), "messages/s per connection (default 50)"),
+    Option("rate-burst", "rate_burst", _int(1, 10**7), "message burst per connection (default 200)"),
+    Option("max-connections", "max_connections", _int(1, 10**7), "connections per process (default 20000)"),
+    Option(
+        "max-connections-per-ip", "max_connections_per_ip", _int(1, 10**7),
+        "concurrent connections per client IP (default 1000)",
+    ),
+    Option("ip-connect-rate", "ip_connect_rate", _float(0.1, 1e7), "new connections/s per IP (default 50)"),
+    Option("ip-connect-burst", "ip_connect_burst", _int(1, 10**7), "new connection burst per IP (default 200)"),
+    Option(
+        "max-connections-per-user", "max_connections_per_user", _int(1, 10**6),
+        "concurrent connections per user (default 32)",
+    ),
+    Option("max-rooms-per-user", "max_rooms_per_user", _int(1, 10**6), "rooms one user may be in (default 16)"),
+    Option(
+        "trusted-proxy", "trusted_proxies", _network,
+        "proxy address/CIDR whose X-Forwarded-For is believed", repeat=True,
+    ),
+    Option(
+        "handshake-timeout", "handshake_timeout", _float(0.1, 3600),
+        "seconds a connection may take to send its HTTP request (default 10)",
+    ),
+    Option(
+        "max-send-buffer", "max_send_buffer", _int(4096, 1 << 30),
+        "unsent bytes per connection before it is closed as a slow consumer (default 1 MiB)",
+    ),
+)
+
+_BY_FLAG = {option.flag: option for option in OPTIONS}
+
+
+def _normalise_key(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"--config: {path!r} is not valid TOML: {exc}") from None
+    return data
+
+
+def _parse(option: Option, raw: Any, source: str) -> Any:
+    """Parse one raw value (a string, or a TOML value) for ``option``."""
+    try:
+        if option.repeat:
+            if isinstance(raw, str):
+                items = [part.strip() for part in raw.split(",") if part.strip()]
+            elif isinstance(raw, list):
+                items = [str(item) for item in raw]
+            else:
+                raise ValueError("expected a list")
+            return tuple(option.parse(item) for item in items)
+        if isinstance(raw, (dict, list)) or isinstance(raw, bool):
+            raise ValueError(f"expected a single value, got {raw!r}")
+        return option.parse(str(raw))
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+) -> Settings:
+    """Merge flags, ``SIGNAL_*`` environment and an optional TOML file.
+
+    Args:
+        flags: parsed command line values keyed by flag name (``"jwt-secret"``);
+            ``None`` or missing means "not given".
+        environ: the process environment.
+        config_file: path of a TOML file, or None.
+
+    Raises:
+        SettingsError: one line naming the offending flag, variable or key.
+    """
+    values: dict[str, Any] = {}
+    if config_file is None:
+        config_file = environ.get("SIGNAL_CONFIG") or None
+    if config_file:
+        for key, raw in _from_file(config_file).items():
+            option = _BY_FLAG.get(_normalise_key(key))
+            if option is None:
+                raise SettingsError(f"--config: unknown key {key!r} in {config_file!r}")
+            values[option.field] = _parse(option, raw, f"{key} in {config_file}")
+    for option in OPTIONS:
+        if option.env in environ and environ[option.env] != "":
+            values[option.field] = _parse(option, environ[option.env], option.env)
+        raw = flags.get(option.flag)
+        if raw is not None and raw != []:
+            values[option.field] = _parse(option, raw if not option.repeat else list(raw), f"--{option.flag}")
+    settings = replace(Settings(), **values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    algorithm = settings.jwt_algorithm
+    if settings.jwt_public_key and algorithm.startswith("HS"):
+        raise SettingsError("--jwt-algorithm: a public key needs RS256/ES256-style algorithms, not " + algorithm)
+    if not settings.jwt_public_key and not algorithm.startswith("HS"):
+        raise SettingsError(f"--jwt-public-key: {algorithm} needs a PEM public key file")
+    if settings.jwt_secret and settings.jwt_public_key:
+        raise SettingsError("--jwt-secret: give either a secret or a public key, not both")
+    if settings.redis_url:
+        raise SettingsError(
+            "--redis-url: the multi-node Redis relay is not part of this release yet; "
+            "run one node without it"
+        )
+
+
+def settings_fields() -> list[str]:
+    """Names of every Settings field (for docs and tests)."""
+    return [f.name for f in fields(Settings)]
