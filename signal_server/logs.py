@@ -22,21 +22,35 @@ def redact(text: str) -> str:
 
 
 class TokenRedactingFilter(logging.Filter):
-    """Redacts ``token=`` query values from a record's final message."""
+    """Redacts ``token=`` query values from a record's message and traceback.
+
+    aiohttp's "Error handling request" records carry the offending request
+    line inside the exception (an over-long URL, say), so the traceback text
+    is redacted too.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "token=" in message.lower():
             record.msg = redact(message)
             record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and "token=" in record.exc_text.lower():
+            record.exc_text = redact(record.exc_text)
         return True
 
 
-def install_token_redaction(logger_name: str = "aiohttp.access") -> None:
-    """Attach the filter once (idempotent: apps may be created many times)."""
-    target = logging.getLogger(logger_name)
-    if not any(isinstance(f, TokenRedactingFilter) for f in target.filters):
-        target.addFilter(TokenRedactingFilter())
+# The access log has the request line; the server log has request errors.
+REDACTED_LOGGERS = ("aiohttp.access", "aiohttp.server", "aiohttp.web")
+
+
+def install_token_redaction() -> None:
+    """Attach the filter once per logger (idempotent: apps may be created many times)."""
+    for name in REDACTED_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, TokenRedactingFilter) for f in target.filters):
+            target.addFilter(TokenRedactingFilter())
 
 
 def configure_logging(level: str) -> None:

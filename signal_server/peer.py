@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
 _FIN_TEXT = 0x81
-_SLOW_CLOSE_GRACE = 5.0
+_SLOW_CLOSE_GRACE = 1.0  # seconds to flush the close frame before a reset
 
 
 def text_frame(data: bytes) -> bytes:

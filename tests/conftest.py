@@ -1,0 +1,162 @@
+"""Shared fixtures: the real app on a real loopback socket, and a client helper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import ClientWebSocketResponse, WSMsgType
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from signal_server import Settings, create_standalone_app
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+# One scale for every wait in the suite; raise it on a slow machine.
+TIMEOUT = float(os.environ.get("SIGNAL_TEST_TIMEOUT", "5"))
+# The installed console script, next to the interpreter running the tests.
+COMMAND = [str(Path(sys.executable).with_name("signal-server"))]
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"jwt_secret": SECRET, "heartbeat": 30.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_token(sub: str = "alice", *, secret: str = SECRET, ttl: int = 600, **claims: Any) -> str:
+    now = int(time.time())
+    body: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
+    body.update(claims)
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+class Member:
+    """One signaling connection seen from the client side."""
+
+    def __init__(self, ws: ClientWebSocketResponse, user: str) -> None:
+        self.ws = ws
+        self.user = user
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        message = await asyncio.wait_for(self.ws.receive(), timeout)
+        assert message.type is WSMsgType.TEXT, f"{self.user} expected text, got {message.type} {message.data!r}"
+        value: dict[str, Any] = json.loads(message.data)
+        return value
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        message = await self.recv()
+        assert message["type"] == kind, f"{self.user} expected {kind}, got {message}"
+        return message
+
+    async def expect_error(self, code: str) -> dict[str, Any]:
+        message = await self.expect("error")
+        assert message["payload"]["code"] == code, message
+        assert message["payload"]["message"].startswith(code), message
+        return message
+
+    async def expect_close(self, code: int) -> None:
+        message = await asyncio.wait_for(self.ws.receive(), TIMEOUT)
+        while message.type is WSMsgType.TEXT:  # drain what was queued before the close
+            message = await asyncio.wait_for(self.ws.receive(), TIMEOUT)
+        assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), message
+        # The close frame's code is what the server sent; ws.close_code can
+        # read 1006 when the server drops TCP before our close reply is out.
+        received = message.data if message.type is WSMsgType.CLOSE else self.ws.close_code
+        assert received == code, (received, message)
+
+    async def send(self, kind: str, **payload: Any) -> None:
+        await self.ws.send_str(json.dumps({"type": kind, "payload": payload}))
+
+    async def offer(self, sdp: str = "v=0", **extra: Any) -> None:
+        await self.send("offer", type="offer", sdp=sdp, **extra)
+
+
+Connect = Callable[..., Awaitable[Member]]
+
+
+@pytest.fixture
+async def app_client(aiohttp_client: AiohttpClient) -> AsyncIterator[Callable[..., Awaitable[TestClient[Any, Any]]]]:
+    """Factory: a running standalone app with the given settings overrides."""
+
+    async def start(**overrides: Any) -> TestClient[Any, Any]:
+        return await aiohttp_client(create_standalone_app(make_settings(**overrides)))
+
+    yield start
+
+
+@pytest.fixture
+async def client(app_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> TestClient[Any, Any]:
+    return await app_client()
+
+
+def connector(client: TestClient[Any, Any]) -> Connect:
+    async def connect(
+        user: str = "alice", room: str = "room-1", *, token: str | None = None, join: bool = True,
+        headers: dict[str, str] | None = None, **claims: Any,
+    ) -> Member:
+        token = token if token is not None else make_token(user, **claims)
+        ws = await client.ws_connect(f"/webrtc/ws/{room}?token={token}", headers=headers)
+        member = Member(ws, user)
+        if join:
+            await member.expect("room_state")
+        return member
+
+    return connect
+
+
+@pytest.fixture
+def connect(client: TestClient[Any, Any]) -> Connect:
+    """Connect to ``client`` and (by default) wait for room_state."""
+    return connector(client)
+
+
+class Server:
+    """The real command in a subprocess, with its output collected line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    async def line_matching(self, pattern: str) -> re.Match[str]:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(TIMEOUT * 3):
+            while True:
+                raw = await self.process.stdout.readline()
+                assert raw, f"server exited before printing {pattern!r}: {self.lines}"
+                line = raw.decode()
+                self.lines.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    started: list[Server] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> Server:
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "SIGNAL_JWT_SECRET": "", **(env or {})},
+        )
+        server = Server(process)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+
+

@@ -1,0 +1,158 @@
+"""The command line: settings precedence, one-line errors, tokens, dev mode, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+from aiohttp import ClientSession, WSMsgType
+
+from signal_server.settings import Settings, SettingsError, load_settings
+
+from .conftest import COMMAND, SECRET, TIMEOUT, make_token
+
+
+def test_flags_override_environment_override_file(tmp_path: Path) -> None:
+    """Flag > SIGNAL_* > TOML > default, for scalars and repeatable options."""
+    config = tmp_path / "signal.toml"
+    config.write_text('port = 7000\nmax_participants = 3\nstun-url = ["stun:a:1", "stun:b:2"]\nheartbeat = 9\n')
+    env = {"SIGNAL_PORT": "7100", "SIGNAL_MAX_PARTICIPANTS": "4"}
+    settings = load_settings({"port": "7200"}, env, str(config))
+    assert settings.port == 7200
+    assert settings.max_participants == 4
+    assert settings.heartbeat == 9.0
+    assert settings.stun_urls == ("stun:a:1", "stun:b:2")
+    settings = load_settings({"stun-url": ["stun:c:3"]}, {"SIGNAL_CONFIG": str(config)})
+    assert settings.stun_urls == ("stun:c:3",) and settings.port == 7000
+    assert load_settings({}, {}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [
+        ({"port": "abc"}, {}, "--port: expected an integer"),
+        ({"port": "70000"}, {}, "--port: must be between"),
+        ({}, {"SIGNAL_MAX_PARTICIPANTS": "0"}, "SIGNAL_MAX_PARTICIPANTS: must be between"),
+        ({"stun-url": ["http://x"]}, {}, "--stun-url: must start with stun:"),
+        ({"allowed-origin": ["app.example"]}, {}, "--allowed-origin: must be an origin"),
+        ({"jwt-algorithm": "RS256"}, {}, "--jwt-public-key: RS256 needs"),
+        ({"jwt-public-key": "/nonexistent.pem", "jwt-algorithm": "RS256"}, {}, "--jwt-public-key: cannot read"),
+        ({"log-level": "loud"}, {}, "--log-level: must be one of"),
+        ({"trusted-proxy": ["not-an-ip"]}, {}, "--trusted-proxy: must be an IP"),
+    ],
+)
+def test_bad_values_name_their_option(flags, env, expected) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(flags, env)
+    assert str(caught.value).startswith(expected), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown key 'prot'"):
+        load_settings({}, {}, str(config))
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "flag"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--max-message-size", "-5"], {}, "--max-message-size"),
+        ([], {"SIGNAL_HEARTBEAT": "fast"}, "SIGNAL_HEARTBEAT"),
+        (["--config", "/nonexistent.toml"], {}, "--config"),
+        (["--host", "0.0.0.0"], {}, "--jwt-secret: dev mode"),
+        (["--redis-url", "redis://127.0.0.1:1"], {}, "--redis-url"),
+    ],
+)
+def test_command_errors_are_one_line_exit_2(args, env, flag) -> None:
+    """A bad flag or value: one line on stderr naming it, exit 2, no traceback."""
+    result = run(*args, env=env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and lines[0].startswith("signal-server: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_command_signs_with_the_configured_secret() -> None:
+    result = run("token", "carol", "--name", "Carol", "--ttl", "120", "--room", "a", "--room", "b",
+                 env={"SIGNAL_JWT_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "carol" and claims["name"] == "Carol" and claims["rooms"] == ["a", "b"]
+    assert claims["exp"] - claims["iat"] == 120
+
+
+def test_token_command_without_a_secret_fails_cleanly() -> None:
+    result = run("token", "carol", env={"SIGNAL_JWT_SECRET": ""})
+    assert result.returncode == 2 and "--jwt-secret" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_python_dash_m_is_the_same_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "signal_server", "token", "x", "--jwt-secret", SECRET],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "x"
+
+
+async def test_dev_mode_prints_tokens_that_work(start_server) -> None:
+    """No secret: dev mode, loudly, with two tokens and a wscat line that join a room."""
+    server = await start_server("--port", "0")
+    port = (await server.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
+    await server.line_matching("DEV MODE")
+    alice = (await server.line_matching(r"token for alice: (\S+)")).group(1)
+    bob = (await server.line_matching(r"token for bob: (\S+)")).group(1)
+    wscat = (await server.line_matching(r'wscat -c "(ws://[^"]+)"')).group(1)
+    assert wscat.endswith(f"token={alice}") and f":{port}/webrtc/ws/" in wscat
+    async with ClientSession() as session:
+        first = await session.ws_connect(wscat)
+        second = await session.ws_connect(f"ws://127.0.0.1:{port}/webrtc/ws/demo?token={bob}")
+        state = json.loads((await second.receive(timeout=TIMEOUT)).data)
+        assert [p["user_id"] for p in state["payload"]["participants"]] == ["alice", "bob"]
+        await first.close()
+        await second.close()
+
+
+async def test_environment_sets_the_port(start_server, unused_tcp_port: int) -> None:
+    """SIGNAL_PORT works the way `SIGNAL_PORT=9000 make run` relies on."""
+    server = await start_server(env={"SIGNAL_PORT": str(unused_tcp_port)})
+    await server.line_matching(rf"listening on http://127\.0\.0\.1:{unused_tcp_port}\b")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_closes_clients_with_1001_and_exits_0(start_server, signum) -> None:
+    """On SIGTERM/SIGINT every client gets close 1001 and the process exits 0 within seconds."""
+    server = await start_server("--port", "0", env={"SIGNAL_JWT_SECRET": SECRET})
+    port = (await server.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
+    async with ClientSession() as session:
+        clients = [
+            await session.ws_connect(f"ws://127.0.0.1:{port}/webrtc/ws/room?token={make_token(user)}")
+            for user in ("alice", "bob")
+        ]
+        for ws in clients:
+            assert (await ws.receive(timeout=TIMEOUT)).type is WSMsgType.TEXT
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        server.process.send_signal(signum)
+        for ws in clients:
+            message = await ws.receive(timeout=TIMEOUT)
+            while message.type is WSMsgType.TEXT:
+                message = await ws.receive(timeout=TIMEOUT)
+            assert message.type is WSMsgType.CLOSE and message.data == 1001, message
+        assert await asyncio.wait_for(server.process.wait(), TIMEOUT) == 0
+        assert loop.time() - started < 5

@@ -1,0 +1,176 @@
+"""HTTP endpoints: ICE config, CORS, health, metrics, access-log redaction, embedding."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import time
+
+import pytest
+from aiohttp import web
+
+from signal_server import create_app
+from signal_server.context import SIGNALING
+
+from .conftest import Member, connector, make_settings, make_token
+
+AUTH = {"Authorization": f"Bearer {make_token('alice')}"}
+
+
+async def test_config_has_snake_and_camel_case_keys(app_client):
+    """The guide's snake_case keys and the camelCase ones RTCPeerConnection reads, same values."""
+    client = await app_client(
+        stun_urls=("stun:stun.example:3478",), turn_urls=("turn:turn.example:3478",),
+        turn_username="u", turn_credential="p",
+    )
+    response = await client.get("/webrtc/config", headers=AUTH)
+    assert response.status == 200
+    body = await response.json()
+    servers = [{"urls": ["stun:stun.example:3478"]},
+               {"urls": ["turn:turn.example:3478"], "username": "u", "credential": "p"}]
+    assert body["ice_servers"] == body["iceServers"] == servers
+    assert body["ice_transport_policy"] == body["iceTransportPolicy"] == "all"
+    assert body["bundle_policy"] == body["bundlePolicy"] == "balanced"
+    assert body["rtcp_mux_policy"] == body["rtcpMuxPolicy"] == "require"
+    assert "ttl" not in body
+
+
+async def test_turn_rest_credentials_match_an_hmac_computed_here(app_client):
+    """username '<expiry>:<sub>', credential base64(HMAC-SHA1(secret, username)), ttl reported."""
+    client = await app_client(turn_urls=("turn:turn.example:3478", "turns:turn.example:5349"),
+                              turn_secret="coturn-secret", turn_ttl=600)
+    before = int(time.time())
+    body = await (await client.get("/webrtc/config", headers=AUTH)).json()
+    after = int(time.time())
+    assert body["ttl"] == 600
+    (turn,) = body["ice_servers"]
+    assert turn["urls"] == ["turn:turn.example:3478", "turns:turn.example:5349"]
+    assert turn["ttl"] == 600
+    expiry, user = turn["username"].split(":")
+    assert user == "alice" and before + 600 <= int(expiry) <= after + 600
+    expected = base64.b64encode(
+        hmac.new(b"coturn-secret", turn["username"].encode(), hashlib.sha1).digest()
+    ).decode()
+    assert turn["credential"] == expected
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
+async def test_config_without_a_valid_token_is_401(client, headers):
+    """401 JSON {error, message} with a WWW-Authenticate: Bearer header."""
+    response = await client.get("/webrtc/config", headers=headers)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    body = await response.json()
+    assert body["error"] == "UNAUTHORIZED" and body["message"].startswith("UNAUTHORIZED")
+
+
+async def test_cors_preflight_allowed_and_refused(app_client):
+    """Preflight from an allowed origin succeeds with CORS headers; another origin is refused."""
+    client = await app_client(allowed_origins=("https://app.example",))
+    preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+    ok = await client.options("/webrtc/config", headers={"Origin": "https://app.example", **preflight})
+    assert ok.status == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "AUTHORIZATION" in ok.headers["Access-Control-Allow-Headers"].upper()
+    refused = await client.options("/webrtc/config", headers={"Origin": "https://evil.example", **preflight})
+    assert refused.status == 403
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    real = await client.get("/webrtc/config", headers={"Origin": "https://app.example", **AUTH})
+    assert real.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    evil = await client.get("/webrtc/config", headers={"Origin": "https://evil.example", **AUTH})
+    assert "Access-Control-Allow-Origin" not in evil.headers
+
+
+async def test_cors_allows_any_origin_when_unconfigured(client):
+    """An empty allow-list allows every origin (the dev default)."""
+    preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization",
+                 "Origin": "http://localhost:5173"}
+    response = await client.options("/webrtc/config", headers=preflight)
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] in ("*", "http://localhost:5173")
+
+
+async def test_health_and_readiness(client):
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+
+
+async def test_metrics_count_what_happened(client):
+    """Connections, rooms, joins, relayed-by-type, errors-by-code, leaves-by-reason."""
+    connect = connector(client)
+    alice = await connect("alice")
+    bob = await connect("bob")
+    await alice.expect("user_joined")
+    await bob.offer()
+    await alice.expect("offer")
+    await alice.ws.send_str("junk")
+    await alice.expect_error("INVALID_MESSAGE")
+    text = await (await client.get("/metrics")).text()
+    assert "signal_connections 2.0" in text
+    assert "signal_rooms 1.0" in text
+    assert "signal_joins_total 2.0" in text
+    assert 'signal_messages_relayed_total{type="offer"} 1.0' in text
+    assert 'signal_errors_total{code="INVALID_MESSAGE"} 1.0' in text
+    await bob.ws.close()
+    await alice.expect("user_left")
+    text = await (await client.get("/metrics")).text()
+    assert 'signal_leaves_total{reason="left"} 1.0' in text
+    assert "signal_connections 1.0" in text
+
+
+async def test_access_log_never_contains_the_token(client, caplog):
+    """The token query value is redacted in the access log line (and in request errors)."""
+    token = make_token("alice")
+    caplog.set_level(logging.INFO)
+    ws = await client.ws_connect(f"/webrtc/ws/room-1?token={token}")
+    await Member(ws, "alice").expect("room_state")
+    await ws.close()
+    await client.get(f"/webrtc/ws/room-1?x=1&token={'t' * 9000}")  # over-long line: logged as an error
+    await client.close()  # flushes access logs of finished requests
+    records = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert any("token=[redacted]" in r.getMessage() for r in records if r.name == "aiohttp.access")
+    for record in records:
+        text = record.getMessage() + (record.exc_text or "")
+        assert token not in text and "tttttttt" not in text, text
+
+
+async def test_embedding_in_a_host_app(aiohttp_client):
+    """Mounted as a sub-app, signaling and the host's own routes and middlewares both work."""
+    events: list[str] = []
+
+    @web.middleware
+    async def tag(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        response = await handler(request)
+        response.headers["X-Host"] = "yes"
+        return response
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="host says hi")
+
+    async def host_lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        events.append("host-start")
+        yield
+        events.append("host-stop")
+
+    host = web.Application(middlewares=[tag])
+    host.router.add_get("/hello", hello)
+    host.cleanup_ctx.append(host_lifecycle)
+    signaling = create_app(make_settings())
+    host.add_subapp("/api/rtc", signaling)
+    client = await aiohttp_client(host)
+    assert await (await client.get("/hello")).text() == "host says hi"
+    config = await client.get("/api/rtc/config", headers=AUTH)
+    assert config.status == 200 and config.headers["X-Host"] == "yes"
+    assert (await client.get("/api/rtc/readyz")).status == 200
+    ws = await client.ws_connect(f"/api/rtc/ws/room-1?token={make_token('alice')}")
+    member = Member(ws, "alice")
+    assert (await member.expect("room_state"))["room_id"] == "room-1"
+    await member.send("ping")
+    await member.expect("pong")
+    assert events == ["host-start"]
+    await client.close()
+    assert events == ["host-start", "host-stop"]
+    assert signaling[SIGNALING].ready is False  # the sub-app's cleanup ran with the host's
