@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from signal_server import create_app
+from signal_server.app import SIGNALING_APP
 from signal_server.context import SIGNALING
 
 from .conftest import Member, connector, make_settings, make_token
@@ -98,6 +99,14 @@ async def test_health_and_readiness(client):
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
 
 
+async def test_readiness_turns_503_when_shutting_down(client):
+    """Once shutdown starts, /readyz answers 503 so a load balancer stops sending clients."""
+    signaling = client.app[SIGNALING_APP]
+    await signaling.on_shutdown.send(signaling)
+    response = await client.get("/readyz")
+    assert response.status == 503 and (await response.json())["status"] == "not ready"
+
+
 async def test_metrics_count_what_happened(client):
     """Connections, rooms, joins, relayed-by-type, errors-by-code, leaves-by-reason."""
     connect = connector(client)
@@ -142,7 +151,7 @@ async def test_embedding_in_a_host_app(aiohttp_client):
     events: list[str] = []
 
     @web.middleware
-    async def tag(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def tag(request: web.Request, handler):
         response = await handler(request)
         response.headers["X-Host"] = "yes"
         return response
@@ -150,7 +159,7 @@ async def test_embedding_in_a_host_app(aiohttp_client):
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="host says hi")
 
-    async def host_lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+    async def host_lifecycle(app: web.Application):
         events.append("host-start")
         yield
         events.append("host-stop")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 import jwt
 from aiohttp import WSMsgType
@@ -159,7 +160,7 @@ async def test_invalid_messages_get_non_fatal_errors(connect):
         await alice.expect_error(code)
     await alice.ws.send_bytes(b"\x00\x01")
     await alice.expect_error("INVALID_MESSAGE")
-    nested: dict = {"type": "offer", "payload": {"type": "offer", "sdp": "x", "deep": []}}
+    nested: dict[str, Any] = {"type": "offer", "payload": {"type": "offer", "sdp": "x", "deep": []}}
     inner = nested["payload"]["deep"]
     for _ in range(40):
         inner.append([])
@@ -189,7 +190,7 @@ async def test_ping_gets_pong(connect):
 
 async def test_bad_tokens_are_unauthorized_in_band(connect):
     """Missing, garbage, expired, wrongly signed, alg none: error UNAUTHORIZED then 4401."""
-    unsigned = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "", algorithm="none")
     bad = ("", "garbage", make_token("alice", ttl=-60), make_token("alice", secret="x" * 40), unsigned, "a" * 8100)
     for token in bad:
         member = await connect("alice", token=token, join=False)
@@ -310,3 +311,27 @@ async def test_heartbeat_detects_a_silent_peer(app_client):
     while message.type in (WSMsgType.PING, WSMsgType.TEXT):
         message = await asyncio.wait_for(ws.receive(), TIMEOUT)
     assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+
+
+async def test_broadcast_encodes_once_for_all_recipients(app_client, monkeypatch):
+    """Fan-out serialises the envelope once, not once per recipient."""
+    import signal_server.hub as hub_module
+    from signal_server import protocol
+
+    calls = []
+    real = protocol.encode_envelope
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(hub_module, "encode_envelope", counting)
+    connect = connector(await app_client())
+    members = [await connect(f"user{i}") for i in range(5)]
+    for index, member in enumerate(members):
+        for _ in range(len(members) - 1 - index):
+            await member.expect("user_joined")
+    await members[0].offer(sdp="fan-out")
+    for member in members[1:]:
+        assert (await member.expect("offer"))["payload"]["sdp"] == "fan-out"
+    assert calls == ["offer"]

@@ -1,0 +1,244 @@
+"""Pure logic without a server: JWT verification, rate policy, client addresses, codec."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from signal_server.admission import ClientAddress
+from signal_server.auth import TokenVerifier, mint_token
+from signal_server.errors import SignalError
+from signal_server.protocol import RELAYED_TYPES, parse_client_message, utc_timestamp
+from signal_server.ratelimit import MessageRateLimiter, TokenBucket, Verdict
+
+from .conftest import SECRET, make_settings, make_token
+
+# ----------------------------------------------------------------- JWT
+
+
+def rsa_pair() -> tuple[Any, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return key, public
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_rs256_tokens_verify_with_the_public_key() -> None:
+    key, public = rsa_pair()
+    verifier = TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=public, jwt_algorithm="RS256"))
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, key, algorithm="RS256")
+    assert verifier.verify(token).user_id == "alice"
+
+
+def test_es256_tokens_verify_with_the_public_key() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    verifier = TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=public, jwt_algorithm="ES256"))
+    token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, key, algorithm="ES256")
+    assert verifier.verify(token).user_id == "bob"
+
+
+def test_key_confusion_hs256_signed_with_the_public_key_is_refused() -> None:
+    """With RS256 configured, an HS256 token whose HMAC key is the public PEM must fail."""
+    _, public = rsa_pair()
+    verifier = TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=public, jwt_algorithm="RS256"))
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": "mallory", "exp": int(time.time()) + 60}).encode())
+    signature = b64(hmac.new(public.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest())
+    with pytest.raises(SignalError) as caught:
+        verifier.verify(f"{header}.{body}.{signature}")
+    assert caught.value.code == "UNAUTHORIZED"
+
+
+def test_alg_none_is_refused() -> None:
+    verifier = TokenVerifier(make_settings())
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "", algorithm="none")
+    with pytest.raises(SignalError, match="UNAUTHORIZED"):
+        verifier.verify(token)
+
+
+def test_audience_and_issuer_are_checked_when_configured() -> None:
+    verifier = TokenVerifier(make_settings(jwt_audience="signal", jwt_issuer="https://id.example"))
+    good = make_token("alice", aud="signal", iss="https://id.example")
+    assert verifier.verify(good).user_id == "alice"
+    bad_claims: list[dict[str, Any]] = [{"aud": "other", "iss": "https://id.example"}, {"aud": "signal"}, {}]
+    for claims in bad_claims:
+        with pytest.raises(SignalError, match="UNAUTHORIZED"):
+            verifier.verify(make_token("alice", **claims))
+
+
+def test_not_before_is_honoured() -> None:
+    verifier = TokenVerifier(make_settings())
+    with pytest.raises(SignalError, match="UNAUTHORIZED"):
+        verifier.verify(make_token("alice", nbf=int(time.time()) + 3600))
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": ""},
+        {"sub": "x" * 129},
+        {"sub": 42},
+        {"rooms": "room-1"},
+        {"rooms": [1, 2]},
+    ],
+)
+def test_bad_claims_are_unauthorized(claims: dict[str, Any]) -> None:
+    now = int(time.time())
+    body = {"sub": "alice", "exp": now + 60, **claims}
+    with pytest.raises(SignalError, match="UNAUTHORIZED"):
+        TokenVerifier(make_settings()).verify(jwt.encode(body, SECRET, algorithm="HS256"))
+
+
+def test_missing_exp_is_unauthorized() -> None:
+    with pytest.raises(SignalError, match="UNAUTHORIZED"):
+        TokenVerifier(make_settings()).verify(jwt.encode({"sub": "a"}, SECRET, algorithm="HS256"))
+
+
+def test_minted_tokens_round_trip() -> None:
+    identity = TokenVerifier(make_settings()).verify(mint_token(SECRET, "carol", name="Carol", rooms=["r"]))
+    assert (identity.user_id, identity.username, identity.rooms) == ("carol", "Carol", frozenset({"r"}))
+
+
+# ------------------------------------------------------------ rate policy
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=2, burst=2, now=0.0)
+    assert bucket.take(0.0) and bucket.take(0.0) and not bucket.take(0.0)
+    assert not bucket.take(0.4) and bucket.take(0.5)
+    assert bucket.is_full(10.0)
+
+
+def test_rate_policy_reports_once_a_second_and_closes_after_100_drops_in_10_s() -> None:
+    limiter = MessageRateLimiter(rate=1, burst=1, now=0.0)
+    assert limiter.check(0.0) is Verdict.ALLOW
+    verdicts = [limiter.check(0.01 * i) for i in range(1, 100)]
+    assert verdicts[0] is Verdict.DROP_AND_REPORT
+    assert all(v is Verdict.DROP for v in verdicts[1:])  # within the same second: quiet drops
+    assert limiter.check(0.999) is Verdict.CLOSE  # the 100th drop within 10 s
+
+
+def test_rate_policy_closes_after_5_s_of_sustained_excess() -> None:
+    limiter = MessageRateLimiter(rate=10, burst=1, now=0.0)
+    verdicts = []
+    now = 0.0
+    while now < 6.0:  # 20 messages a second against a limit of 10: half are dropped, for 6 s
+        verdicts.append(limiter.check(now))
+        now += 0.05
+    assert Verdict.CLOSE in verdicts
+    close_at = verdicts.index(Verdict.CLOSE) * 0.05
+    assert 5.0 <= close_at < 5.2
+
+
+def test_a_quiet_second_ends_the_streak() -> None:
+    limiter = MessageRateLimiter(rate=10, burst=1, now=0.0)
+    for second in range(8):
+        base = second * 2.0  # one second of mild excess, then a quiet second
+        for step in range(11):
+            assert limiter.check(base + step * 0.09) is not Verdict.CLOSE
+
+
+# ----------------------------------------------------------- addresses
+
+
+def test_forwarded_for_walks_from_the_right_past_trusted_hops() -> None:
+    address = ClientAddress(["10.0.0.0/8", "127.0.0.1"])
+    headers = {"X-Forwarded-For": "203.0.113.5, 198.51.100.7, 10.1.2.3"}
+    assert address("127.0.0.1", headers) == "198.51.100.7"
+    assert address("192.0.2.1", headers) == "192.0.2.1"  # an untrusted peer's header is ignored
+    assert address("127.0.0.1", {"X-Forwarded-For": "not-an-ip"}) == "127.0.0.1"
+    assert address("127.0.0.1", {}) == "127.0.0.1"
+    assert ClientAddress([])("::1", headers) == "::1"
+
+
+# ----------------------------------------------------------------- codec
+
+
+def test_timestamps_are_iso_utc_with_milliseconds() -> None:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", utc_timestamp())
+
+
+NON_FATAL = {"INVALID_MESSAGE", "UNSUPPORTED_TYPE"}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=30,
+)
+
+
+def check_outcome(data: str | bytes) -> None:
+    """The parser returns a valid message or raises a non-fatal SignalError; nothing else."""
+    try:
+        kind, payload, target = parse_client_message(data)
+    except SignalError as error:
+        assert error.code in NON_FATAL and error.close_code is None
+        assert error.message.startswith(error.code)
+        return
+    assert kind == "ping" or kind in RELAYED_TYPES
+    assert isinstance(payload, dict)
+    assert target is None or (isinstance(target, str) and 0 < len(target) <= 128)
+    if kind == "ice_candidate":
+        assert isinstance(payload["candidate"], str)
+    elif kind in ("offer", "answer"):
+        assert payload["type"] == kind and isinstance(payload["sdp"], str)
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=256))
+def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
+    check_outcome(data)
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_arbitrary_json_never_crashes_the_parser(value: Any) -> None:
+    check_outcome(json.dumps(value))
+
+
+message_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["offer", "answer", "ice_candidate", "ping", "pong", "x"]) | json_values},
+    optional={
+        "payload": st.fixed_dictionaries(
+            {},
+            optional={
+                "type": st.sampled_from(["offer", "answer"]) | json_values,
+                "sdp": st.text(max_size=20) | json_values,
+                "candidate": st.text(max_size=20) | json_values,
+                "sdp_mid": st.none() | st.text(max_size=3) | json_values,
+                "sdp_m_line_index": st.none() | st.integers() | json_values,
+                "target_user_id": st.none() | st.text(max_size=140) | json_values,
+            },
+        ) | json_values,
+        "sender_id": json_values,
+    },
+)
+
+
+@hypothesis_settings(max_examples=600, deadline=None)
+@given(message_like)
+def test_near_valid_messages_are_validated_exactly(value: Any) -> None:
+    check_outcome(json.dumps(value))
+
+
+def test_deeply_nested_json_is_a_clean_error() -> None:
+    check_outcome("[" * 5000 + "]" * 5000)
+    check_outcome('{"type":"offer","payload":' + '{"a":' * 2000 + "1" + "}" * 2000 + "}")
