@@ -14,7 +14,7 @@ import jwt
 import pytest
 from aiohttp import ClientSession, WSMsgType
 
-from signal_server.settings import Settings, SettingsError, load_settings
+from signal_server.settings import OPTIONS, Settings, SettingsError, load_settings
 
 from .conftest import COMMAND, SECRET, TIMEOUT, make_token
 
@@ -156,3 +156,10 @@ async def test_shutdown_closes_clients_with_1001_and_exits_0(start_server, signu
             assert message.type is WSMsgType.CLOSE and message.data == 1001, message
         assert await asyncio.wait_for(server.process.wait(), TIMEOUT) == 0
         assert loop.time() - started < 5
+
+
+def test_readme_documents_every_option() -> None:
+    """The README's configuration table names every flag and its variable."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"`--{option.flag}" in readme and f"`{option.env}`" in readme, option.flag
