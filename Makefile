@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server chromium iproute2 util-linux nodejs npm
+# command:Debian package, installed only when the command is missing (node and
+# npm may come from elsewhere; Debian's npm would conflict with them).
+SYSTEM_COMMANDS := redis-server:redis-server chromium:chromium ip:iproute2 unshare:util-linux \
+	node:nodejs npm:npm
 
 .PHONY: run test lint bench screenshot system-deps clean
 
@@ -28,7 +31,9 @@ run: $(VENV)/.installed-run
 ## system-deps: Debian packages the tests drive (installed only when missing)
 system-deps:
 	@missing=""; \
-	for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for pair in $(SYSTEM_COMMANDS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \
