@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# A network namespace whose only interface is loopback, for the WebRTC tests
+# (browsers gather ICE candidates on every interface). Root makes it directly;
+# others through a user namespace.
+NETNS := unshare $(if $(filter 0,$(shell id -u)),-n,-rn) -- sh -c
+IN_NETNS = $(NETNS) 'ip link set lo up && exec $(1)' 
 # command:Debian package, installed only when the command is missing (node and
 # npm may come from elsewhere; Debian's npm would conflict with them).
 SYSTEM_COMMANDS := redis-server:redis-server chromium:chromium ip:iproute2 unshare:util-linux \
@@ -40,9 +45,14 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## test: the whole suite, services included
+## test: the whole suite, services included; WebRTC tests in a loopback-only namespace
 test: $(VENV)/.installed-dev system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not netns"
+	$(call IN_NETNS,$(BIN)/python -m pytest -m netns)
+
+## screenshot: docs/screenshot.png, a real two-party call in the demo page
+screenshot: $(VENV)/.installed-dev system-deps
+	$(call IN_NETNS,$(BIN)/python -m tests.screenshot)
 
 ## lint: ruff and mypy
 lint: $(VENV)/.installed-dev

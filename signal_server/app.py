@@ -16,6 +16,7 @@ import aiohttp_cors
 from aiohttp import web
 
 from .context import SIGNALING, Signaling
+from .demo import add_demo_routes, client_module
 from .errors import CloseCode
 from .handlers import OPERATIONS, config_handler, websocket_handler
 from .logs import install_token_redaction
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     sig = app[SIGNALING] = Signaling(settings)
     app.router.add_get("/ws/{room_id}", websocket_handler)
     config_route = app.router.add_get("/config", config_handler, allow_head=False)
+    module_route = app.router.add_get("/signal-client.js", client_module, allow_head=False)
     _add_operations(app, sig)
     origins = settings.allowed_origins or ("*",)
     cors = aiohttp_cors.setup(
@@ -49,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
         },
     )
     cors.add(config_route)
+    cors.add(module_route)  # module scripts are fetched with CORS
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
     install_token_redaction()
@@ -80,10 +83,11 @@ def _add_operations(app: web.Application, sig: Signaling) -> None:
 
 
 def create_standalone_app(settings: Settings) -> web.Application:
-    """The root app the command serves: ``/webrtc/*`` plus root health and metrics."""
+    """The root app the command serves: ``/webrtc/*``, root health and metrics, the demo page."""
     root = web.Application()
     signaling = create_app(settings)
     root[SIGNALING_APP] = signaling
     root.add_subapp("/webrtc", signaling)
     _add_operations(root, signaling[SIGNALING])
+    add_demo_routes(root, settings)
     return root

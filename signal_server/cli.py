@@ -193,6 +193,7 @@ def _announce(settings: Settings, host: str, port: int) -> None:
             "*** only listens on loopback. Tokens below are valid for 24 h, until this process exits.",
             "",
         ]
+        lines += [f"  Demo page:  {base}/  (open it in two tabs to make a call)", ""]
         lines += [f"  token for {sub}: {token}" for sub, token in tokens]
         lines += [
             "",

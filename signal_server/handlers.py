@@ -109,9 +109,14 @@ async def config_handler(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- websocket
 
 
-def _origin_allowed(sig: Signaling, origin: str | None) -> bool:
+def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
+    """No Origin (non-browser), an open allow-list, a listed origin, or our own origin."""
+    origin = request.headers.get("Origin")
     allowed = sig.settings.allowed_origins
-    return origin is None or not allowed or "*" in allowed or origin.rstrip("/") in allowed
+    if origin is None or not allowed or "*" in allowed or origin.rstrip("/") in allowed:
+        return True
+    # Same-origin: a page served by this very host (the demo page, say).
+    return origin.split("://", 1)[-1].rstrip("/") == request.host
 
 
 async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling, error: SignalError) -> None:
@@ -169,7 +174,7 @@ def _count_slow(sig: Signaling) -> None:
 
 def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     """Origin, token, room id and the token's room list, in that order."""
-    if not _origin_allowed(sig, request.headers.get("Origin")):
+    if not _origin_allowed(sig, request):
         raise SignalError("FORBIDDEN", "this origin is not allowed")
     token = request.query.get("token") or bearer_token(request)
     identity = sig.verifier.verify(token)

@@ -183,3 +183,28 @@ async def test_embedding_in_a_host_app(aiohttp_client):
     await client.close()
     assert events == ["host-start", "host-stop"]
     assert signaling[SIGNALING].ready is False  # the sub-app's cleanup ran with the host's
+
+
+async def test_demo_page_and_client_module_are_served(app_client):
+    """/ serves the demo page; /webrtc/signal-client.js the module, CORS-enabled for allowed origins."""
+    client = await app_client(allowed_origins=("http://localhost:5173",))
+    page = await client.get("/")
+    assert page.status == 200 and "signal-server demo" in await page.text()
+    script = await client.get("/demo.js")
+    assert script.status == 200 and "javascript" in script.headers["Content-Type"]
+    module = await client.get("/webrtc/signal-client.js", headers={"Origin": "http://localhost:5173"})
+    assert module.status == 200 and "javascript" in module.headers["Content-Type"]
+    assert "export class WebRTCCall" in await module.text()
+    assert module.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+
+async def test_dev_tokens_exist_only_in_dev_mode(app_client):
+    """/dev/token mints working tokens in dev mode and does not exist otherwise."""
+    production = await app_client()
+    assert (await production.get("/dev/token?user=alice")).status == 404
+    dev = await app_client(dev_mode=True)
+    assert (await dev.get("/dev/token?user=bad user")).status == 400
+    token = (await (await dev.get("/dev/token?user=alice&name=Alice")).json())["token"]
+    ws = await dev.ws_connect(f"/webrtc/ws/room-1?token={token}")
+    state = await Member(ws, "alice").expect("room_state")
+    assert state["payload"]["self"] == {"user_id": "alice", "username": "Alice"}

@@ -290,6 +290,8 @@ async def test_origin_allow_list(app_client):
     await evil.expect_close(4403)
     await connect("alice", headers={"Origin": "https://app.example"})
     await connect("bob")
+    own = f"http://{client.server.host}:{client.server.port}"
+    await connect("carol", headers={"Origin": own})  # same-origin pages need no listing
 
 
 async def test_heartbeat_detects_a_silent_peer(app_client):

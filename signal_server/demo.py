@@ -1,0 +1,58 @@
+"""The browser side the server ships: the client module, the demo page, dev tokens.
+
+The client module is part of the signaling sub-app (embedders serve it too);
+the demo page and ``/dev/token`` belong to the standalone command, and
+``/dev/token`` exists only in dev mode, where the secret is random and the
+server listens on loopback alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from aiohttp import web
+
+from .auth import mint_token
+from .settings import Settings
+
+__all__ = ["STATIC", "client_module", "add_demo_routes"]
+
+STATIC = Path(__file__).parent / "static"
+_DEV_USER = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_DEV_TOKEN_TTL = 24 * 3600
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def _static(name: str) -> web.FileResponse:
+    return web.FileResponse(STATIC / name, headers=_NO_CACHE)
+
+
+async def client_module(request: web.Request) -> web.FileResponse:
+    """GET /signal-client.js: the browser ES module (no build step needed)."""
+    return _static("signal-client.js")
+
+
+def add_demo_routes(root: web.Application, settings: Settings) -> None:
+    """The demo page at / (and /dev/token in dev mode) on the standalone root app."""
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return _static("index.html")
+
+    async def demo_script(request: web.Request) -> web.FileResponse:
+        return _static("demo.js")
+
+    root.router.add_get("/", index)
+    root.router.add_get("/demo.js", demo_script)
+    if settings.dev_mode:
+        secret = settings.jwt_secret or ""
+
+        async def dev_token(request: web.Request) -> web.Response:
+            user = request.query.get("user", "")
+            if not _DEV_USER.match(user):
+                raise web.HTTPBadRequest(text="user: 1-64 characters of A-Z a-z 0-9 . _ -\n")
+            name = request.query.get("name") or user
+            token = mint_token(secret, user, name=name[:128], ttl=_DEV_TOKEN_TTL)
+            return web.json_response({"token": token}, headers={"Cache-Control": "no-store"})
+
+        root.router.add_get("/dev/token", dev_token)
