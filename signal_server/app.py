@@ -10,6 +10,8 @@ operational endpoints at the root.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
@@ -19,6 +21,7 @@ from .context import SIGNALING, Signaling
 from .demo import add_demo_routes, client_module
 from .errors import CloseCode
 from .handlers import OPERATIONS, config_handler, websocket_handler
+from .keepalive import keep_alive
 from .logs import install_token_redaction
 from .settings import Settings
 
@@ -60,9 +63,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     sig = app[SIGNALING]
+    keepalive = asyncio.create_task(keep_alive(sig.peers, sig.settings.heartbeat))
     sig.ready = True
     yield
     sig.ready = False
+    keepalive.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keepalive
     sig.hub.cancel_timers()
 
 

@@ -14,6 +14,7 @@ from .admission import Admission, ClientAddress
 from .auth import TokenVerifier
 from .hub import Hub, HubLimits
 from .metrics import Metrics
+from .peer import WebSocketPeer
 from .settings import Settings
 
 __all__ = ["Signaling", "SIGNALING"]
@@ -29,6 +30,7 @@ class Signaling:
     hub: Hub = field(init=False)
     admission: Admission = field(init=False)
     client_address: ClientAddress = field(init=False)
+    peers: set[WebSocketPeer] = field(default_factory=set)  # live connections, for keepalive
     ready: bool = False
 
     def __post_init__(self) -> None:

@@ -131,7 +131,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     sig = request.app[SIGNALING]
     settings = sig.settings
     ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat, max_msg_size=settings.max_message_size, compress=False
+        # Keepalive is one sweep per app (keepalive.py), not aiohttp's
+        # per-connection heartbeat; so pings and pongs come to this handler.
+        autoping=False,
+        max_msg_size=settings.max_message_size,
+        compress=False,
+        # Text frames stay bytes: orjson parses (and UTF-8-validates) them
+        # directly, which saves a decode per message.
+        decode_text=False,
     )
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="this endpoint speaks WebSocket only\n")
@@ -157,9 +164,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if user_refusal is not None:
             sig.metrics.refused["user_concurrent"] += 1
             raise user_refusal
+        sig.peers.add(peer)
         try:
             await _participate(sig, ws, peer, room_id, identity)
         finally:
+            sig.peers.discard(peer)
             sig.admission.release_user(identity.user_id)
     except SignalError as error:
         await _refuse(ws, peer, sig, error)
@@ -217,12 +226,14 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
     send = peer.send
     text = WSMsgType.TEXT
     binary = WSMsgType.BINARY
+    ping = WSMsgType.PING
     allow = Verdict.ALLOW
     while True:
         message = await receive()
         kind_of_frame = message.type
-        if kind_of_frame is text or kind_of_frame is binary:
-            verdict = check(monotonic())
+        now = peer.last_seen = monotonic()
+        if kind_of_frame is text or kind_of_frame is binary or kind_of_frame is ping:
+            verdict = check(now)
             if verdict is not allow:
                 if verdict is Verdict.CLOSE:
                     metrics.limit_closes["rate_limit"] += 1
@@ -232,6 +243,9 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
                 if verdict is Verdict.DROP_AND_REPORT:
                     error = SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False)
                     send(hub.error_frame(error, room_id))
+                continue
+            if kind_of_frame is ping:
+                peer.pong(message.data)
                 continue
             if kind_of_frame is binary:
                 error = SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text")
@@ -248,7 +262,9 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
             failure = route(slot, kind, payload, target)
             if failure is not None:
                 send(hub.error_frame(failure, room_id))
-        elif message.type is WSMsgType.CLOSE:
+        elif kind_of_frame is WSMsgType.PONG:
+            continue  # an answer to our keepalive ping: last_seen is already stamped
+        elif kind_of_frame is WSMsgType.CLOSE:
             return message.data in CLEAN_CLOSE_CODES
         else:  # CLOSING (we closed it), CLOSED (transport lost), ERROR
             if message.type is WSMsgType.ERROR and isinstance(message.data, WebSocketError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
 _FIN_TEXT = 0x81
+_PING = bytes((0x89, 0))
 _SLOW_CLOSE_GRACE = 1.0  # seconds to flush the close frame before a reset
 
 
@@ -46,7 +48,7 @@ def text_frame(data: bytes) -> bytes:
 class WebSocketPeer:
     """Writes frames to one client and closes it on request or on overflow."""
 
-    __slots__ = ("ws", "room_id", "_transport", "_limit", "_closing", "_on_slow", "_tasks")
+    __slots__ = ("ws", "room_id", "last_seen", "_transport", "_limit", "_closing", "_on_slow", "_tasks")
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class WebSocketPeer:
         self._closing = False
         self._on_slow = on_slow
         self._tasks: set[asyncio.Task[None]] = set()
+        self.last_seen = time.monotonic()  # stamped by the handler on every frame
 
     @property
     def closing(self) -> bool:
@@ -75,6 +78,20 @@ class WebSocketPeer:
         transport.write(text_frame(frame))
         if transport.get_write_buffer_size() > self._limit:
             self._close_slow_consumer()
+
+    def ping(self) -> None:
+        """A WebSocket ping (keepalive); the pong shows up as activity."""
+        if not self.closing and not self._transport.is_closing():
+            self._transport.write(_PING)
+
+    def pong(self, data: bytes) -> None:
+        """Answer a client's ping (aiohttp's autoping is off, see keepalive.py)."""
+        if not self.closing and not self._transport.is_closing():
+            self._transport.write(bytes((0x8A, len(data))) + data)  # control payloads are <= 125 bytes
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a close frame (a dead peer)."""
+        self._transport.abort()
 
     def send_error(self, error: SignalError) -> None:
         self.send(encode_error(error, self.room_id))

@@ -41,19 +41,18 @@ def _invalid(detail: str) -> SignalError:
     return SignalError("INVALID_MESSAGE", detail)
 
 
-def _too_deep(value: Any, depth: int) -> bool:
-    """True when ``value`` nests containers deeper than ``depth`` levels."""
-    if depth < 0:
-        return True
-    if isinstance(value, dict):
-        values: Any = value.values()
-    elif isinstance(value, list):
-        values = value
-    else:
-        return False
+def _too_deep(values: Any, depth: int) -> bool:
+    """True when the containers among ``values`` nest deeper than ``depth`` levels.
+
+    The bound matters: orjson parses 1,024 levels but encodes only 255, so a
+    deep payload would parse and then fail to relay. Signaling payloads are
+    flat, so the common case is one pass of cheap type checks.
+    """
     for item in values:
-        if isinstance(item, (dict, list)) and _too_deep(item, depth - 1):
-            return True
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth <= 0 or _too_deep(item.values() if kind is dict else item, depth - 1):
+                return True
     return False
 
 
@@ -102,7 +101,7 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
         not isinstance(target, str) or not 0 < len(target) <= MAX_USER_ID_LENGTH
     ):
         raise _invalid("'target_user_id' must be a user id string")
-    if _too_deep(payload, MAX_PAYLOAD_DEPTH):
+    if _too_deep(payload.values(), MAX_PAYLOAD_DEPTH - 1):
         raise _invalid(f"payload nests deeper than {MAX_PAYLOAD_DEPTH} levels")
     return kind, payload, target
 

@@ -337,3 +337,12 @@ async def test_broadcast_encodes_once_for_all_recipients(app_client, monkeypatch
     for member in members[1:]:
         assert (await member.expect("offer"))["payload"]["sdp"] == "fan-out"
     assert calls == ["offer"]
+
+
+async def test_client_ping_frames_get_pong_frames(client):
+    """WebSocket-level pings from non-browser clients are answered (autoping is ours)."""
+    ws = await client.ws_connect(f"/webrtc/ws/room-1?token={make_token('alice')}", autoping=False)
+    await Member(ws, "alice").expect("room_state")
+    await ws.ping(b"are you there")
+    message = await asyncio.wait_for(ws.receive(), TIMEOUT)
+    assert message.type is WSMsgType.PONG and message.data == b"are you there"

@@ -19,6 +19,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from signal_server.admission import ClientAddress
 from signal_server.auth import TokenVerifier, mint_token
 from signal_server.errors import SignalError
+from signal_server.keepalive import sweep
 from signal_server.protocol import RELAYED_TYPES, parse_client_message, utc_timestamp
 from signal_server.ratelimit import MessageRateLimiter, TokenBucket, Verdict
 
@@ -242,3 +243,40 @@ def test_near_valid_messages_are_validated_exactly(value: Any) -> None:
 def test_deeply_nested_json_is_a_clean_error() -> None:
     check_outcome("[" * 5000 + "]" * 5000)
     check_outcome('{"type":"offer","payload":' + '{"a":' * 2000 + "1" + "}" * 2000 + "}")
+
+
+# ------------------------------------------------------------- keepalive
+
+
+class FakePeer:
+    def __init__(self, last_seen: float) -> None:
+        self.last_seen = last_seen
+        self.pings = 0
+        self.aborted = False
+
+    def ping(self) -> None:
+        self.pings += 1
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_sweep_pings_the_quiet_and_drops_the_silent() -> None:
+    """Silent for half an interval: pinged; for one and a half: dropped; active: left alone."""
+    active, quiet, silent = FakePeer(9.9), FakePeer(4.0), FakePeer(0.0)
+    sweep([active, quiet, silent], now=10.0, interval=10.0)
+    assert (active.pings, active.aborted) == (0, False)
+    assert (quiet.pings, quiet.aborted) == (1, False)
+    assert (silent.pings, silent.aborted) == (1, False)  # 10 s < 15 s: pinged, still time to answer
+    sweep([silent], now=15.0, interval=10.0)
+    assert silent.aborted
+
+
+def test_a_dead_peer_is_found_within_two_intervals() -> None:
+    """Sweeping every half interval, a peer gone quiet at t=0 is dropped by t=2 intervals."""
+    peer = FakePeer(0.0)
+    now = 0.37  # any phase of the sweep relative to the silence
+    while not peer.aborted:
+        sweep([peer], now=now, interval=1.0)
+        now += 0.5
+    assert now - 0.5 <= 2.0

@@ -1,0 +1,413 @@
+// The load generator for make bench: many WebSocket clients in one Node process.
+//
+// Usage: node loadgen.mjs '<json config>'
+//   {"target": "signal" | "floor" | "floor-jwt" | "peerjs", "port": 8080, "scenario": "S1".."S5",
+//    "secret": "...", "seconds": 10, "warmup": 1, ...scenario parameters}
+//
+// Prints JSON lines on stdout: {"phase": "window_start"}, {"phase": "window_end"}
+// (so the orchestrator can read the server's CPU and memory at those moments),
+// then {"phase": "result", ...}. Every delivered message carries its send time
+// and sequence number; a sample of envelopes is checked in full, and losses,
+// duplicates and reordering are counted: a fast wrong answer is a failure.
+
+import { createHmac } from "node:crypto";
+import { performance } from "node:perf_hooks";
+import WebSocket from "ws";
+
+const config = JSON.parse(process.argv[2]);
+const SAMPLE_EVERY = 64; // full JSON.parse + envelope check on one delivery in 64
+// ~1 KB of SDP, written as it appears inside a JSON string (CRLF escaped).
+const SDP = "v=0\\r\\no=- 4611731400430051336 2 IN IP4 127.0.0.1\\r\\ns=-\\r\\nt=0 0\\r\\n" +
+  "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\\r\\n".repeat(15);
+
+const T_WIDTH = 14;
+const SEQ_WIDTH = 10;
+const SEND_OPTIONS = { binary: false, compress: false };
+const emit = (value) => process.stdout.write(JSON.stringify(value) + "\n");
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const now = () => performance.now();
+
+// ------------------------------------------------------------------ tokens
+
+const b64url = (data) => Buffer.from(data).toString("base64url");
+const HEADER = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+function jwt(sub) {
+  const body = b64url(JSON.stringify({ sub, exp: Math.floor(Date.now() / 1000) + 3600 }));
+  const signature = createHmac("sha256", config.secret).update(`${HEADER}.${body}`).digest("base64url");
+  return `${HEADER}.${body}.${signature}`;
+}
+
+// ----------------------------------------------------------------- targets
+// Each target says how to connect, how to recognise "joined", and how to
+// write a targeted or room-wide message in its own protocol.
+
+const TARGETS = {
+  signal: {
+    url: (room, user) => `ws://127.0.0.1:${config.port}/webrtc/ws/${room}?token=${jwt(user)}`,
+    joined: (text) => text.startsWith('{"type":"room_state"'),
+    message: (to, fields) =>
+      `{"type":"offer","payload":{"type":"offer","sdp":"${SDP}"${to ? `,"target_user_id":"${to}"` : ""},${fields}}}`,
+    roomWide: true,
+  },
+  floor: {
+    url: (room, user) => `ws://127.0.0.1:${config.port}/ws/${room}?id=${user}`,
+    joined: (text) => text.startsWith('{"type":"room_state"'),
+    message: (to, fields) =>
+      `{"type":"offer","payload":{"type":"offer","sdp":"${SDP}"${to ? `,"target_user_id":"${to}"` : ""},${fields}}}`,
+    roomWide: true,
+  },
+  peerjs: {
+    url: (room, user) => `ws://127.0.0.1:${config.port}/peerjs?key=peerjs&id=${user}&token=t${user}`,
+    joined: (text) => text.startsWith('{"type":"OPEN"'),
+    message: (to, fields) => `{"type":"OFFER","dst":"${to}","payload":{"type":"offer","sdp":"${SDP}",${fields}}}`,
+    roomWide: false, // no rooms: the client fans out itself
+  },
+};
+TARGETS["floor-jwt"] = { ...TARGETS.floor, url: (room, user) => `${TARGETS.signal.url(room, user).replace("/webrtc/ws/", "/ws/")}` };
+const target = TARGETS[config.target];
+
+// ----------------------------------------------------------- the clients
+
+class Client {
+  constructor(index, room, name) {
+    this.index = index;
+    this.room = room;
+    this.name = name;
+    this.peers = []; // other clients in the room
+    this.seq = 0;
+    this.inFlight = 0;
+    this.lastSeqFrom = new Map(); // sender index -> last seq seen (order check)
+    this.templates = new Map();
+  }
+
+  open(onMessage) {
+    return new Promise((resolve, reject) => {
+      const started = now();
+      const ws = new WebSocket(target.url(this.room, this.name), {
+        perMessageDeflate: false,
+        skipUTF8Validation: true, // the server's JSON is checked on the sampled envelopes
+        allowSynchronousEvents: true, // several messages per tick when they arrive together
+      });
+      this.ws = ws;
+      let joined = false;
+      ws.on("message", (data) => {
+        if (!joined) {
+          if (target.joined(data.toString())) {
+            joined = true;
+            resolve(now() - started);
+          }
+          return;
+        }
+        onMessage(this, data);
+      });
+      ws.on("error", (error) => (joined ? stats.errors.push(String(error)) : reject(error)));
+      ws.on("close", (code) => {
+        if (!joined) reject(new Error(`closed ${code} before joining`));
+        else if (!stopping) stats.errors.push(`closed ${code}`);
+      });
+    });
+  }
+
+  send(to) {
+    this.seq += 1;
+    // One buffer per destination, built once; only the fixed-width numbers
+    // change (padded with spaces, which JSON allows), so a send copies no text.
+    const key = to ? to.name : "";
+    let template = this.templates.get(key);
+    if (!template) {
+      const fields = `"t":${" ".repeat(T_WIDTH)},"s":${String(this.index).padStart(8)},"seq":${" ".repeat(SEQ_WIDTH)}`;
+      const buffer = Buffer.from(target.message(to ? to.name : null, fields));
+      template = { buffer, t: buffer.lastIndexOf('"t":') + 4, seq: buffer.lastIndexOf('"seq":') + 6 };
+      this.templates.set(key, template);
+    }
+    template.buffer.write(now().toFixed(3).padStart(T_WIDTH), template.t, "latin1");
+    template.buffer.write(String(this.seq).padStart(SEQ_WIDTH), template.seq, "latin1");
+    // Cork until the end of this tick: the sends a burst of deliveries
+    // triggers leave in one write, so the generator stays ahead of the server.
+    const socket = this.ws._socket;
+    if (!socket.writableCorked) {
+      socket.cork();
+      process.nextTick(() => socket.uncork());
+    }
+    this.ws.send(template.buffer, SEND_OPTIONS);
+    stats.sent += 1;
+    return this.seq;
+  }
+}
+
+const stats = {
+  sent: 0,
+  delivered: 0,
+  inWindow: 0,
+  latencies: [],
+  checked: 0,
+  badEnvelopes: [],
+  misordered: 0,
+  errors: [],
+};
+let measuring = false;
+let stopping = false;
+
+function tail(data, key) {
+  const at = data.lastIndexOf(key);
+  return at < 0 ? NaN : parseFloat(data.toString("latin1", at + key.length, at + key.length + 20));
+}
+
+function checkEnvelope(receiver, sender, data) {
+  stats.checked += 1;
+  const message = JSON.parse(data.toString());
+  const problems = [];
+  if (config.target === "peerjs") {
+    if (message.src !== sender.name) problems.push(`src ${message.src}`);
+    if (message.dst !== receiver.name) problems.push(`dst ${message.dst}`);
+  } else {
+    if (message.type !== "offer") problems.push(`type ${message.type}`);
+    if (message.sender_id !== sender.name) problems.push(`sender_id ${message.sender_id}`);
+    if (message.payload.sender_id !== sender.name) problems.push(`payload.sender_id ${message.payload.sender_id}`);
+    if (message.room_id !== receiver.room) problems.push(`room_id ${message.room_id}`);
+    const stamped = Date.parse(message.timestamp);
+    if (!/Z$/.test(message.timestamp) || !(Math.abs(stamped - Date.now()) < 5000)) {
+      problems.push(`timestamp ${message.timestamp}`);
+    }
+  }
+  if (message.payload.sdp !== SDP.replaceAll("\\r\\n", "\r\n")) problems.push("sdp altered");
+  if (problems.length && stats.badEnvelopes.length < 5) stats.badEnvelopes.push(problems.join(", "));
+}
+
+const RELAYED_PREFIX = Buffer.from(config.target === "peerjs" ? '{"type":"OFFER"' : '{"type":"offer"');
+
+function onDelivery(receiver, data, afterDelivery) {
+  if (data.compare(RELAYED_PREFIX, 0, RELAYED_PREFIX.length, 0, RELAYED_PREFIX.length) !== 0) {
+    const text = data.toString();
+    if (text.includes('"error"') || text.includes('"ERROR"')) stats.errors.push(text.slice(0, 200));
+    return; // user_joined and the like
+  }
+  const sentAt = tail(data, '"t":');
+  const senderIndex = tail(data, '"s":');
+  const seq = tail(data, '"seq":');
+  const sender = clients[senderIndex];
+  stats.delivered += 1;
+  const last = receiver.lastSeqFrom.get(senderIndex) ?? 0;
+  if (seq <= last) stats.misordered += 1;
+  receiver.lastSeqFrom.set(senderIndex, seq);
+  if (measuring) {
+    stats.inWindow += 1;
+    stats.latencies.push(now() - sentAt);
+  }
+  if (stats.delivered % SAMPLE_EVERY === 0) checkEnvelope(receiver, sender, data);
+  afterDelivery?.(sender, seq);
+}
+
+// -------------------------------------------------------------- scenarios
+
+let clients = [];
+
+async function connectAll(rooms, perRoom, onMessage, concurrency = 200) {
+  clients = [];
+  for (let r = 0; r < rooms; r += 1) {
+    const members = [];
+    for (let m = 0; m < perRoom; m += 1) {
+      const client = new Client(clients.length, `room${r}`, `u${r}x${m}`);
+      clients.push(client);
+      members.push(client);
+    }
+    for (const client of members) client.peers = members.filter((other) => other !== client);
+  }
+  const joinTimes = [];
+  let next = 0;
+  const started = now();
+  async function worker() {
+    while (next < clients.length) {
+      const client = clients[next];
+      next += 1;
+      joinTimes.push(await client.open(onMessage));
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(concurrency, clients.length) }, worker));
+  const seconds = (now() - started) / 1000;
+  return { joinsPerSecond: clients.length / seconds, joinSeconds: seconds, joinTimes };
+}
+
+async function measuredWindow() {
+  await sleep(config.warmup * 1000);
+  const cpuBefore = process.cpuUsage();
+  const wallBefore = now();
+  measuring = true;
+  emit({ phase: "window_start" });
+  await sleep(config.seconds * 1000);
+  measuring = false;
+  emit({ phase: "window_end" });
+  const cpu = process.cpuUsage(cpuBefore);
+  const wall = (now() - wallBefore) / 1000;
+  return { wall, generatorCpu: (cpu.user + cpu.system) / 1e6 / wall };
+}
+
+async function drain(expected) {
+  stopping = true;
+  const deadline = now() + 3000;
+  while (stats.delivered < expected() && now() < deadline) await sleep(20);
+}
+
+// S1 and S3: closed loop, each sender keeps `inflight` messages outstanding.
+async function closedLoop(rooms, perRoom, inflight) {
+  const outstanding = new Map(); // `${sender}:${seq}` -> deliveries still to arrive
+  const fanout = perRoom - 1;
+  const sendOne = (client) => {
+    if (stopping) return;
+    if (perRoom === 2) {
+      client.send(client.peers[0]);
+      client.inFlight += 1;
+      return;
+    }
+    if (target.roomWide) {
+      const seq = client.send(null);
+      outstanding.set(`${client.index}:${seq}`, fanout);
+    } else {
+      // PeerJS has no rooms: one targeted copy per peer, the same seq for all.
+      const seq = client.seq + 1;
+      for (const peer of client.peers) {
+        client.seq = seq - 1;
+        client.send(peer);
+      }
+      outstanding.set(`${client.index}:${seq}`, fanout);
+    }
+    client.inFlight += 1;
+  };
+  const afterDelivery = (sender, seq) => {
+    if (perRoom === 2) {
+      sender.inFlight -= 1;
+      sendOne(sender);
+      return;
+    }
+    const key = `${sender.index}:${seq}`;
+    const left = outstanding.get(key) - 1;
+    if (left > 0) {
+      outstanding.set(key, left);
+      return;
+    }
+    outstanding.delete(key);
+    sender.inFlight -= 1;
+    sendOne(sender);
+  };
+  const join = await connectAll(rooms, perRoom, (receiver, data) => onDelivery(receiver, data, afterDelivery));
+  for (const client of clients) for (let i = 0; i < inflight; i += 1) sendOne(client);
+  const window = await measuredWindow();
+  const perMessage = target.roomWide || perRoom === 2 ? fanout : 1;
+  await drain(() => (target.roomWide || perRoom === 2 ? stats.sent * perMessage : stats.sent));
+  const expected = target.roomWide || perRoom === 2 ? stats.sent * perMessage : stats.sent;
+  return { ...window, join, rate: stats.inWindow / window.wall, lost: expected - stats.delivered };
+}
+
+// S2: open loop at a fixed total rate over rooms of two.
+async function fixedRate(rooms, rate) {
+  const join = await connectAll(rooms, 2, (receiver, data) => onDelivery(receiver, data));
+  let turn = 0;
+  let sentInLoop = 0;
+  const started = now();
+  const timer = setInterval(() => {
+    const due = Math.floor(((now() - started) / 1000) * rate) - sentInLoop;
+    for (let i = 0; i < due && !stopping; i += 1) {
+      const client = clients[turn % clients.length];
+      turn += 1;
+      client.send(client.peers[0]);
+      sentInLoop += 1;
+    }
+  }, 1);
+  const window = await measuredWindow();
+  clearInterval(timer);
+  await drain(() => stats.sent);
+  return { ...window, join, rate: stats.inWindow / window.wall, lost: stats.sent - stats.delivered };
+}
+
+// "count": a fixed number of messages, one in flight per sender (for instruction counts).
+async function fixedCount(rooms, messages) {
+  let remaining = messages;
+  const join = await connectAll(rooms, 2, (receiver, data) =>
+    onDelivery(receiver, data, (sender) => {
+      if (remaining > 0) {
+        remaining -= 1;
+        sender.send(sender.peers[0]);
+      }
+    }),
+  );
+  emit({ phase: "window_start" });
+  const started = now();
+  for (const client of clients) {
+    if (remaining > 0) {
+      remaining -= 1;
+      client.send(client.peers[0]);
+    }
+  }
+  while (stats.delivered < stats.sent || remaining > 0) await sleep(5);
+  emit({ phase: "window_end" });
+  return { join, rate: stats.delivered / ((now() - started) / 1000), lost: stats.sent - stats.delivered, generatorCpu: null };
+}
+
+// S4 and S5: connections only.
+async function connections(total, perRoom, hold) {
+  emit({ phase: "baseline" });
+  const join = await connectAll(Math.ceil(total / perRoom), perRoom, () => {}, config.concurrency ?? 200);
+  emit({ phase: "connected", count: clients.length });
+  await sleep(hold * 1000);
+  emit({ phase: "measured" });
+  stopping = true;
+  return { join, rate: join.joinsPerSecond, lost: 0, generatorCpu: null };
+}
+
+function percentile(sorted, p) {
+  if (!sorted.length) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+async function main() {
+  let outcome;
+  switch (config.scenario) {
+    case "S1":
+      outcome = await closedLoop(config.rooms ?? 100, 2, config.inflight ?? 8);
+      break;
+    case "S2":
+      outcome = await fixedRate(config.rooms ?? 200, config.rate ?? 2000);
+      break;
+    case "S3":
+      outcome = await closedLoop(config.rooms ?? 25, 8, config.inflight ?? 2);
+      break;
+    case "S4":
+      outcome = await connections(config.connections, 4, config.hold ?? 1);
+      break;
+    case "S5":
+      outcome = await connections(config.connections ?? 2000, 4, 0);
+      break;
+    case "count":
+      outcome = await fixedCount(config.rooms ?? 10, config.messages ?? 0);
+      break;
+    default:
+      throw new Error(`unknown scenario ${config.scenario}`);
+  }
+  const sorted = stats.latencies.sort((a, b) => a - b);
+  const { joinTimes, ...join } = outcome.join;
+  emit({
+    phase: "result",
+    scenario: config.scenario,
+    target: config.target,
+    rate: outcome.rate,
+    p50_ms: percentile(sorted, 50),
+    p99_ms: percentile(sorted, 99),
+    p999_ms: percentile(sorted, 99.9),
+    sent: stats.sent,
+    delivered: stats.delivered,
+    lost: outcome.lost,
+    misordered: stats.misordered,
+    checked: stats.checked,
+    bad_envelopes: stats.badEnvelopes,
+    errors: stats.errors.slice(0, 5),
+    generator_cpu: outcome.generatorCpu,
+    join,
+  });
+  for (const client of clients) client.ws.terminate();
+  process.exit(0);
+}
+
+main().catch((error) => {
+  emit({ phase: "result", scenario: config.scenario, target: config.target, fatal: String(error) });
+  process.exit(1);
+});
