@@ -1,10 +1,12 @@
 """The Python floor yardstick: the least an aiohttp relay can do and still be correct.
 
 Not a product: no auth (unless --jwt-secret, for the join-storm comparison),
-no validation, no limits, no metrics, no reconnection. It parses with orjson,
-stamps the same envelope fields signal-server stamps (so the load generator's
-envelope checks pass), and relays with ``send_frame`` on uvloop. signal-server's
-figures are reported as ratios to this one.
+no validation, no limits, no metrics, no reconnection. It does only what the
+wire contract makes every correct server do: room_state to the joiner,
+user_joined to the others, the stamped envelope (so the load generator's
+envelope checks pass), targeted and room-wide relay. It parses with orjson and
+writes with ``send_frame`` on uvloop. signal-server's figures are reported as
+ratios to this one.
 
 Usage: python bench/floor.py PORT [--jwt-secret SECRET]
 """
@@ -48,6 +50,10 @@ async def relay(request: web.Request) -> web.WebSocketResponse:
     room[user] = ws
     state = {"type": "room_state", "payload": {"participants": [{"user_id": u, "username": u} for u in room]}}
     await ws.send_frame(orjson.dumps(state), WSMsgType.TEXT)
+    joined = orjson.dumps({"type": "user_joined", "payload": {"user_id": user, "username": user}})
+    for other in list(room.values()):
+        if other is not ws:
+            await other.send_frame(joined, WSMsgType.TEXT)
     try:
         async for message in ws:
             if message.type is not WSMsgType.TEXT:

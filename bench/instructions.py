@@ -5,6 +5,9 @@ messages, once relaying none (start-up, joins, shutdown only). The difference
 divided by N is the interpreter's (and libraries') instruction count per
 message, repeatable to well under a percent.
 
+The same for joins (connect, JWT, room_state): runs with 20 and 320 joins,
+against the floor that verifies the same JWT.
+
 Usage: python bench/instructions.py [N]
 """
 
@@ -17,12 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import BENCH, FLOOR, SECRET, SIGNAL, Target, free_port, wait_listening
+from run import BENCH, FLOOR, FLOOR_JWT, SECRET, SIGNAL, Target, free_port, wait_listening
 
 ROOMS = 10
+JOIN_ROOMS = (10, 160)  # rooms of two: 20 and 320 joins
 
 
-def total_instructions(target: Target, messages: int) -> int:
+def total_instructions(target: Target, messages: int, rooms: int = ROOMS) -> int:
     port = free_port()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
@@ -34,7 +38,7 @@ def total_instructions(target: Target, messages: int) -> int:
         try:
             wait_listening(port, server, seconds=180)
             config = {"target": target.protocol, "port": port, "scenario": "count", "secret": SECRET,
-                      "rooms": ROOMS, "messages": messages}
+                      "rooms": rooms, "messages": messages}
             result = subprocess.run(["node", str(BENCH / "loadgen.mjs"), json.dumps(config)],
                                     capture_output=True, text=True, timeout=900, check=True)
             final = json.loads(result.stdout.strip().splitlines()[-1])
@@ -56,7 +60,13 @@ def main() -> None:
         figures[target.name] = (loaded - base) / messages
         print(json.dumps({"target": target.name, "instructions_per_message": round(figures[target.name])}), flush=True)
     ratio = figures[SIGNAL.name] / figures[FLOOR.name]
-    print(json.dumps({"signal_over_floor_instructions": round(ratio, 3)}))
+    print(json.dumps({"signal_over_floor_instructions": round(ratio, 3)}), flush=True)
+    joins = {}
+    for target in (FLOOR_JWT, SIGNAL):
+        few, many = (total_instructions(target, 0, rooms) for rooms in JOIN_ROOMS)
+        joins[target.name] = (many - few) / (2 * (JOIN_ROOMS[1] - JOIN_ROOMS[0]))
+        print(json.dumps({"target": target.name, "instructions_per_join": round(joins[target.name])}), flush=True)
+    print(json.dumps({"signal_over_floor_join_instructions": round(joins[SIGNAL.name] / joins[FLOOR_JWT.name], 3)}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 // duplicates and reordering are counted: a fast wrong answer is a failure.
 
 import { createHmac } from "node:crypto";
+import net from "node:net";
 import { performance } from "node:perf_hooks";
 import WebSocket from "ws";
 
@@ -104,6 +105,43 @@ class Client {
       ws.on("close", (code) => {
         if (!joined) reject(new Error(`closed ${code} before joining`));
         else if (!stopping) stats.errors.push(`closed ${code}`);
+      });
+    });
+  }
+
+  /** The connection scenarios: a bare TCP upgrade, cheap enough to out-run the servers. */
+  openRaw() {
+    return new Promise((resolve, reject) => {
+      const started = now();
+      const socket = net.connect(config.port, "127.0.0.1");
+      this.socket = socket;
+      let received = Buffer.alloc(0);
+      socket.setNoDelay(true);
+      socket.on("connect", () => socket.write(this.request));
+      socket.on("error", reject);
+      socket.on("close", () => !this.joined && reject(new Error("closed before joining")));
+      socket.on("data", (chunk) => {
+        if (this.joined) return; // later frames (user_joined...) are not needed
+        received = Buffer.concat([received, chunk]);
+        const headerEnd = received.indexOf("\r\n\r\n");
+        if (headerEnd < 0) return;
+        if (!received.subarray(0, 12).toString().startsWith("HTTP/1.1 101")) {
+          reject(new Error(received.subarray(0, 40).toString()));
+          return;
+        }
+        const frame = received.subarray(headerEnd + 4);
+        if (frame.length < 2) return;
+        const short = frame[1] & 0x7f;
+        const offset = short === 126 ? 4 : short === 127 ? 10 : 2;
+        const length = short < 126 ? short : frame.length >= 4 ? frame.readUInt16BE(2) : Infinity;
+        const wanted = Math.min(length, 40);
+        if (frame.length < offset + wanted) return;
+        if (!target.joined(frame.subarray(offset, offset + wanted).toString())) {
+          reject(new Error(`unexpected first frame ${frame.subarray(offset, offset + 60)}`));
+          return;
+        }
+        this.joined = true;
+        resolve(now() - started);
       });
     });
   }
@@ -202,7 +240,7 @@ function onDelivery(receiver, data, afterDelivery) {
 
 let clients = [];
 
-async function connectAll(rooms, perRoom, onMessage, concurrency = 200) {
+async function connectAll(rooms, perRoom, onMessage, concurrency = 200, raw = false) {
   clients = [];
   for (let r = 0; r < rooms; r += 1) {
     const members = [];
@@ -213,6 +251,17 @@ async function connectAll(rooms, perRoom, onMessage, concurrency = 200) {
     }
     for (const client of members) client.peers = members.filter((other) => other !== client);
   }
+  if (raw) {
+    // Requests (tokens included) are built before the clock starts.
+    for (const client of clients) {
+      const url = new URL(target.url(client.room, client.name));
+      client.request = Buffer.from(
+        `GET ${url.pathname}${url.search} HTTP/1.1\r\nHost: 127.0.0.1:${config.port}\r\n` +
+          "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+          "Sec-WebSocket-Version: 13\r\n\r\n",
+      );
+    }
+  }
   const joinTimes = [];
   let next = 0;
   const started = now();
@@ -220,7 +269,7 @@ async function connectAll(rooms, perRoom, onMessage, concurrency = 200) {
     while (next < clients.length) {
       const client = clients[next];
       next += 1;
-      joinTimes.push(await client.open(onMessage));
+      joinTimes.push(await (raw ? client.openRaw() : client.open(onMessage)));
     }
   }
   await Promise.all(Array.from({ length: Math.min(concurrency, clients.length) }, worker));
@@ -346,12 +395,16 @@ async function fixedCount(rooms, messages) {
 // S4 and S5: connections only.
 async function connections(total, perRoom, hold) {
   emit({ phase: "baseline" });
-  const join = await connectAll(Math.ceil(total / perRoom), perRoom, () => {}, config.concurrency ?? 200);
+  const cpuBefore = process.cpuUsage();
+  emit({ phase: "window_start" });
+  const join = await connectAll(Math.ceil(total / perRoom), perRoom, () => {}, config.concurrency ?? 200, true);
+  emit({ phase: "window_end" });
+  const cpu = process.cpuUsage(cpuBefore);
   emit({ phase: "connected", count: clients.length });
   await sleep(hold * 1000);
   emit({ phase: "measured" });
   stopping = true;
-  return { join, rate: join.joinsPerSecond, lost: 0, generatorCpu: null };
+  return { join, rate: join.joinsPerSecond, lost: 0, generatorCpu: (cpu.user + cpu.system) / 1e6 / join.joinSeconds };
 }
 
 function percentile(sorted, p) {
@@ -403,7 +456,10 @@ async function main() {
     generator_cpu: outcome.generatorCpu,
     join,
   });
-  for (const client of clients) client.ws.terminate();
+  for (const client of clients) {
+    if (client.ws) client.ws.terminate();
+    else client.socket?.destroy();
+  }
   process.exit(0);
 }
 

@@ -4,8 +4,10 @@
 host mounts with ``host.add_subapp("/webrtc", create_app(settings))``; aiohttp
 forwards the host's start-up, shutdown and cleanup signals to it, so the
 sub-app's lifecycle follows the host's. ``create_standalone_app`` is what the
-``signal-server`` command serves: the same sub-app at ``/webrtc`` plus the
-operational endpoints at the root.
+``signal-server`` command serves: the same routes and lifecycle installed
+straight on its root app under ``/webrtc`` (a sub-app would cost every request
+a second URL dispatch; the command has no host to isolate from), plus the
+operational endpoints and the demo page at the root.
 """
 
 from __future__ import annotations
@@ -25,24 +27,38 @@ from .keepalive import keep_alive
 from .logs import install_token_redaction
 from .settings import Settings
 
-__all__ = ["create_app", "create_standalone_app", "SIGNALING_APP"]
+__all__ = ["create_app", "create_standalone_app"]
 
-SIGNALING_APP = web.AppKey("SIGNALING_APP", web.Application)
 OperationView = Callable[[Signaling], Awaitable[web.Response]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the signaling sub-app (``/config``, ``/ws/{room_id}``, health, metrics).
+    """Build the signaling sub-app (``/config``, ``/ws/{room_id}``, client module, health, metrics).
 
     Raises:
         ValueError: when no JWT secret or public key is configured.
     """
     app = web.Application()
+    _install(app, settings, prefix="")
+    return app
+
+
+def create_standalone_app(settings: Settings) -> web.Application:
+    """The app the command serves: ``/webrtc/*``, root health and metrics, the demo page."""
+    root = web.Application()
+    _install(root, settings, prefix="/webrtc")
+    add_demo_routes(root, settings)
+    return root
+
+
+def _install(app: web.Application, settings: Settings, prefix: str) -> None:
+    """Put the signaling service, its routes and its lifecycle on ``app``."""
     sig = app[SIGNALING] = Signaling(settings)
-    app.router.add_get("/ws/{room_id}", websocket_handler)
-    config_route = app.router.add_get("/config", config_handler, allow_head=False)
-    module_route = app.router.add_get("/signal-client.js", client_module, allow_head=False)
-    _add_operations(app, sig)
+    app.router.add_get(f"{prefix}/ws/{{room_id}}", websocket_handler)
+    config_route = app.router.add_get(f"{prefix}/config", config_handler, allow_head=False)
+    module_route = app.router.add_get(f"{prefix}/signal-client.js", client_module, allow_head=False)
+    for path, view in OPERATIONS.items():  # beside the routes in a sub-app; at the root standalone
+        app.router.add_get(path, _operation(sig, view))
     origins = settings.allowed_origins or ("*",)
     cors = aiohttp_cors.setup(
         app,
@@ -58,7 +74,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
     install_token_redaction()
-    return app
+
+
+def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return await view(sig)
+
+    return handler
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -78,23 +100,3 @@ async def _close_connections(app: web.Application) -> None:
     sig = app[SIGNALING]
     sig.ready = False
     sig.hub.close_all(CloseCode.GOING_AWAY)
-
-
-def _add_operations(app: web.Application, sig: Signaling) -> None:
-    for path, view in OPERATIONS.items():
-
-        async def handler(request: web.Request, view: OperationView = view) -> web.Response:
-            return await view(sig)
-
-        app.router.add_get(path, handler)
-
-
-def create_standalone_app(settings: Settings) -> web.Application:
-    """The root app the command serves: ``/webrtc/*``, root health and metrics, the demo page."""
-    root = web.Application()
-    signaling = create_app(settings)
-    root[SIGNALING_APP] = signaling
-    root.add_subapp("/webrtc", signaling)
-    _add_operations(root, signaling[SIGNALING])
-    add_demo_routes(root, settings)
-    return root

@@ -140,9 +140,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         # directly, which saves a decode per message.
         decode_text=False,
     )
-    if not ws.can_prepare(request).ok:
-        raise web.HTTPBadRequest(text="this endpoint speaks WebSocket only\n")
-    await ws.prepare(request)
+    await ws.prepare(request)  # a plain HTTP request gets aiohttp's 400 here
     transport = request.transport
     if transport is None:  # the client went away during the handshake
         return ws

@@ -64,7 +64,7 @@ class Slot:
         self.username = username
         self.room = room
         self.peer: Peer | None = peer
-        self.kept: deque[bytes] = deque()
+        self.kept: deque[bytes] | None = None  # made when held: an idle slot keeps nothing
         self.kept_bytes = 0
         self.overflowed = False
         self.expiry: asyncio.TimerHandle | None = None
@@ -142,7 +142,7 @@ class Hub:
                 slot.expiry = None
             recovered = not slot.overflowed
             peer.send(self._room_state(slot, resumed=True, recovered=recovered))
-            for frame in slot.kept:
+            for frame in slot.kept or ():
                 peer.send(frame)
         else:
             # The old connection may have died unnoticed with frames in flight,
@@ -152,7 +152,7 @@ class Hub:
                 SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
             )
             peer.send(self._room_state(slot, resumed=True, recovered=False))
-        slot.kept.clear()
+        slot.kept = None
         slot.kept_bytes = 0
         slot.overflowed = False
 
@@ -198,7 +198,7 @@ class Hub:
             slot.expiry.cancel()
             slot.expiry = None
         slot.peer = None
-        slot.kept.clear()
+        slot.kept = None
         user = slot.user_id
         self._user_rooms[user] -= 1
         if self._user_rooms[user] <= 0:
@@ -244,13 +244,16 @@ class Hub:
         if slot.overflowed:
             return
         limits = self.limits
-        if len(slot.kept) >= limits.kept_messages or slot.kept_bytes + len(frame) > limits.kept_bytes:
-            slot.kept.clear()
+        kept = slot.kept
+        if kept is None:
+            kept = slot.kept = deque()
+        if len(kept) >= limits.kept_messages or slot.kept_bytes + len(frame) > limits.kept_bytes:
+            slot.kept = None
             slot.kept_bytes = 0
             slot.overflowed = True
             self.metrics.kept_overflows += 1
             return
-        slot.kept.append(frame)
+        kept.append(frame)
         slot.kept_bytes += len(frame)
 
     # ------------------------------------------------------------- lifecycle

@@ -64,7 +64,7 @@ class WebSocketPeer:
         self._limit = max_send_buffer
         self._closing = False
         self._on_slow = on_slow
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # a close in progress, if any
         self.last_seen = time.monotonic()  # stamped by the handler on every frame
 
     @property
@@ -103,9 +103,10 @@ class WebSocketPeer:
         if error is not None:
             self.send_error(error)
         self._closing = True
+        tasks = self._tasks = self._tasks or set()
         task = asyncio.get_running_loop().create_task(self._close(code))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def wait_closed(self) -> None:
         """Wait for a close started by :meth:`close` (bounded by aiohttp's close timeout)."""

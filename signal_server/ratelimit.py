@@ -68,7 +68,7 @@ class MessageRateLimiter(TokenBucket):
         self._streak_start = 0.0
         self._last_drop = -1e18
         self._last_report = -1e18
-        self._drops: deque[float] = deque(maxlen=DROPS_IN_WINDOW)
+        self._drops: deque[float] | None = None  # made on the first drop: most connections never drop
 
     def check(self, now: float) -> Verdict:
         tokens = self.tokens + (now - self.stamp) * self.rate
@@ -83,6 +83,8 @@ class MessageRateLimiter(TokenBucket):
             self._streak_start = now
         self._last_drop = now
         drops = self._drops
+        if drops is None:
+            drops = self._drops = deque(maxlen=DROPS_IN_WINDOW)
         drops.append(now)
         if now - self._streak_start >= SUSTAINED_SECONDS or (
             len(drops) == DROPS_IN_WINDOW and now - drops[0] <= DROP_WINDOW_SECONDS

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from signal_server.app import SIGNALING_APP
 from signal_server.context import SIGNALING
 
 from .conftest import make_token
@@ -112,7 +111,7 @@ async def test_a_cut_websocket_reconnects_resumes_and_the_call_recovers(browser,
     bob = await open_call(browser, signal, page_server, "bob")
     for page in (alice, bob):
         await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-    hub = signal.app[SIGNALING_APP][SIGNALING].hub
+    hub = signal.app[SIGNALING].hub
     bob_slot = hub.rooms["call"].slots["bob"]
     await bob.evaluate("""() => {
       window.statuses = [];

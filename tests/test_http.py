@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from signal_server import create_app
-from signal_server.app import SIGNALING_APP
 from signal_server.context import SIGNALING
 
 from .conftest import Member, connector, make_settings, make_token
@@ -101,8 +100,7 @@ async def test_health_and_readiness(client):
 
 async def test_readiness_turns_503_when_shutting_down(client):
     """Once shutdown starts, /readyz answers 503 so a load balancer stops sending clients."""
-    signaling = client.app[SIGNALING_APP]
-    await signaling.on_shutdown.send(signaling)
+    await client.app.on_shutdown.send(client.app)
     response = await client.get("/readyz")
     assert response.status == 503 and (await response.json())["status"] == "not ready"
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from signal_server.app import SIGNALING_APP
 from signal_server.context import SIGNALING
 from signal_server.hub import Hub
 
@@ -39,7 +38,7 @@ async def started(app_client, monkeypatch):
 
     async def start(**overrides: Any):
         client = await app_client(**overrides)
-        hub = client.app[SIGNALING_APP][SIGNALING].hub
+        hub = client.app[SIGNALING].hub
         watcher = DropWatcher(hub, monkeypatch)
 
         async def raw(user: str, room: str = "room-1") -> RawWebSocket:
