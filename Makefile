@@ -15,7 +15,7 @@ IN_NETNS = $(NETNS) 'ip link set lo up && exec $(1)'
 SYSTEM_COMMANDS := redis-server:redis-server chromium:chromium ip:iproute2 unshare:util-linux \
 	node:nodejs npm:npm
 
-.PHONY: run test lint bench screenshot system-deps clean
+.PHONY: run test lint bench screenshot system-deps bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,22 @@ test: $(VENV)/.installed-dev system-deps
 ## screenshot: docs/screenshot.png, a real two-party call in the demo page
 screenshot: $(VENV)/.installed-dev system-deps
 	$(call IN_NETNS,$(BIN)/python -m tests.screenshot)
+
+## bench: every scenario 3 times against PeerJS and the aiohttp floor (about 20 minutes),
+## then docs/benchmarks.md and docs/benchmarks.png
+bench: $(VENV)/.installed-bench bench-deps
+	cd bench && npm install --no-audit --no-fund --loglevel=error
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/instructions.py
+	$(BIN)/python bench/report.py
+
+$(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench-deps: system-deps
+	@command -v valgrind >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends valgrind; }
 
 ## lint: ruff and mypy
 lint: $(VENV)/.installed-dev

@@ -67,6 +67,12 @@ def main() -> None:
         joins[target.name] = (many - few) / (2 * (JOIN_ROOMS[1] - JOIN_ROOMS[0]))
         print(json.dumps({"target": target.name, "instructions_per_join": round(joins[target.name])}), flush=True)
     print(json.dumps({"signal_over_floor_join_instructions": round(joins[SIGNAL.name] / joins[FLOOR_JWT.name], 3)}))
+    (BENCH / "results").mkdir(exist_ok=True)
+    (BENCH / "results" / "instructions.json").write_text(json.dumps({
+        "messages": messages,
+        "floor_message": figures[FLOOR.name], "signal_message": figures[SIGNAL.name],
+        "floor_join": joins[FLOOR_JWT.name], "signal_join": joins[SIGNAL.name],
+    }, indent=1))
 
 
 if __name__ == "__main__":

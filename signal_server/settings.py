@@ -73,30 +73,25 @@ class Settings:
 # ---------------------------------------------------------------- parsers
 
 
-def _int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _ranged(convert: Callable[[str], Any], noun: str, low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+            raise ValueError(f"expected {noun}, got {text!r}") from None
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
 
     return parse
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    return _ranged(int, "an integer", low, high)
 
 
 def _float(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"expected a number, got {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
+    return _ranged(float, "a number", low, high)
 
 
 def _choice(choices: Sequence[str], fold: Callable[[str], str] = str) -> Callable[[str], str]:

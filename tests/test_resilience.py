@@ -56,6 +56,17 @@ async def started(app_client, monkeypatch):
         await ws.aclose()
 
 
+async def alice_and_dropped_bob(started, **overrides: Any) -> tuple[Any, Any, Member]:
+    """Alice live, bob's connection cut without a close frame and noticed by the server."""
+    client, connect, raw, watcher = await started(**overrides)
+    alice = await connect("alice")
+    bob = await raw("bob")
+    await alice.expect("user_joined")
+    bob.abort()
+    await watcher.wait("bob")
+    return client, connect, alice
+
+
 async def no_more_messages(member: Member) -> None:
     """Prove nothing else is queued for ``member``: its next message is the pong."""
     await member.send("ping")
@@ -64,12 +75,7 @@ async def no_more_messages(member: Member) -> None:
 
 async def test_abrupt_drop_holds_the_slot_and_resume_replays_in_order(started):
     """No user_left during the grace; resume gets room_state(resumed, recovered) then every kept message."""
-    client, connect, raw, watcher = await started(reconnect_grace=30)
-    alice = await connect("alice")
-    bob = await raw("bob")
-    await alice.expect("user_joined")
-    bob.abort()
-    await watcher.wait("bob")
+    client, connect, alice = await alice_and_dropped_bob(started, reconnect_grace=30)
     await alice.offer(sdp="kept-1", target_user_id="bob")
     await alice.send("ice_candidate", candidate="kept-2", sdp_mid="0", sdp_m_line_index=0)  # broadcast
     await alice.offer(sdp="kept-3", target_user_id="bob")
@@ -105,12 +111,7 @@ async def test_grace_expiry_is_a_timeout_leave_and_frees_the_slot(started):
 
 async def test_overflowed_buffer_resumes_with_recovered_false_and_no_partial_replay(started):
     """Past the kept-message bound nothing is replayed and room_state says so."""
-    client, connect, raw, watcher = await started(reconnect_grace=30, kept_messages=3)
-    alice = await connect("alice")
-    bob = await raw("bob")
-    await alice.expect("user_joined")
-    bob.abort()
-    await watcher.wait("bob")
+    client, connect, alice = await alice_and_dropped_bob(started, reconnect_grace=30, kept_messages=3)
     for number in range(5):
         await alice.offer(sdp=str(number), target_user_id="bob")
     await no_more_messages(alice)
@@ -125,12 +126,7 @@ async def test_overflowed_buffer_resumes_with_recovered_false_and_no_partial_rep
 
 async def test_kept_bytes_bound_also_overflows(started):
     """The byte bound applies as well as the count bound."""
-    client, connect, raw, watcher = await started(reconnect_grace=30, kept_bytes=4096)
-    alice = await connect("alice")
-    bob = await raw("bob")
-    await alice.expect("user_joined")
-    bob.abort()
-    await watcher.wait("bob")
+    client, connect, alice = await alice_and_dropped_bob(started, reconnect_grace=30, kept_bytes=4096)
     await alice.offer(sdp="x" * 3000, target_user_id="bob")
     await alice.offer(sdp="y" * 3000, target_user_id="bob")
     await no_more_messages(alice)
@@ -168,12 +164,7 @@ async def test_application_close_codes_hold_the_slot(started, code):
 
 async def test_target_in_grace_is_not_target_not_found(started):
     """A target whose slot is held gets the message kept, not TARGET_NOT_FOUND."""
-    client, connect, raw, watcher = await started(reconnect_grace=30)
-    alice = await connect("alice")
-    bob = await raw("bob")
-    await alice.expect("user_joined")
-    bob.abort()
-    await watcher.wait("bob")
+    client, connect, alice = await alice_and_dropped_bob(started, reconnect_grace=30)
     await alice.offer(target_user_id="bob")
     await no_more_messages(alice)
 
