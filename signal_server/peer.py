@@ -81,13 +81,15 @@ class WebSocketPeer:
 
     def ping(self) -> None:
         """A WebSocket ping (keepalive); the pong shows up as activity."""
-        if not self.closing and not self._transport.is_closing():
-            self._transport.write(_PING)
+        self._write_control(_PING)
 
     def pong(self, data: bytes) -> None:
         """Answer a client's ping (aiohttp's autoping is off, see keepalive.py)."""
+        self._write_control(bytes((0x8A, len(data))) + data)  # control payloads are <= 125 bytes
+
+    def _write_control(self, frame: bytes) -> None:
         if not self.closing and not self._transport.is_closing():
-            self._transport.write(bytes((0x8A, len(data))) + data)  # control payloads are <= 125 bytes
+            self._transport.write(frame)
 
     def abort(self) -> None:
         """Drop the TCP connection without a close frame (a dead peer)."""

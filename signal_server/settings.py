@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
@@ -311,8 +311,3 @@ def _check_consistency(settings: Settings) -> None:
             "--redis-url: the multi-node Redis relay is not part of this release yet; "
             "run one node without it"
         )
-
-
-def settings_fields() -> list[str]:
-    """Names of every Settings field (for docs and tests)."""
-    return [f.name for f in fields(Settings)]
