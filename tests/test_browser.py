@@ -93,6 +93,28 @@ async def test_two_pages_connect_and_decode_video(browser, servers):
     assert await alice.locator(".tile").count() == 2
 
 
+async def test_controls_mute_camera_leave_and_peer_status(browser, servers):
+    """Mute and camera toggle the local tracks, each tile shows its peer's state, Leave leaves."""
+    signal, page_server = servers
+    alice = await open_call(browser, signal, page_server, "alice", same_origin=True)
+    bob = await open_call(browser, signal, page_server, "bob", same_origin=True)
+    await alice.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+    await alice.locator('.tile[data-user="bob"] .state').get_by_text("connected").wait_for(timeout=WAIT_MS)
+    tracks = "kind => window.demo.call.localStream.getTracks().filter(t => t.kind === kind)[0].enabled"
+    await alice.locator("#mute").click()
+    assert await alice.evaluate(tracks, "audio") is False
+    assert await alice.locator("#mute").inner_text() == "Unmute"
+    await alice.locator("#mute").click()
+    assert await alice.evaluate(tracks, "audio") is True
+    await alice.locator("#camera").click()
+    assert await alice.evaluate(tracks, "video") is False
+    assert await alice.locator("#camera").inner_text() == "Camera on"
+    await alice.locator("#leave").click()
+    await bob.locator('.tile[data-user="alice"]').wait_for(state="detached", timeout=WAIT_MS)
+    assert await alice.evaluate("window.demo.call.status") == "closed"
+    assert await alice.locator(".tile").count() == 0
+
+
 async def test_three_pages_form_a_full_mesh(browser, servers):
     """Each of three pages holds a connected peer connection to both others (same origin)."""
     signal, page_server = servers
