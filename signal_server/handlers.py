@@ -119,10 +119,15 @@ def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
     return origin.split("://", 1)[-1].rstrip("/") == request.host
 
 
-async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling, error: SignalError) -> None:
-    """Report a fatal error in-band (browsers cannot read HTTP statuses), then close."""
+def _report(sig: Signaling, peer: WebSocketPeer, error: SignalError) -> None:
+    """Send an ``error`` message and count it: the one way errors reach a client."""
     sig.metrics.errors[error.code] += 1
     peer.send_error(error)
+
+
+async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling, error: SignalError) -> None:
+    """Report a fatal error in-band (browsers cannot read HTTP statuses), then close."""
+    _report(sig, peer, error)
     await ws.close(code=error.close_code or CloseCode.NORMAL, message=error.code.encode())
 
 
@@ -240,26 +245,26 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
                 metrics.rate_limited += 1
                 if verdict is Verdict.DROP_AND_REPORT:
                     error = SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False)
-                    send(hub.error_frame(error, room_id))
+                    _report(sig, peer, error)
                 continue
             if kind_of_frame is ping:
                 peer.pong(message.data)
                 continue
             if kind_of_frame is binary:
                 error = SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text")
-                send(hub.error_frame(error, room_id))
+                _report(sig, peer, error)
                 continue
             try:
                 kind, payload, target = parse_client_message(message.data)
             except SignalError as error:
-                send(hub.error_frame(error, room_id))
+                _report(sig, peer, error)
                 continue
             if kind == "ping":
                 send(encode_server_message("pong", {}, room_id))
                 continue
             failure = route(slot, kind, payload, target)
             if failure is not None:
-                send(hub.error_frame(failure, room_id))
+                _report(sig, peer, failure)
         elif kind_of_frame is WSMsgType.PONG:
             continue  # an answer to our keepalive ping: last_seen is already stamped
         elif kind_of_frame is WSMsgType.CLOSE:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from .auth import Identity
 from .errors import CloseCode, SignalError
 from .metrics import Metrics
-from .protocol import encode_envelope, encode_error, encode_server_message
+from .protocol import encode_envelope, encode_server_message
 
 __all__ = ["Peer", "Slot", "Room", "Hub", "HubLimits"]
 
@@ -104,7 +104,7 @@ class Hub:
         room = self.rooms.get(room_id)
         slot = room.slots.get(identity.user_id) if room is not None else None
         if slot is not None:
-            self._reattach(slot, identity, peer)
+            self._reattach(slot, peer)
             return slot
         limits = self.limits
         if room is not None and len(room.slots) >= limits.max_participants:
@@ -130,7 +130,7 @@ class Hub:
                 self._deliver(other, joined)
         return slot
 
-    def _reattach(self, slot: Slot, identity: Identity, peer: Peer) -> None:
+    def _reattach(self, slot: Slot, peer: Peer) -> None:
         """Resume a held slot, or take over a live one. Others see nothing."""
         self.metrics.joins += 1
         self.metrics.resumes += 1
@@ -272,7 +272,3 @@ class Hub:
                 if slot.expiry is not None:
                     slot.expiry.cancel()
                     slot.expiry = None
-
-    def error_frame(self, error: SignalError, room_id: str | None) -> bytes:
-        self.metrics.errors[error.code] += 1
-        return encode_error(error, room_id)

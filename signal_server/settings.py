@@ -179,7 +179,10 @@ OPTIONS: tuple[Option, ...] = (
         "max-message-size", "max_message_size", _int(1024, 16 * 1024 * 1024),
         "largest client frame in bytes; larger closes with 1009 (default 65536)",
     ),
-    Option("heartbeat", "heartbeat", _float(0.5, 3600), "ping interval, seconds (default 15)"),
+    Option(
+        "heartbeat", "heartbeat", _float(0.5, 3600),
+        "keepalive interval, seconds; dead peers found within twice that (default 15)",
+    ),
     Option("stun-url", "stun_urls", _url(("stun", "stuns")), "STUN server URL", repeat=True),
     Option("turn-url", "turn_urls", _url(("turn", "turns")), "TURN server URL", repeat=True),
     Option("turn-secret", "turn_secret", _text, "TURN REST API shared secret (coturn use-auth-secret)"),
