@@ -114,6 +114,17 @@ def connector(client: TestClient[Any, Any]) -> Connect:
     return connect
 
 
+async def join_all(connect: Connect, *users: str) -> list[Member]:
+    """Join ``users`` in order and consume every user_joined, so all start with an empty queue."""
+    members: list[Member] = []
+    for user in users:
+        member = await connect(user)
+        for earlier in members:
+            await earlier.expect("user_joined")
+        members.append(member)
+    return members
+
+
 @pytest.fixture
 def connect(client: TestClient[Any, Any]) -> Connect:
     """Connect to ``client`` and (by default) wait for room_state."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -113,6 +114,53 @@ async def test_controls_mute_camera_leave_and_peer_status(browser, servers):
     await bob.locator('.tile[data-user="alice"]').wait_for(state="detached", timeout=WAIT_MS)
     assert await alice.evaluate("window.demo.call.status") == "closed"
     assert await alice.locator(".tile").count() == 0
+
+
+async def test_simultaneous_renegotiation_glare_settles(browser, servers):
+    """Both sides restart ICE at once (offer glare): perfect negotiation settles on fresh ICE, connected."""
+    signal, page_server = servers
+    alice = await open_call(browser, signal, page_server, "alice", same_origin=True)
+    bob = await open_call(browser, signal, page_server, "bob", same_origin=True)
+    pages = {"alice": alice, "bob": bob}
+    for page in pages.values():
+        await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+    ufrag = "other => window.demo.call.peers.get(other).pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
+    before = {user: await page.evaluate(ufrag, "bob" if user == "alice" else "alice") for user, page in pages.items()}
+    await asyncio.gather(
+        alice.evaluate("window.demo.call.peers.get('bob').pc.restartIce()"),
+        bob.evaluate("window.demo.call.peers.get('alice').pc.restartIce()"),
+    )
+    for user, page in pages.items():
+        other = "bob" if user == "alice" else "alice"
+        await page.wait_for_function(
+            """([other, old]) => {
+              const pc = window.demo.call.peers.get(other).pc;
+              const now = pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
+              return now !== old && pc.signalingState === 'stable' && pc.connectionState === 'connected';
+            }""",
+            arg=[other, before[user]],
+            timeout=WAIT_MS,
+        )
+    assert not [m for page in pages.values() for m in await page.evaluate("window.demo.messages")]
+
+
+async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers):
+    """An ICE candidate from a peer whose offer has not arrived yet waits for the remote description."""
+    signal, page_server = servers
+    page = await open_call(browser, signal, page_server, "alice", same_origin=True)
+    await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
+    pending = await page.evaluate(
+        """async () => {
+          const call = window.demo.call;
+          call._handle({type: 'ice_candidate', payload: {
+            candidate: 'candidate:1 1 udp 2122260223 127.0.0.1 9 typ host', sdp_mid: '0', sdp_m_line_index: 0,
+            sender_id: 'early-bird'}});
+          await call.peers.get('early-bird').chain;
+          return call.peers.get('early-bird').pendingCandidates.length;
+        }"""
+    )
+    assert pending == 1
+    assert await page.evaluate("window.demo.messages") == []  # no error: nothing was thrown away
 
 
 async def test_three_pages_form_a_full_mesh(browser, servers):

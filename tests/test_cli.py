@@ -163,3 +163,21 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for option in OPTIONS:
         assert f"`--{option.flag}" in readme and f"`{option.env}`" in readme, option.flag
+
+
+def test_public_key_file_is_read_for_rs256(tmp_path: Path) -> None:
+    """--jwt-public-key FILE with --jwt-algorithm RS256 loads the PEM text the verifier uses."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    path = tmp_path / "public.pem"
+    path.write_text(pem)
+    settings = load_settings({"jwt-public-key": str(path)}, {"SIGNAL_JWT_ALGORITHM": "rs256"})
+    assert settings.jwt_public_key == pem and settings.jwt_algorithm == "RS256" and settings.auth_configured
+    path.write_text("not a key")
+    with pytest.raises(SettingsError, match="--jwt-public-key: .* is not a PEM file"):
+        load_settings({"jwt-public-key": str(path), "jwt-algorithm": "RS256"}, {})

@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 from aiohttp import WSMsgType
 
-from .conftest import TIMEOUT, Member, connector, make_token
+from .conftest import TIMEOUT, Member, connector, join_all, make_token
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
@@ -80,12 +80,7 @@ async def test_envelope_is_stamped_and_spoofing_is_ignored(connect):
 
 async def test_targeted_messages_reach_only_the_target(connect):
     """payload.target_user_id delivers to that participant alone; never echoed."""
-    alice = await connect("alice")
-    bob = await connect("bob")
-    carol = await connect("carol")
-    await alice.expect("user_joined")
-    await alice.expect("user_joined")
-    await bob.expect("user_joined")
+    alice, bob, carol = await join_all(connect, "alice", "bob", "carol")
     await alice.send("answer", type="answer", sdp="ans", target_user_id="carol")
     answer = await carol.expect("answer")
     assert answer["payload"]["target_user_id"] == "carol" and answer["sender_id"] == "alice"
@@ -98,12 +93,7 @@ async def test_targeted_messages_reach_only_the_target(connect):
 
 async def test_broadcast_reaches_everyone_but_the_sender(connect):
     """Without a target, a message goes to every other participant."""
-    alice = await connect("alice")
-    bob = await connect("bob")
-    carol = await connect("carol")
-    await alice.expect("user_joined")
-    await alice.expect("user_joined")
-    await bob.expect("user_joined")
+    alice, bob, carol = await join_all(connect, "alice", "bob", "carol")
     await alice.send("ice_candidate", candidate="candidate:1 1 udp 1 127.0.0.1 9 typ host", sdp_mid="0",
                      sdp_m_line_index=0)
     for member in (bob, carol):
@@ -329,10 +319,7 @@ async def test_broadcast_encodes_once_for_all_recipients(app_client, monkeypatch
 
     monkeypatch.setattr(hub_module, "encode_envelope", counting)
     connect = connector(await app_client())
-    members = [await connect(f"user{i}") for i in range(5)]
-    for index, member in enumerate(members):
-        for _ in range(len(members) - 1 - index):
-            await member.expect("user_joined")
+    members = await join_all(connect, *(f"user{i}" for i in range(5)))
     await members[0].offer(sdp="fan-out")
     for member in members[1:]:
         assert (await member.expect("offer"))["payload"]["sdp"] == "fan-out"
