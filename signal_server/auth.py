@@ -2,27 +2,52 @@
 
 Only the configured algorithm is accepted, so an HS256 token signed with an
 RS256 public key as its "secret" is refused (no key confusion), and
-``alg: none`` never passes.
+``alg: none`` never passes. The key is prepared once, at start-up: a key that
+does not fit the algorithm stops the server there (:class:`KeyConfigError`)
+instead of failing every request, and no token pays for parsing a PEM.
+
+Every string a token brings is checked before anything encodes it: a ``sub``
+that is not clean text (a lone UTF-16 surrogate, a control character) is
+refused, and a display name is cleaned rather than refused, because apps cut
+names with JavaScript's ``slice`` and the user should not be locked out.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.algorithms import get_default_algorithms
 
 from .errors import SignalError
 from .protocol import MAX_USER_ID_LENGTH
-from .settings import Settings
+from .settings import MIN_SECRET_BYTES, Settings
 
-__all__ = ["Identity", "TokenVerifier", "mint_token", "MAX_TOKEN_LENGTH"]
+__all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "clean_text", "MAX_TOKEN_LENGTH"]
 
 MAX_TOKEN_LENGTH = 8 * 1024
 MAX_ROOMS_CLAIM = 1000
 _NAME_CLAIMS = ("username", "name", "preferred_username")
+# C0 and C1 controls (newlines would forge log lines) and lone surrogates
+# (no encoder can write them: orjson refuses, so does UTF-8).
+_UNCLEAN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates as U+FFFD and runs of control characters as one space."""
+    if not _UNCLEAN.search(text):
+        return text
+    return _CONTROL.sub(" ", _SURROGATE.sub("\ufffd", text))
+
+
+class KeyConfigError(ValueError):
+    """The configured key cannot verify tokens of the configured algorithm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +73,7 @@ class TokenVerifier:
         key = settings.jwt_public_key or settings.jwt_secret
         if not key:
             raise ValueError("no JWT secret or public key configured")
-        self._key = key
+        self._key = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
@@ -83,19 +108,40 @@ class TokenVerifier:
             raise _unauthorized("token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise _unauthorized(f"invalid token ({type(exc).__name__})") from None
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # The key was checked at start-up, so this is a token PyJWT could
+            # not handle; the client still gets 401, never a 500.
+            raise _unauthorized(f"invalid token ({type(exc).__name__})") from None
         return _identity(claims)
+
+
+def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:
+    """The key object PyJWT verifies with, or :class:`KeyConfigError` naming the option."""
+    option = "--jwt-public-key" if public else "--jwt-secret"
+    if not public and len(key.encode("utf-8", "surrogatepass")) < MIN_SECRET_BYTES:
+        # Checked here too, not only by the option parser: embedders build
+        # Settings directly.
+        raise KeyConfigError(f"{option}: must be at least {MIN_SECRET_BYTES} bytes")
+    try:
+        return get_default_algorithms()[algorithm].prepare_key(key)
+    except (jwt.PyJWTError, ValueError, TypeError, UnicodeError) as exc:
+        raise KeyConfigError(f"{option}: not a usable {algorithm} key ({exc})") from None
 
 
 def _identity(claims: dict[str, Any]) -> Identity:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not 0 < len(sub) <= MAX_USER_ID_LENGTH:
         raise _unauthorized(f"'sub' must be 1-{MAX_USER_ID_LENGTH} characters")
+    if _UNCLEAN.search(sub):
+        raise _unauthorized("'sub' must not contain control characters or unpaired surrogates")
     username = sub
     for claim in _NAME_CLAIMS:
         value = claims.get(claim)
-        if isinstance(value, str) and value.strip():
-            username = value.strip()[:MAX_USER_ID_LENGTH]
-            break
+        if isinstance(value, str):
+            value = clean_text(value).strip()[:MAX_USER_ID_LENGTH]
+            if value:
+                username = value
+                break
     rooms: frozenset[str] | None = None
     if "rooms" in claims:
         raw = claims["rooms"]

@@ -16,14 +16,14 @@ import resource
 import secrets
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
 from aiohttp import web
 
 from .app import create_standalone_app
-from .auth import mint_token
+from .auth import KeyConfigError, TokenVerifier, mint_token
 from .logs import configure_logging
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 
@@ -127,6 +127,10 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
                 f"set a secret to listen on {settings.host}"
             )
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
+    try:
+        TokenVerifier(settings)  # a key that cannot verify stops here, not as a 5xx later
+    except KeyConfigError as exc:
+        return _fail(str(exc))
     configure_logging(settings.log_level)
     _raise_file_limit()
     try:
@@ -136,14 +140,19 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     return 0
 
 
-def _run(coroutine: Any) -> None:
-    """Run on uvloop when it is installed (faster relay), else on asyncio's loop."""
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (faster relay), else None: asyncio's own."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coroutine)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(coroutine: Any) -> None:
+    # Outside any ``except`` block: a traceback logged while serving must not
+    # be chained to the ImportError of a missing uvloop.
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(coroutine)
 
 

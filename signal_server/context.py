@@ -35,6 +35,8 @@ class Signaling:
 
     def __post_init__(self) -> None:
         settings = self.settings
+        if settings.turn_secret:
+            settings.turn_secret.encode("utf-8")  # fails here, at start, rather than in /config
         self.verifier = TokenVerifier(settings)
         self.admission = Admission(settings)
         self.client_address = ClientAddress(settings.trusted_proxies)
@@ -46,6 +48,8 @@ class Signaling:
                 kept_messages=settings.kept_messages,
                 kept_bytes=settings.kept_bytes,
                 max_rooms_per_user=settings.max_rooms_per_user,
+                max_slots=settings.max_connections,
+                max_kept_total=settings.max_kept_bytes,
             ),
             self.metrics,
         )

@@ -2,23 +2,42 @@
 
 Tokens travel in the WebSocket URL's query (browsers cannot set headers on a
 WebSocket), so the access log's request line would carry them. The filter
-rewrites ``token=...`` wherever it appears in a record of the access logger.
+rewrites the value of every query parameter whose name, once percent-decoded
+the way the server's URL parser decodes it, is ``token`` in any case
+(``?token=``, ``?%74oken=``, ``?TOKEN=``), wherever it appears in a record.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote
 
 __all__ = ["TokenRedactingFilter", "install_token_redaction", "configure_logging"]
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)([?&;]token=)[^&\s\"';]*")
+# A query parameter: separator, name, "=", value (up to the next separator,
+# white space or quote, which end a request line inside a log record).
+# Only "&" separates parameters for the server (a ";" is part of a value).
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&?\s\"']*)=([^&\s\"']*)")
 REDACTED = "[redacted]"
 
 
+def _is_token_name(name: str) -> bool:
+    # Decoded twice: redacting a doubly encoded name too costs nothing.
+    return unquote(unquote(name)).strip().lower() == "token"
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    if _is_token_name(match.group(2)):
+        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+    return match.group(0)
+
+
 def redact(text: str) -> str:
-    """Replace the value of every ``token`` query parameter in ``text``."""
-    return _TOKEN_IN_QUERY.sub(lambda match: match.group(1) + REDACTED, text)
+    """Replace the value of every ``token`` query parameter in ``text``, however its name is spelled."""
+    if "=" not in text:
+        return text
+    return _QUERY_PARAMETER.sub(_redact_parameter, text)
 
 
 class TokenRedactingFilter(logging.Filter):
@@ -31,12 +50,13 @@ class TokenRedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message.lower():
-            record.msg = redact(message)
+        redacted = redact(message)
+        if redacted != message:
+            record.msg = redacted
             record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and "token=" in record.exc_text.lower():
+        if record.exc_text:
             record.exc_text = redact(record.exc_text)
         return True
 

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 
 
@@ -62,6 +63,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     handshake_timeout: float = 10.0
     max_send_buffer: int = 1024 * 1024
+    max_kept_bytes: int = 256 * 1024 * 1024
     dev_mode: bool = field(default=False, compare=False)
 
     @property
@@ -107,6 +109,22 @@ def _choice(choices: Sequence[str], fold: Callable[[str], str] = str) -> Callabl
 def _text(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
+    try:
+        # Flags and environment values that are not UTF-8 arrive with
+        # surrogate escapes; they would fail later, inside a request.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text") from None
+    return text
+
+
+def _secret(text: str) -> str:
+    text = _text(text)
+    if len(text.encode("utf-8")) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"must be at least {MIN_SECRET_BYTES} bytes (try: python3 -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return text
 
 
@@ -163,7 +181,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", "host", _text, "address to bind (default 127.0.0.1)"),
     Option("port", "port", _int(0, 65535), "port to bind (default 8080; 0 picks a free one)"),
-    Option("jwt-secret", "jwt_secret", _text, "HS256 shared secret; none = dev mode"),
+    Option("jwt-secret", "jwt_secret", _secret, "HS256 shared secret, at least 32 bytes; none = dev mode"),
     Option(
         "jwt-public-key", "jwt_public_key", _pem_file,
         "PEM public key FILE for RS256/ES256 tokens", metavar="FILE",
@@ -226,6 +244,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max-send-buffer", "max_send_buffer", _int(4096, 1 << 30),
         "unsent bytes per connection before it is closed as a slow consumer (default 1 MiB)",
+    ),
+    Option(
+        "max-kept-bytes", "max_kept_bytes", _int(1024, 1 << 40),
+        "bytes kept for all held slots of the process together (default 256 MiB)",
     ),
 )
 
@@ -309,6 +331,12 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"--jwt-public-key: {algorithm} needs a PEM public key file")
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError("--jwt-secret: give either a secret or a public key, not both")
+    if settings.kept_bytes > settings.max_send_buffer:
+        # A resume replays the kept bytes at once; more than the send buffer
+        # would close the resuming connection as a slow consumer.
+        raise SettingsError(
+            f"--kept-bytes: {settings.kept_bytes} is more than --max-send-buffer ({settings.max_send_buffer})"
+        )
     if settings.redis_url:
         raise SettingsError(
             "--redis-url: the multi-node Redis relay is not part of this release yet; "

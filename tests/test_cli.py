@@ -13,6 +13,9 @@ from pathlib import Path
 import jwt
 import pytest
 from aiohttp import ClientSession, WSMsgType
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from yarl import URL
 
 from signal_server.settings import OPTIONS, Settings, SettingsError, load_settings
 
@@ -79,6 +82,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (["--config", "/nonexistent.toml"], {}, "--config"),
         (["--host", "0.0.0.0"], {}, "--jwt-secret: dev mode"),
         (["--redis-url", "redis://127.0.0.1:1"], {}, "--redis-url"),
+        (["--jwt-secret", "a"], {}, "--jwt-secret: must be at least 32 bytes"),
+        ([], {"SIGNAL_JWT_SECRET": "x" * 31}, "SIGNAL_JWT_SECRET: must be at least 32 bytes"),
+        (["--kept-bytes", "2000000"], {}, "--kept-bytes"),
     ],
 )
 def test_command_errors_are_one_line_exit_2(args, env, flag) -> None:
@@ -88,6 +94,69 @@ def test_command_errors_are_one_line_exit_2(args, env, flag) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and lines[0].startswith("signal-server: error:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_short_secret_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "signal.toml"
+    config.write_text('jwt_secret = "change-me"\n')
+    result = run("--config", str(config))
+    assert result.returncode == 2 and "jwt_secret in" in result.stderr and "32 bytes" in result.stderr, result
+
+
+def test_a_secret_that_is_not_utf8_is_refused_at_start() -> None:
+    """Bytes the OS cannot decode arrive as surrogate escapes, and would fail inside every request."""
+    env = {**os.environb, b"SIGNAL_JWT_SECRET": b"\xff" * 40}
+    completed = subprocess.run([*COMMAND, "--port", "0"], capture_output=True, timeout=30, env=env)
+    assert completed.returncode == 2, completed
+    assert b"SIGNAL_JWT_SECRET: must be valid UTF-8" in completed.stderr
+
+
+def ec_public_key_file(tmp_path: Path, curve: ec.EllipticCurve) -> Path:
+    path = tmp_path / "ec.pem"
+    path.write_bytes(ec.generate_private_key(curve).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    return path
+
+
+@pytest.mark.parametrize(("algorithm", "curve"), [("RS256", ec.SECP256R1()), ("ES256", ec.SECP384R1())])
+def test_a_key_that_does_not_fit_the_algorithm_exits_2_at_start(tmp_path: Path, algorithm, curve) -> None:
+    """It used to start fine and answer every request with a 500."""
+    key = ec_public_key_file(tmp_path, curve)
+    result = run("--port", "0", "--jwt-algorithm", algorithm, "--jwt-public-key", str(key))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("signal-server: error: --jwt-public-key: not a usable"), lines
+
+
+def test_tracebacks_are_not_chained_to_a_missing_uvloop(monkeypatch) -> None:
+    """The loop used to run inside ``except ImportError``: every logged error said uvloop was missing."""
+    from signal_server import cli
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+
+    async def fails() -> None:
+        raise ValueError("a bug while serving")
+
+    with pytest.raises(ValueError) as caught:
+        cli._run(fails())
+    assert caught.value.__context__ is None
+
+
+async def test_the_access_log_redacts_an_encoded_token_name(start_server, unused_tcp_port: int) -> None:
+    """``?%74oken=`` is ``token`` to the server, so it must be redacted too."""
+    server = await start_server("--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
+    await server.line_matching("listening on")
+    token = make_token("alice")
+    async with ClientSession() as session:
+        # encoded=True: sent as written (yarl would otherwise normalise %74 to t)
+        url = URL(f"ws://127.0.0.1:{unused_tcp_port}/webrtc/ws/demo?%74oken={token}", encoded=True)
+        ws = await session.ws_connect(url)
+        state = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+        assert state["type"] == "room_state"
+        await ws.close()
+    line = (await server.line_matching(r"aiohttp\.access.*GET /webrtc/ws/demo")).string
+    assert token not in line and "%74oken=[redacted]" in line, line
 
 
 def test_token_command_signs_with_the_configured_secret() -> None:
