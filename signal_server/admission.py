@@ -1,22 +1,33 @@
 """Connection limits: per process, per client IP (concurrent and rate), per user.
 
 Pure bookkeeping with the clock passed in; the WebSocket handler asks before
-it admits a connection and releases when the connection ends. The per-IP
-rate buckets are pruned once they refill, so a scan from many addresses
-cannot grow this table without bound.
+it admits a connection and releases when the connection ends. Every socket
+counts from its upgrade to its end, refused ones too: a refused client that
+lingers in the closing handshake still holds a descriptor. The per-IP rate
+buckets are pruned once they refill, so a scan from many addresses cannot
+grow this table without bound.
+
+Per-IP limits are keyed on the client's address as :class:`ClientAddress`
+finds it: IPv4 addresses as they are, IPv6 addresses by their /64 (one
+subscriber's whole allocation, which an attacker can otherwise walk through
+for fresh limits).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+
+from multidict import MultiMapping
 
 from .errors import SignalError
 from .ratelimit import TokenBucket
 from .settings import Settings
 
-__all__ = ["Admission", "ClientAddress"]
+__all__ = ["Admission", "ClientAddress", "limit_key", "parse_hop"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _PRUNE_THRESHOLD = 10_000
 
@@ -32,11 +43,18 @@ class Admission:
         self._ip_buckets: dict[str, TokenBucket] = {}
 
     def admit_address(self, address: str, now: float) -> tuple[SignalError, str] | None:
-        """Count a new connection from ``address``, or say which limit refuses it.
+        """Count a new socket from ``address`` and say which limit, if any, refuses it.
 
-        Returns None when admitted (call :meth:`release_address` later), else
-        the error and the name of the limit (for metrics).
+        The socket is counted either way (call :meth:`release_address` when it
+        ends): a refused one stays open while its close completes. Returns None
+        when admitted, else the error and the name of the limit (for metrics).
         """
+        refusal = self._check_address(address, now)
+        self.open += 1
+        self._per_ip[address] += 1
+        return refusal
+
+    def _check_address(self, address: str, now: float) -> tuple[SignalError, str] | None:
         settings = self._settings
         if self.open >= settings.max_connections:
             return SignalError("SERVER_BUSY", "the server is at its connection limit"), "server"
@@ -60,8 +78,6 @@ class Admission:
                 SignalError("TOO_MANY_CONNECTIONS", "too many new connections from this address"),
                 "ip_rate",
             )
-        self.open += 1
-        self._per_ip[address] += 1
         return None
 
     def release_address(self, address: str) -> None:
@@ -92,33 +108,86 @@ def _parse_networks(specs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddr
     return [ipaddress.ip_network(spec, strict=False) for spec in specs]
 
 
+def parse_hop(text: str) -> IPAddress | None:
+    """An address as proxies write it: ``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:80``.
+
+    Returns None for anything else (``unknown``, an obfuscated RFC 7239 name, garbage).
+    """
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or (end + 1 < len(text) and not _is_port(text[end + 1:])):
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has two or more colons
+        text, _, port = text.partition(":")
+        if not _is_port(":" + port):
+            return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_port(text: str) -> bool:
+    return len(text) > 1 and text[0] == ":" and text[1:].isascii() and text[1:].isdigit()
+
+
+def limit_key(address: IPAddress) -> str:
+    """What per-IP limits count on: an IPv4 address, or an IPv6 address's /64."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
+
+
 class ClientAddress:
-    """Finds the client's IP: the peer, or X-Forwarded-For from a trusted proxy."""
+    """Finds the client's limit key: the peer's, or X-Forwarded-For's from trusted proxies.
+
+    Every ``X-Forwarded-For`` line counts, in order, as one list (HAProxy's
+    ``option forwardfor`` adds a line of its own rather than extending the
+    client's). The list is walked from the right over our own proxies; the
+    first hop that is not one of them is the client, and everything left of
+    it is the client's own writing. A hop that cannot be read ends the walk
+    too: the nearest proxy then answers for the client, so garbage can never
+    mint a fresh key.
+    """
 
     def __init__(self, trusted: Iterable[str]) -> None:
         self._trusted = _parse_networks(trusted)
 
-    def _is_trusted(self, address: str) -> bool:
-        if not self._trusted:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self._trusted)
+    def _is_trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._trusted)
 
-    def __call__(self, peer: str | None, headers: Mapping[str, str]) -> str:
-        address = peer or "unknown"
-        if not self._is_trusted(address):
-            return address
-        # Walk X-Forwarded-For from the right: the first hop that is not one of
-        # our proxies is the client. Anything left of it is client-controlled.
-        forwarded = headers.get("X-Forwarded-For", "")
-        for hop in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
+    def scheme(self, peer: str | None, headers: MultiMapping[str], own: str) -> str:
+        """The scheme the client used: ``X-Forwarded-Proto`` from a trusted proxy, else ``own``.
+
+        Only the nearest proxy's word counts (the last value), and only http or https.
+        """
+        address = parse_hop(peer) if peer else None
+        if address is None or not self._trusted or not self._is_trusted(address):
+            return own
+        values = [v.strip().lower() for line in headers.getall("X-Forwarded-Proto", ()) for v in line.split(",")]
+        if values and values[-1] in ("http", "https"):
+            return values[-1]
+        return own
+
+    def __call__(self, peer: str | None, headers: MultiMapping[str]) -> str:
+        address = parse_hop(peer) if peer else None
+        if address is None:
+            return "unknown"  # not an IP socket (a Unix socket, say): one shared key
+        if not self._trusted or not self._is_trusted(address):
+            return limit_key(address)
+        hops = [hop for line in headers.getall("X-Forwarded-For", ()) for hop in line.split(",")]
+        for text in reversed(hops):
+            if not text.strip():
+                continue
+            hop = parse_hop(text)
+            if hop is None:
+                break
+            address = hop
             if not self._is_trusted(hop):
-                try:
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    return address
-        return address
-
+                break
+        return limit_key(address)

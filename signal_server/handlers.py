@@ -23,7 +23,7 @@ from .auth import Identity
 from .context import SIGNALING, Signaling
 from .errors import CloseCode, SignalError
 from .hub import Slot
-from .peer import WebSocketPeer
+from .peer import CLOSE_TIMEOUT, WebSocketPeer, close_bounded
 from .protocol import encode_server_message, parse_client_message
 from .ratelimit import MessageRateLimiter, Verdict
 
@@ -109,14 +109,33 @@ async def config_handler(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- websocket
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _normal_origin(scheme: str, host: str) -> str:
+    scheme, host = scheme.lower(), host.lower().rstrip("/")
+    default = _DEFAULT_PORTS.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
 def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
     """No Origin (non-browser), an open allow-list, a listed origin, or our own origin."""
-    origin = request.headers.get("Origin")
-    allowed = sig.settings.allowed_origins
-    if origin is None or not allowed or "*" in allowed or origin.rstrip("/") in allowed:
+    origins = request.headers.getall("Origin", [])
+    if not origins:
         return True
-    # Same-origin: a page served by this very host (the demo page, say).
-    return origin.split("://", 1)[-1].rstrip("/") == request.host
+    if len(origins) > 1:  # no browser sends two: someone is testing which one we read
+        return False
+    origin = origins[0]
+    allowed = sig.settings.allowed_origins
+    if not allowed or "*" in allowed or origin.rstrip("/") in allowed:
+        return True
+    # Same origin: a page served by this very server (the demo page, say),
+    # scheme included, so an http:// page cannot pass for an https:// one.
+    scheme, sep, host = origin.partition("://")
+    scheme_here = sig.client_address.scheme(request.remote, request.headers, request.scheme)
+    return bool(sep) and _normal_origin(scheme, host) == _normal_origin(scheme_here, request.host)
 
 
 def _report(sig: Signaling, peer: WebSocketPeer, error: SignalError) -> None:
@@ -126,9 +145,9 @@ def _report(sig: Signaling, peer: WebSocketPeer, error: SignalError) -> None:
 
 
 async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling, error: SignalError) -> None:
-    """Report a fatal error in-band (browsers cannot read HTTP statuses), then close."""
+    """Report a fatal error in-band (browsers cannot read HTTP statuses), then close, bounded."""
     _report(sig, peer, error)
-    await ws.close(code=error.close_code or CloseCode.NORMAL, message=error.code.encode())
+    await close_bounded(ws, peer.transport, error.close_code or CloseCode.NORMAL, error.code.encode())
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -136,6 +155,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     sig = request.app[SIGNALING]
     settings = sig.settings
     ws = web.WebSocketResponse(
+        timeout=CLOSE_TIMEOUT,  # how long a close waits for the client's close frame
         # Keepalive is one sweep per app (keepalive.py), not aiohttp's
         # per-connection heartbeat; so pings and pongs come to this handler.
         autoping=False,
@@ -155,12 +175,25 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         settings.max_send_buffer, on_slow=lambda: _count_slow(sig),
     )
     address = sig.client_address(request.remote, request.headers)
+    # Counted from here to the end, refused or not: a refused socket is open
+    # until its close completes.
     refusal = sig.admission.admit_address(address, time.monotonic())
-    if refusal is not None:
-        error, limit = refusal
-        sig.metrics.refused[limit] += 1
-        await _refuse(ws, peer, sig, error)
-        return ws
+    try:
+        if refusal is not None:
+            error, limit = refusal
+            sig.metrics.refused[limit] += 1
+            await _refuse(ws, peer, sig, error)
+            return ws
+        await _serve(sig, request, ws, peer, room_id)
+    finally:
+        sig.admission.release_address(address)
+    return ws
+
+
+async def _serve(
+    sig: Signaling, request: web.Request, ws: web.WebSocketResponse, peer: WebSocketPeer, room_id: str
+) -> None:
+    """Admit the participant and relay; refuse in-band; never let a bug take the socket silently."""
     try:
         identity = _admit(sig, request, room_id)
         user_refusal = sig.admission.admit_user(identity.user_id)
@@ -175,9 +208,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             sig.admission.release_user(identity.user_id)
     except SignalError as error:
         await _refuse(ws, peer, sig, error)
-    finally:
-        sig.admission.release_address(address)
-    return ws
+    except Exception:
+        # A bug, not the client's doing: the hub is all-or-nothing, so the
+        # room is intact; log it once and tell the client with 1011.
+        logger.exception("internal error on a connection to room %r", peer.room_id)
+        sig.metrics.errors["INTERNAL_ERROR"] += 1
+        await close_bounded(ws, peer.transport, CloseCode.INTERNAL_ERROR, b"INTERNAL_ERROR")
 
 
 def _count_slow(sig: Signaling) -> None:
@@ -226,16 +262,22 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
     monotonic = time.monotonic
     receive = ws.receive
     route = hub.route
-    send = peer.send
+    notify = peer.notify
     text = WSMsgType.TEXT
     binary = WSMsgType.BINARY
     ping = WSMsgType.PING
+    pong = WSMsgType.PONG
     allow = Verdict.ALLOW
     while True:
         message = await receive()
         kind_of_frame = message.type
         now = peer.last_seen = monotonic()
-        if kind_of_frame is text or kind_of_frame is binary or kind_of_frame is ping:
+        # Every frame a client can send costs us work, so every one counts
+        # toward its rate, except the pong answering a ping of ours.
+        if (
+            kind_of_frame is text or kind_of_frame is binary or kind_of_frame is ping
+            or (kind_of_frame is pong and not peer.take_pong(message.data))
+        ):
             verdict = check(now)
             if verdict is not allow:
                 if verdict is Verdict.CLOSE:
@@ -250,6 +292,8 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
             if kind_of_frame is ping:
                 peer.pong(message.data)
                 continue
+            if kind_of_frame is pong:
+                continue
             if kind_of_frame is binary:
                 error = SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text")
                 _report(sig, peer, error)
@@ -260,12 +304,12 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
                 _report(sig, peer, error)
                 continue
             if kind == "ping":
-                send(encode_server_message("pong", {}, room_id))
+                notify(encode_server_message("pong", {}, room_id))
                 continue
             failure = route(slot, kind, payload, target)
             if failure is not None:
                 _report(sig, peer, failure)
-        elif kind_of_frame is WSMsgType.PONG:
+        elif kind_of_frame is pong:
             continue  # an answer to our keepalive ping: last_seen is already stamped
         elif kind_of_frame is WSMsgType.CLOSE:
             return message.data in CLEAN_CLOSE_CODES

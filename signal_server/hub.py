@@ -13,6 +13,14 @@ path: it encodes a message once and hands the bytes to every recipient's
 
 Everything here runs on one event loop and never awaits between reading and
 changing a room, so concurrent joins admit exactly ``max_participants``.
+Every change is all-or-nothing: whatever can fail (encoding a message, a
+limit) happens before the first mutation, so an exception never leaves a
+half-joined slot behind.
+
+``recovered: true`` is a promise that nothing meant for the slot was lost.
+Any frame dropped for a slot, held (over a bound) or live (its connection
+closing, aborted or too slow), marks the slot ``incomplete``, and the next
+resume says ``recovered: false``.
 """
 
 from __future__ import annotations
@@ -36,11 +44,19 @@ logger = logging.getLogger(__name__)
 class Peer(Protocol):
     """One live connection, as the hub sees it.
 
-    ``send`` must not block and must not call back into the hub; a peer that
-    cannot keep up closes itself later, and its handler then tells the hub.
+    ``send`` (a relayed message) and ``notify`` (the server's own news) must
+    not block and must not call back into the hub; a peer that cannot keep
+    up closes itself later, and its handler then tells the hub. ``lost`` is
+    true once the peer has dropped a frame, or cannot show that the client
+    read every relayed one.
     """
 
+    @property
+    def lost(self) -> bool: ...
+
     def send(self, frame: bytes) -> None: ...
+
+    def notify(self, frame: bytes) -> None: ...
 
     def close(self, code: CloseCode, error: SignalError | None = None) -> None: ...
 
@@ -52,12 +68,14 @@ class HubLimits:
     kept_messages: int = 256
     kept_bytes: int = 1024 * 1024
     max_rooms_per_user: int = 16
+    max_slots: int = 20000  # live and held slots of the process together
+    max_kept_total: int = 256 * 1024 * 1024  # kept bytes of every held slot together
 
 
 class Slot:
     """A participant's place in a room, live (``peer`` set) or held."""
 
-    __slots__ = ("user_id", "username", "room", "peer", "kept", "kept_bytes", "overflowed", "expiry")
+    __slots__ = ("user_id", "username", "room", "peer", "kept", "kept_bytes", "incomplete", "expiry")
 
     def __init__(self, user_id: str, username: str, room: Room, peer: Peer) -> None:
         self.user_id = user_id
@@ -66,7 +84,7 @@ class Slot:
         self.peer: Peer | None = peer
         self.kept: deque[bytes] | None = None  # made when held: an idle slot keeps nothing
         self.kept_bytes = 0
-        self.overflowed = False
+        self.incomplete = False  # a frame for this slot was dropped since its last resume
         self.expiry: asyncio.TimerHandle | None = None
 
     def describe(self) -> dict[str, str]:
@@ -89,6 +107,8 @@ class Hub:
         self.metrics = metrics
         self.rooms: dict[str, Room] = {}
         self._user_rooms: Counter[str] = Counter()
+        self.slot_count = 0
+        self.kept_total = 0  # bytes kept for held slots, all together
 
     # ------------------------------------------------------------ membership
 
@@ -117,48 +137,60 @@ class Hub:
             raise SignalError(
                 "TOO_MANY_ROOMS", f"a user may be in at most {limits.max_rooms_per_user} rooms"
             )
+        if self.slot_count >= limits.max_slots:
+            self.metrics.refused["server_slots"] += 1
+            raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
+        # Encode everything first: nothing below the mutations can fail.
+        new_room = room is None
         if room is None:
-            room = self.rooms[room_id] = Room(room_id)
+            room = Room(room_id)
         slot = Slot(identity.user_id, identity.username, room, peer)
+        members = [*room.slots.values(), slot]
+        state = self._room_state(slot, members, resumed=False)
+        joined = encode_server_message("user_joined", slot.describe(), room_id)
+        if new_room:
+            self.rooms[room_id] = room
         room.slots[identity.user_id] = slot
         self._user_rooms[identity.user_id] += 1
+        self.slot_count += 1
         self.metrics.joins += 1
-        peer.send(self._room_state(slot, resumed=False))
-        joined = encode_server_message("user_joined", slot.describe(), room_id)
-        for other in room.slots.values():
+        peer.notify(state)
+        for other in members:
             if other is not slot:
-                self._deliver(other, joined)
+                self._announce(other, joined)
         return slot
 
     def _reattach(self, slot: Slot, peer: Peer) -> None:
         """Resume a held slot, or take over a live one. Others see nothing."""
+        old = slot.peer
+        members = list(slot.room.slots.values())
+        # The old connection of a takeover may have died unnoticed with frames
+        # in flight, so nothing can be promised about them: recovered is false.
+        recovered = old is None and not slot.incomplete
+        state = self._room_state(slot, members, resumed=True, recovered=recovered)
         self.metrics.joins += 1
         self.metrics.resumes += 1
-        old = slot.peer
         slot.peer = peer
+        kept = slot.kept
+        self._forget_kept(slot)
+        slot.incomplete = False
         if old is None:
             if slot.expiry is not None:
                 slot.expiry.cancel()
                 slot.expiry = None
-            recovered = not slot.overflowed
-            peer.send(self._room_state(slot, resumed=True, recovered=recovered))
-            for frame in slot.kept or ():
+            peer.notify(state)
+            for frame in kept or ():
                 peer.send(frame)
         else:
-            # The old connection may have died unnoticed with frames in flight,
-            # so nothing can be promised about them: recovered is false.
             old.close(
                 CloseCode.SESSION_REPLACED,
                 SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
             )
-            peer.send(self._room_state(slot, resumed=True, recovered=False))
-        slot.kept = None
-        slot.kept_bytes = 0
-        slot.overflowed = False
+            peer.notify(state)
 
-    def _room_state(self, slot: Slot, *, resumed: bool, recovered: bool = True) -> bytes:
+    def _room_state(self, slot: Slot, members: list[Slot], *, resumed: bool, recovered: bool = True) -> bytes:
         payload: dict[str, Any] = {
-            "participants": [s.describe() for s in slot.room.slots.values()],
+            "participants": [s.describe() for s in members],
             "self": slot.describe(),
             "max_participants": self.limits.max_participants,
             "reconnect_grace": self.limits.reconnect_grace,
@@ -177,6 +209,8 @@ class Hub:
         """The connection ended without a clean close: hold the slot for the grace."""
         if slot.peer is not peer:
             return  # taken over meanwhile; the slot belongs to the new connection
+        if peer.lost:
+            slot.incomplete = True
         if self.limits.reconnect_grace <= 0:
             self._remove(slot, "timeout")
             return
@@ -193,12 +227,14 @@ class Hub:
         room = slot.room
         if room.slots.get(slot.user_id) is not slot:
             return
+        left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
         del room.slots[slot.user_id]
         if slot.expiry is not None:
             slot.expiry.cancel()
             slot.expiry = None
         slot.peer = None
-        slot.kept = None
+        self._forget_kept(slot)
+        self.slot_count -= 1
         user = slot.user_id
         self._user_rooms[user] -= 1
         if self._user_rooms[user] <= 0:
@@ -207,9 +243,13 @@ class Hub:
         if not room.slots:
             del self.rooms[room.room_id]
             return
-        left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
         for other in room.slots.values():
-            self._deliver(other, left)
+            self._announce(other, left)
+
+    def _forget_kept(self, slot: Slot) -> None:
+        self.kept_total -= slot.kept_bytes
+        slot.kept = None
+        slot.kept_bytes = 0
 
     # -------------------------------------------------------------- delivery
 
@@ -235,26 +275,44 @@ class Hub:
         return None
 
     def _deliver(self, slot: Slot, frame: bytes) -> None:
+        """A relayed message: to the live peer, or kept for a held slot."""
         peer = slot.peer
         if peer is not None:
             peer.send(frame)
             return
-        # Held: keep it for the resume, bounded. Past the bound keep nothing
-        # at all (the contract forbids a partial replay).
-        if slot.overflowed:
+        self._keep(slot, frame)
+
+    def _announce(self, slot: Slot, frame: bytes) -> None:
+        """The server's own news (joins, leaves): like a relayed message, but not counted."""
+        peer = slot.peer
+        if peer is not None:
+            peer.notify(frame)
+            return
+        self._keep(slot, frame)
+
+    def _keep(self, slot: Slot, frame: bytes) -> None:
+        # Held: keep it for the resume, bounded per slot and per process.
+        # Past a bound keep nothing at all (the contract forbids a partial
+        # replay): the resume will say recovered: false.
+        if slot.incomplete:
             return
         limits = self.limits
         kept = slot.kept
         if kept is None:
             kept = slot.kept = deque()
-        if len(kept) >= limits.kept_messages or slot.kept_bytes + len(frame) > limits.kept_bytes:
-            slot.kept = None
-            slot.kept_bytes = 0
-            slot.overflowed = True
+        size = len(frame)
+        if (
+            len(kept) >= limits.kept_messages
+            or slot.kept_bytes + size > limits.kept_bytes
+            or self.kept_total + size > limits.max_kept_total
+        ):
+            self._forget_kept(slot)
+            slot.incomplete = True
             self.metrics.kept_overflows += 1
             return
         kept.append(frame)
-        slot.kept_bytes += len(frame)
+        slot.kept_bytes += size
+        self.kept_total += size
 
     # ------------------------------------------------------------- lifecycle
 

@@ -6,7 +6,9 @@ Instead the handler stamps ``peer.last_seen`` (it reads the clock for the rate
 limiter anyway) and this sweep, every half interval, pings peers that have
 been silent for half an interval and drops those silent for one and a half. A
 live peer so has at least half an interval to answer a ping, and a dead one is
-found within twice the interval, as the contract says.
+found within twice the interval, as the contract says. A peer with relayed
+frames it has not confirmed is pinged on every sweep too: its pong is what
+lets a later resume say ``recovered: true`` (see peer.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ __all__ = ["Pingable", "sweep", "keep_alive"]
 class Pingable(Protocol):
     last_seen: float
 
+    @property
+    def unconfirmed(self) -> bool: ...
+
     def ping(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -33,7 +38,7 @@ def sweep(peers: Iterable[Pingable], now: float, interval: float) -> None:
         silence = now - peer.last_seen
         if silence >= 1.5 * interval:
             peer.abort()  # the handler sees the transport lost: the grace path
-        elif silence >= 0.5 * interval:
+        elif silence >= 0.5 * interval or peer.unconfirmed:
             peer.ping()
 
 

@@ -9,6 +9,14 @@ recipient behind it. Instead each message becomes one ready-made text frame
 transport's unsent bytes are the per-connection queue; when they pass
 ``max_send_buffer`` the peer is a slow consumer and is closed, and memory
 stays bounded whatever a client does.
+
+The peer also knows whether a relayed frame may have been lost, which is
+what a resume's ``recovered`` must tell the truth about. Writing a frame to
+a socket proves nothing (a dead network swallows what the kernel holds), so
+every keepalive ping carries the number of frames relayed so far and the
+client's pong echoes it: frames up to that number were read. A connection
+that ends with relayed frames unconfirmed, or that dropped a frame (closing,
+too slow), is ``lost``.
 """
 
 from __future__ import annotations
@@ -24,15 +32,19 @@ from aiohttp import web
 from .errors import CloseCode, SignalError
 from .protocol import encode_error
 
-__all__ = ["WebSocketPeer", "text_frame"]
+__all__ = ["WebSocketPeer", "text_frame", "close_bounded", "CLOSE_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
 _FIN_TEXT = 0x81
-_PING = bytes((0x89, 0))
+_PING_HEADER = bytes((0x89, 8))  # a ping whose payload is the relayed count, 8 bytes
+_COUNT = struct.Struct("!Q")
 _SLOW_CLOSE_GRACE = 1.0  # seconds to flush the close frame before a reset
+# Seconds a closing handshake may take: the client's close frame, or a reset.
+# A refused or closed client must not hold its socket for aiohttp's 10 s.
+CLOSE_TIMEOUT = 1.0
 
 
 def text_frame(data: bytes) -> bytes:
@@ -48,7 +60,10 @@ def text_frame(data: bytes) -> bytes:
 class WebSocketPeer:
     """Writes frames to one client and closes it on request or on overflow."""
 
-    __slots__ = ("ws", "room_id", "last_seen", "_transport", "_limit", "_closing", "_on_slow", "_tasks")
+    __slots__ = (
+        "ws", "room_id", "last_seen", "relayed", "_acked", "_pings_out", "_dropped",
+        "_transport", "_limit", "_closing", "_on_slow", "_tasks",
+    )
 
     def __init__(
         self,
@@ -66,22 +81,60 @@ class WebSocketPeer:
         self._on_slow = on_slow
         self._tasks: set[asyncio.Task[None]] | None = None  # a close in progress, if any
         self.last_seen = time.monotonic()  # stamped by the handler on every frame
+        self.relayed = 0  # relayed frames handed to this peer
+        self._acked = 0  # of which the client confirmed reading this many
+        self._pings_out = 0  # pings not answered yet
+        self._dropped = False  # a frame was discarded
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._transport
 
     @property
     def closing(self) -> bool:
         return self._closing or self.ws.closed
 
+    @property
+    def lost(self) -> bool:
+        """True when a relayed frame was dropped, or is not known to have been read."""
+        return self._dropped or self.relayed > self._acked
+
+    @property
+    def unconfirmed(self) -> bool:
+        """Relayed frames the client has not confirmed yet (the keepalive pings for them)."""
+        return self.relayed > self._acked
+
     def send(self, frame: bytes) -> None:
+        """Relay one message (counted: its delivery must be confirmed)."""
+        self.relayed += 1
+        self.notify(frame)
+
+    def notify(self, frame: bytes) -> None:
+        """Send a message of the server's own (room state, errors, pong): not counted."""
         transport = self._transport
         if self._closing or self.ws.closed or transport.is_closing():
+            self._dropped = True
             return
         transport.write(text_frame(frame))
         if transport.get_write_buffer_size() > self._limit:
             self._close_slow_consumer()
 
     def ping(self) -> None:
-        """A WebSocket ping (keepalive); the pong shows up as activity."""
-        self._write_control(_PING)
+        """A keepalive ping carrying the relayed count; its pong confirms those frames."""
+        if not self.closing and not self._transport.is_closing():
+            self._pings_out += 1
+            self._transport.write(_PING_HEADER + _COUNT.pack(self.relayed))
+
+    def take_pong(self, data: bytes) -> bool:
+        """Record a client's pong. False when it answers no ping of ours (rate-limit it)."""
+        if self._pings_out <= 0:
+            return False
+        self._pings_out -= 1
+        if len(data) == _COUNT.size:
+            (count,) = _COUNT.unpack(data)
+            if self._acked < count <= self.relayed:  # a forged count can only be capped
+                self._acked = count
+        return True
 
     def pong(self, data: bytes) -> None:
         """Answer a client's ping (aiohttp's autoping is off, see keepalive.py)."""
@@ -96,7 +149,7 @@ class WebSocketPeer:
         self._transport.abort()
 
     def send_error(self, error: SignalError) -> None:
-        self.send(encode_error(error, self.room_id))
+        self.notify(encode_error(error, self.room_id))
 
     def close(self, code: CloseCode, error: SignalError | None = None) -> None:
         """Send ``error`` (if any), then a close frame with ``code``; never blocks."""
@@ -116,14 +169,12 @@ class WebSocketPeer:
             await next(iter(self._tasks))
 
     async def _close(self, code: CloseCode) -> None:
-        try:
-            await self.ws.close(code=code)
-        except (ConnectionError, RuntimeError):  # the transport died first
-            self._transport.abort()
+        await close_bounded(self.ws, self._transport, code)
 
     def _close_slow_consumer(self) -> None:
         """Over the send bound: stop writing, send a close frame, abort if unread."""
         self._closing = True
+        self._dropped = True  # what sits in the buffer may never be read
         if self._on_slow is not None:
             self._on_slow()
         transport = self._transport
@@ -132,6 +183,27 @@ class WebSocketPeer:
         # reads would hold the buffer for ever, so abort after a short wait.
         transport.close()
         asyncio.get_running_loop().call_later(_SLOW_CLOSE_GRACE, transport.abort)
+
+
+async def close_bounded(
+    ws: web.WebSocketResponse, transport: asyncio.Transport, code: int, message: bytes = b""
+) -> None:
+    """Close within :data:`CLOSE_TIMEOUT`, then reset a client that did not answer.
+
+    aiohttp waits for the client's close frame (bounded by the response's
+    ``timeout``) but not for its own close frame to drain, and after a
+    timeout it closes the transport gracefully, which a client that never
+    reads can hold open for ever; so the whole close is bounded here and an
+    unanswered one ends in a reset.
+    """
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close(code=code, message=message)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        transport.abort()
+        return
+    if ws.close_code == 1006:  # the client never answered our close frame
+        transport.abort()
 
 
 def _close_frame(code: CloseCode) -> bytes:

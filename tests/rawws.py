@@ -23,7 +23,11 @@ class RawWebSocket:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, host: str, port: int, path: str, *, read_buffer: int | None = None) -> RawWebSocket:
+    async def connect(
+        cls, host: str, port: int, path: str, *, read_buffer: int | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> RawWebSocket:
+        """Upgrade ``path``; ``headers`` are sent as given, repeated names included."""
         reader, writer = await asyncio.open_connection(host, port, limit=2**20)
         if read_buffer is not None:
             import socket
@@ -31,10 +35,12 @@ class RawWebSocket:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, read_buffer)
         key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers or ())
         writer.write(
             (
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"{extra}\r\n"
             ).encode()
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
@@ -52,6 +58,10 @@ class RawWebSocket:
             header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
         return header + mask + masked
+
+    def send_frame(self, opcode: int, data: bytes = b"") -> None:
+        """Any frame at all: pongs nobody asked for, pings, binary."""
+        self.writer.write(self._frame(opcode, data))
 
     def send_json(self, value: dict[str, Any]) -> None:
         self.writer.write(self._frame(0x1, json.dumps(value).encode()))

@@ -15,11 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings as hypothesis_settings, strategies as st
+from multidict import CIMultiDict
 
-from signal_server.admission import ClientAddress
-from signal_server.auth import TokenVerifier, mint_token
+from signal_server.admission import ClientAddress, limit_key, parse_hop
+from signal_server.auth import KeyConfigError, TokenVerifier, clean_text, mint_token
 from signal_server.errors import SignalError
 from signal_server.keepalive import sweep
+from signal_server.logs import redact
 from signal_server.protocol import RELAYED_TYPES, parse_client_message, utc_timestamp
 from signal_server.ratelimit import MessageRateLimiter, TokenBucket, Verdict
 
@@ -100,6 +102,10 @@ def test_not_before_is_honoured() -> None:
         {"sub": 42},
         {"rooms": "room-1"},
         {"rooms": [1, 2]},
+        {"sub": "half an emoji \ud83d"},
+        {"sub": "\udc00"},
+        {"sub": "alice\nINFO forged log line"},
+        {"sub": "nul\x00"},
     ],
 )
 def test_bad_claims_are_unauthorized(claims: dict[str, Any]) -> None:
@@ -107,6 +113,38 @@ def test_bad_claims_are_unauthorized(claims: dict[str, Any]) -> None:
     body = {"sub": "alice", "exp": now + 60, **claims}
     with pytest.raises(SignalError, match="UNAUTHORIZED"):
         TokenVerifier(make_settings()).verify(jwt.encode(body, SECRET, algorithm="HS256"))
+
+
+def test_display_names_that_cannot_be_encoded_are_cleaned() -> None:
+    """A name cut mid-emoji by JavaScript's slice still joins, with U+FFFD in place of the half."""
+    verifier = TokenVerifier(make_settings())
+    identity = verifier.verify(make_token("alice", username="Ann \ud83d"))
+    assert identity.username == "Ann \ufffd"
+    assert verifier.verify(make_token("bob", name="Bo\nb\x00\x07")).username == "Bo b"
+    assert verifier.verify(make_token("carol", username="\x00\x01")).username == "carol"  # nothing left: sub
+    assert clean_text("plain 😀") == "plain 😀"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "curve_or_rsa"),
+    [("ES256", "rsa"), ("RS256", "p256"), ("ES256", "p384"), ("ES384", "p256")],
+)
+def test_a_key_that_does_not_fit_the_algorithm_fails_at_start(algorithm: str, curve_or_rsa: str) -> None:
+    if curve_or_rsa == "rsa":
+        _, public = rsa_pair()
+    else:
+        curve = ec.SECP256R1() if curve_or_rsa == "p256" else ec.SECP384R1()
+        public = ec.generate_private_key(curve).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+    with pytest.raises(KeyConfigError, match="--jwt-public-key"):
+        TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=public, jwt_algorithm=algorithm))
+
+
+def test_short_hs256_secrets_are_refused_even_when_embedded() -> None:
+    with pytest.raises(KeyConfigError, match="at least 32 bytes"):
+        TokenVerifier(make_settings(jwt_secret="a"))
+    TokenVerifier(make_settings(jwt_secret="é" * 16))  # 32 bytes of UTF-8
 
 
 def test_missing_exp_is_unauthorized() -> None:
@@ -161,14 +199,83 @@ def test_a_quiet_second_ends_the_streak() -> None:
 # ----------------------------------------------------------- addresses
 
 
+def forwarded(*lines: str, header: str = "X-Forwarded-For") -> CIMultiDict[str]:
+    """Headers with one ``header`` line per argument, as a proxy chain sends them."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        headers.add(header, line)
+    return headers
+
+
 def test_forwarded_for_walks_from_the_right_past_trusted_hops() -> None:
     address = ClientAddress(["10.0.0.0/8", "127.0.0.1"])
-    headers = {"X-Forwarded-For": "203.0.113.5, 198.51.100.7, 10.1.2.3"}
+    headers = forwarded("203.0.113.5, 198.51.100.7, 10.1.2.3")
     assert address("127.0.0.1", headers) == "198.51.100.7"
     assert address("192.0.2.1", headers) == "192.0.2.1"  # an untrusted peer's header is ignored
-    assert address("127.0.0.1", {"X-Forwarded-For": "not-an-ip"}) == "127.0.0.1"
-    assert address("127.0.0.1", {}) == "127.0.0.1"
-    assert ClientAddress([])("::1", headers) == "::1"
+    assert address("127.0.0.1", forwarded()) == "127.0.0.1"
+    assert ClientAddress([])("::1", headers) == "::/64"  # IPv6 is keyed on its /64
+
+
+def test_forwarded_for_reads_every_header_line_as_one_list() -> None:
+    """HAProxy's option forwardfor appends a line: the client's own line must not win."""
+    address = ClientAddress(["127.0.0.1"])
+    assert address("127.0.0.1", forwarded("6.6.6.6", "198.51.100.7")) == "198.51.100.7"
+    assert address("127.0.0.1", forwarded("6.6.6.6, 7.7.7.7", "198.51.100.7, ")) == "198.51.100.7"
+
+
+def test_forwarded_hops_with_ports_and_brackets_are_read() -> None:
+    address = ClientAddress(["127.0.0.1", "::1"])
+    assert address("127.0.0.1", forwarded("198.51.100.7:51234")) == "198.51.100.7"
+    assert address("127.0.0.1", forwarded("[2001:db8:1:2::7]:443")) == "2001:db8:1:2::/64"
+    assert address("127.0.0.1", forwarded("[2001:db8:1:2::7]")) == "2001:db8:1:2::/64"
+    assert address("::1", forwarded("::ffff:198.51.100.7")) == "198.51.100.7"  # IPv4-mapped is IPv4
+
+
+def test_an_unreadable_hop_is_the_untrusted_end() -> None:
+    """Garbage never becomes a key of its own: the nearest proxy answers for the client."""
+    address = ClientAddress(["10.0.0.0/8", "127.0.0.1"])
+    assert address("127.0.0.1", forwarded("not-an-ip")) == "127.0.0.1"
+    assert address("127.0.0.1", forwarded("198.51.100.7, unknown, 10.0.0.9")) == "10.0.0.9"
+    for garbage in ("1.2.3.4:", "1.2.3.4:http", "[::1", "[::1]x", "", " , ,"):
+        assert address("127.0.0.1", forwarded(garbage)) == "127.0.0.1", garbage
+
+
+def test_ipv6_clients_share_their_64() -> None:
+    """A /64 is one subscriber: walking through it must not mint fresh limits."""
+    keys = {limit_key(parse_hop(f"2001:db8:aa:bb::{n:x}")) for n in range(1, 200)}  # type: ignore[arg-type]
+    assert keys == {"2001:db8:aa:bb::/64"}
+    assert limit_key(parse_hop("2001:db8:aa:bc::1")) != "2001:db8:aa:bb::/64"  # type: ignore[arg-type]
+
+
+def test_forwarded_proto_is_believed_only_from_a_trusted_proxy() -> None:
+    address = ClientAddress(["127.0.0.1"])
+    assert address.scheme("127.0.0.1", forwarded("https", header="X-Forwarded-Proto"), "http") == "https"
+    assert address.scheme("198.51.100.7", forwarded("https", header="X-Forwarded-Proto"), "http") == "http"
+    assert address.scheme("127.0.0.1", forwarded("gopher", header="X-Forwarded-Proto"), "http") == "http"
+
+
+# ------------------------------------------------------------- log lines
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "GET /webrtc/ws/demo?token=eyJhbGciOi.abc.def HTTP/1.1",
+        "GET /webrtc/ws/demo?%74oken=eyJhbGciOi.abc.def HTTP/1.1",
+        "GET /webrtc/ws/demo?t%6Fk%65n=eyJhbGciOi.abc.def HTTP/1.1",
+        "GET /webrtc/ws/demo?x=1&TOKEN=eyJhbGciOi.abc.def&y=2 HTTP/1.1",
+        "GET /webrtc/ws/demo?token=eyJhbGciOi.abc;def HTTP/1.1",
+        'GET /webrtc/ws/demo?%2574oken=eyJhbGciOi.abc.def"',
+    ],
+)
+def test_every_spelling_of_the_token_parameter_is_redacted(line: str) -> None:
+    redacted = redact(line)
+    assert "eyJhbGciOi" not in redacted and "abc" not in redacted, redacted
+    assert "[redacted]" in redacted
+
+
+def test_other_parameters_survive_redaction() -> None:
+    assert redact("GET /x?room=a&tokens=b&mytoken=c HTTP/1.1") == "GET /x?room=a&tokens=b&mytoken=c HTTP/1.1"
 
 
 # ----------------------------------------------------------------- codec
@@ -249,8 +356,9 @@ def test_deeply_nested_json_is_a_clean_error() -> None:
 
 
 class FakePeer:
-    def __init__(self, last_seen: float) -> None:
+    def __init__(self, last_seen: float, unconfirmed: bool = False) -> None:
         self.last_seen = last_seen
+        self.unconfirmed = unconfirmed
         self.pings = 0
         self.aborted = False
 
@@ -270,6 +378,13 @@ def test_sweep_pings_the_quiet_and_drops_the_silent() -> None:
     assert (silent.pings, silent.aborted) == (1, False)  # 10 s < 15 s: pinged, still time to answer
     sweep([silent], now=15.0, interval=10.0)
     assert silent.aborted
+
+
+def test_sweep_pings_an_active_peer_with_unconfirmed_frames() -> None:
+    """Its pong is what lets a later resume claim that nothing was lost."""
+    busy = FakePeer(9.9, unconfirmed=True)
+    sweep([busy], now=10.0, interval=10.0)
+    assert (busy.pings, busy.aborted) == (1, False)
 
 
 def test_a_dead_peer_is_found_within_two_intervals() -> None:

@@ -1,0 +1,80 @@
+"""A loopback TCP proxy that can go silent: the network dies with no FIN and no RST.
+
+``stall()`` stops forwarding both ways and stops reading, so bytes pile up in
+the kernel buffers on each side and neither end learns anything: exactly what
+a phone leaving Wi-Fi looks like to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class StallProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._stalled = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> StallProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    def stall(self) -> None:
+        """From now on nothing passes and nothing is read, in either direction."""
+        self._stalled.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for writer in self._writers:
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self._target)
+        self._writers += [client_writer, server_writer]
+        for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
+            task = asyncio.create_task(self._pipe(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled = asyncio.ensure_future(self._stalled.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(reader.read(65536))
+                await asyncio.wait({read, stalled}, return_when=asyncio.FIRST_COMPLETED)
+                if stalled.done():
+                    # Whatever was read stays here, never forwarded; the
+                    # socket is no longer read, so its buffers fill.
+                    read.cancel()
+                    await asyncio.Event().wait()  # until close() cancels us
+                data = read.result()
+                if not data:
+                    writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+        finally:
+            stalled.cancel()
