@@ -25,10 +25,15 @@ class RawWebSocket:
     @classmethod
     async def connect(
         cls, host: str, port: int, path: str, *, read_buffer: int | None = None,
-        headers: list[tuple[str, str]] | None = None,
+        headers: list[tuple[str, str]] | None = None, local_host: str | None = None,
     ) -> RawWebSocket:
-        """Upgrade ``path``; ``headers`` are sent as given, repeated names included."""
-        reader, writer = await asyncio.open_connection(host, port, limit=2**20)
+        """Upgrade ``path``; ``headers`` are sent as given, repeated names included.
+
+        ``local_host`` picks the source address (127.0.0.2 is loopback too: a
+        second client address on one machine).
+        """
+        local_addr = (local_host, 0) if local_host else None
+        reader, writer = await asyncio.open_connection(host, port, limit=2**20, local_addr=local_addr)
         if read_buffer is not None:
             import socket
 
