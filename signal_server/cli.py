@@ -27,7 +27,7 @@ from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token
 from .logs import configure_logging
 from .settings import OPTIONS, Settings, SettingsError, load_settings
-from .tls import CertificateReloader, TLSError, tls_from_settings
+from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
 __all__ = ["main"]
 
@@ -190,8 +190,11 @@ async def serve(settings: Settings, tls: CertificateReloader | None = None) -> N
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
     try:
-        context = tls.context if tls else None
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, ssl_context=context)
+        site: web.BaseSite
+        if tls:
+            site = TLSSite(runner, settings.host, settings.port, tls.context, settings.handshake_timeout, 4096)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
         await site.start()
         host, port = runner.addresses[0][:2]
         _announce(settings, host, port, secure=tls is not None)

@@ -244,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "handshake-timeout", "handshake_timeout", _float(0.1, 3600),
-        "seconds a connection may take to send its HTTP request (default 10)",
+        "seconds a connection may take to send its HTTP request, and its TLS handshake (default 10)",
     ),
     Option(
         "max-send-buffer", "max_send_buffer", _int(4096, 1 << 30),

@@ -25,13 +25,14 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .settings import Settings
 
-__all__ = ["TLSError", "CertificateReloader", "tls_from_settings"]
+__all__ = ["TLSError", "CertificateReloader", "TLSSite", "tls_from_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +186,36 @@ def tls_from_settings(settings: Settings) -> CertificateReloader | None:
     if settings.tls_key is None:
         raise TLSError("--tls-key: --tls-cert needs its private key")
     return CertificateReloader(settings.tls_cert, settings.tls_key)
+
+
+class TLSSite(web.BaseSite):
+    """aiohttp's TCP site, with the TLS handshake bounded by ``--handshake-timeout``.
+
+    ``handshake_timeout`` bounds a connection's first HTTP request, but that
+    clock starts once TLS is up; asyncio's own handshake bound is 60 s. A
+    client that opens connections and never finishes a handshake is dropped
+    as soon as one that never sends its request would be.
+    """
+
+    __slots__ = ("_host", "_port", "_handshake_timeout")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, context: ssl.SSLContext,
+        handshake_timeout: float, backlog: int,
+    ) -> None:
+        super().__init__(runner, ssl_context=context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        assert self._runner.server is not None  # runner.setup() ran: BaseSite checks it
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, ssl_handshake_timeout=self._handshake_timeout,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -143,6 +144,20 @@ async def test_a_bad_renewal_keeps_the_old_certificate_and_says_why(start_server
     await server.line_matching(r"TLS certificate reloaded: CN=fixed\.example")
     assert serial_of(await join(session, port, "bob")) == fixed.serial
     assert (await next_json(ws))["type"] == "user_joined"
+
+
+async def test_a_stalled_tls_handshake_is_dropped_within_the_handshake_timeout(start_server, tls) -> None:
+    """A client that connects and never says hello is cut off by --handshake-timeout, not after 60 s."""
+    server, port = await start_tls_server(start_server, tls, "--handshake-timeout", "0.5")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            try:
+                assert await reader.read() == b""
+            except ConnectionResetError:
+                pass  # an abort is as good as a close here
+    finally:
+        writer.close()
 
 
 def test_each_change_is_tried_once(tls, caplog) -> None:
