@@ -87,16 +87,18 @@ http {{
 """
         )
         fds = [sock.fileno() for sock in sockets]
+        self.output = (directory / "nginx.out").open("wb")
         self.process = subprocess.Popen(
             [find_command("nginx"), "-p", str(directory), "-c", str(directory / "nginx.conf"),
              "-e", str(directory / "error.log")],
             pass_fds=fds, env={"NGINX": "".join(f"{fd};" for fd in fds)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=self.output, stderr=subprocess.STDOUT,
         )
 
     def error_log(self) -> str:
-        path = self.directory / "error.log"
-        return path.read_text() if path.exists() else ""
+        """What nginx said: its error log and anything it printed before opening it."""
+        paths = (self.directory / "error.log", self.directory / "nginx.out")
+        return "".join(path.read_text() for path in paths if path.exists())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -106,8 +108,7 @@ http {{
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+        self.output.close()
 
 
 @contextmanager
@@ -172,7 +173,10 @@ async def proxied(start_server, tmp_path: Path) -> AsyncIterator[Proxied]:
     nginx_dir = tmp_path / "nginx"
     nginx_dir.mkdir()
     with running_nginx(nginx_dir, site, [https, http]) as nginx:
-        yield Proxied(https_port, http_port, authority, nginx)
+        try:
+            yield Proxied(https_port, http_port, authority, nginx)
+        finally:
+            print(nginx.error_log())  # shown by pytest when a test failed
         assert nginx.process.poll() is None, nginx.error_log()
 
 
