@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
@@ -69,7 +70,7 @@ def _private_key(pem: bytes, path: str) -> PrivateKeyTypes:
         return serialization.load_pem_private_key(pem, password=None)
     except TypeError:  # cryptography's word for "encrypted, and no password given"
         raise TLSError(f"--tls-key: {path!r} is encrypted; the server cannot prompt, give an unencrypted key") from None
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise TLSError(f"--tls-key: {path!r} is not a PEM private key") from None
 
 
@@ -83,7 +84,11 @@ def _read_pair(cert_path: str, key_path: str) -> _Pair:
         raise TLSError(f"--tls-cert: {cert_path!r} is not a PEM certificate") from None
     key = _private_key(key_pem, key_path)
     leaf = chain[0]
-    if leaf.public_key().public_bytes(*_SPKI) != key.public_key().public_bytes(*_SPKI):
+    try:
+        leaf_spki = leaf.public_key().public_bytes(*_SPKI)
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSError(f"--tls-cert: {cert_path!r} has a public key of an unsupported type") from None
+    if leaf_spki != key.public_key().public_bytes(*_SPKI):
         raise TLSError(f"--tls-key: {key_path!r} does not match the certificate in --tls-cert {cert_path!r}")
     return _Pair(cert_pem, key_pem, leaf)
 
@@ -96,7 +101,7 @@ def _in_memory(pair: _Pair, cert_path: str, key_path: str) -> Iterator[tuple[str
     it read the snapshot we checked, not whatever the files hold a moment
     later. Elsewhere the original paths are used.
     """
-    if not hasattr(os, "memfd_create"):
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
         yield cert_path, key_path
         return
     descriptors = [os.memfd_create("signal-server-tls"), os.memfd_create("signal-server-tls")]
