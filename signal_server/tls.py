@@ -123,12 +123,15 @@ def _new_context() -> ssl.SSLContext:
 
 def _load(context: ssl.SSLContext, pair: _Pair, cert_path: str, key_path: str) -> None:
     """Check ``pair`` on a scratch context, then load it into ``context``."""
-    with _in_memory(pair, cert_path, key_path) as (cert_file, key_file):
-        try:
-            _new_context().load_cert_chain(cert_file, key_file)
-        except ssl.SSLError as exc:  # e.g. a key too small for OpenSSL's security level
-            raise TLSError(f"--tls-cert: {cert_path!r} is refused by OpenSSL: {exc.reason or exc}") from None
-        context.load_cert_chain(cert_file, key_file)
+    try:
+        with _in_memory(pair, cert_path, key_path) as (cert_file, key_file):
+            try:
+                _new_context().load_cert_chain(cert_file, key_file)
+            except ssl.SSLError as exc:  # e.g. a key too small for OpenSSL's security level
+                raise TLSError(f"--tls-cert: {cert_path!r} is refused by OpenSSL: {exc.reason or exc}") from None
+            context.load_cert_chain(cert_file, key_file)
+    except OSError as exc:  # out of file descriptors, say
+        raise TLSError(f"--tls-cert: cannot load {cert_path!r}: {exc.strerror or exc}") from None
 
 
 def _signature(path: str) -> tuple[int, ...] | None:
@@ -179,7 +182,10 @@ class CertificateReloader:
         """Check the files every ``interval`` seconds, forever (a stat each: cheap)."""
         while True:
             await asyncio.sleep(interval)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # keep watching: the next renewal must still be picked up
+                logger.exception("TLS reload check failed, still serving the previous certificate")
 
 
 def tls_from_settings(settings: Settings) -> CertificateReloader | None:

@@ -176,6 +176,28 @@ def test_each_change_is_tried_once(tls, caplog) -> None:
     assert reloader.check()
 
 
+async def test_the_watch_survives_an_unexpected_error(tls, caplog) -> None:
+    """One failed check (an OSError from stat, say) is logged; the watch goes on to the next."""
+    reloader = CertificateReloader(str(tls.cert), str(tls.key))
+    calls: list[int] = []
+    second = asyncio.Event()
+
+    def check() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        second.set()
+        return False
+
+    reloader.check = check  # type: ignore[method-assign]
+    watcher = asyncio.create_task(reloader.watch(0.01))
+    try:
+        await asyncio.wait_for(second.wait(), TIMEOUT)
+    finally:
+        watcher.cancel()
+    assert any("disk on fire" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
 def _write_rsa_1024(tls: TLSFiles) -> None:
     """A matching pair whose key OpenSSL's security level refuses (RSA 1024)."""
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
