@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from aiohttp import ClientSession, WSMsgType
+from yarl import URL
 
 from signal_server.logs import REDACTED, JsonFormatter, TokenRedactingFilter
 
@@ -44,7 +45,15 @@ async def test_records_are_json_with_fields_and_no_token(start_server) -> None:
         assert f"/webrtc/ws/room-9?token={REDACTED}" in access["message"]
         assert access["status"] == 101 and access["remote"] == "127.0.0.1"
         assert isinstance(access["duration"], float)
-    assert not [line for line in server.lines if token in line]
+        # The same token under a percent-encoded name is still the token to the server.
+        encoded = make_token("bob")
+        raw = URL(f"{url.replace('http', 'ws')}/webrtc/ws/room-9?%74oken={encoded}", encoded=True)
+        ws = await session.ws_connect(raw)
+        assert (await ws.receive(timeout=TIMEOUT)).type is WSMsgType.TEXT
+        await ws.close()
+        access = await record_matching(server, logger="aiohttp.access")
+        assert f"/webrtc/ws/room-9?%74oken={REDACTED}" in access["message"]
+    assert not [line for line in server.lines if token in line or encoded in line]
 
 
 def test_a_traceback_stays_on_one_line_and_is_redacted() -> None:
