@@ -85,3 +85,12 @@ def test_fields_are_only_the_known_ones() -> None:
     body = json.loads(JsonFormatter().format(record))
     assert "raw" not in json.dumps(body)
     assert body["room"] == "r" and body["node"] == "node-1" and body["status"] == 200
+
+
+async def test_dev_mode_banner_is_a_record_without_tokens(start_server) -> None:
+    """In JSON mode the dev banner is a warning record pointing at /dev/token; it prints no token."""
+    server = await start_server("--port", "0", "--log-format", "json")
+    started = await record_matching(server, logger="signal_server", level="info")
+    warning = await record_matching(server, logger="signal_server", level="warning")
+    assert warning["message"].startswith("DEV MODE") and f"{started['url']}/dev/token?user=NAME" in warning["message"]
+    assert not [line for line in server.lines if "eyJ" in line]  # no JWT anywhere
