@@ -21,16 +21,20 @@ from dataclasses import replace
 from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token
 from .logs import configure_logging
 from .settings import OPTIONS, Settings, SettingsError, load_settings
+from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
 __all__ = ["main"]
 
 logger = logging.getLogger("signal_server")
 PROG = "signal-server"
+# aiohttp's default access line plus the time taken, which JSON logs carry as "duration".
+JSON_ACCESS_LOG_FORMAT = '%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i" %Tf'
 SHUTDOWN_TIMEOUT = 5.0
 DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
 
@@ -131,10 +135,14 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
         TokenVerifier(settings)  # a key that cannot verify stops here, not as a 5xx later
     except KeyConfigError as exc:
         return _fail(str(exc))
-    configure_logging(settings.log_level)
+    try:
+        tls = tls_from_settings(settings)
+    except TLSError as exc:
+        return _fail(str(exc))
+    configure_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:
-        _run(serve(settings))
+        _run(serve(settings, tls))
     except OSError as exc:
         return _fail(f"--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
     return 0
@@ -163,36 +171,64 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then close every client with 1001 and exit."""
+async def serve(settings: Settings, tls: CertificateReloader | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then close every client with 1001 and exit.
+
+    With ``tls`` the site serves HTTPS and ``wss://``; SIGHUP and a change of
+    the files reload the certificate without dropping a connection.
+    """
     app = create_standalone_app(settings)
+    json_logs = settings.log_format == "json"
     runner = web.AppRunner(
         app,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        access_log_format=JSON_ACCESS_LOG_FORMAT if json_logs else AccessLogger.LOG_FORMAT,
         # Also the bound on how long a connection may take to send its first
         # request: a client that never completes its upgrade is dropped.
         keepalive_timeout=settings.handshake_timeout,
     )
     await runner.setup()
+    watcher: asyncio.Task[None] | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+        site: web.BaseSite
+        if tls:
+            site = TLSSite(runner, settings.host, settings.port, tls.context, settings.handshake_timeout, 4096)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
         await site.start()
         host, port = runner.addresses[0][:2]
-        _announce(settings, host, port)
+        _announce(settings, host, port, secure=tls is not None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, tls)
+        if tls:
+            watcher = asyncio.create_task(tls.watch(settings.tls_watch_interval))
         await stop.wait()
         logger.info("shutting down: closing every connection with 1001")
     finally:
+        if watcher:
+            watcher.cancel()
         await runner.cleanup()
 
 
-def _announce(settings: Settings, host: str, port: int) -> None:
+def _reload(tls: CertificateReloader | None) -> None:
+    """SIGHUP (systemd's ExecReload): reload the TLS files; never the default, which exits."""
+    if tls is None:
+        logger.info("SIGHUP: nothing to reload (no --tls-cert)")
+    else:
+        tls.reload()
+
+
+def _announce(settings: Settings, host: str, port: int, secure: bool = False) -> None:
     shown = f"[{host}]" if ":" in host else host
-    base = f"http://{shown}:{port}"
-    lines = [f"signal-server listening on {base} (WebSocket: ws://{shown}:{port}/webrtc/ws/ROOM?token=JWT)"]
+    http, ws = ("https", "wss") if secure else ("http", "ws")
+    base = f"{http}://{shown}:{port}"
+    if settings.log_format == "json":
+        _announce_as_record(settings, base)
+        return
+    lines = [f"signal-server listening on {base} (WebSocket: {ws}://{shown}:{port}/webrtc/ws/ROOM?token=JWT)"]
     if settings.dev_mode:
         secret = settings.jwt_secret or ""
         tokens = [(sub, mint_token(secret, sub, name=name, ttl=86400)) for sub, name in DEV_USERS]
@@ -207,9 +243,21 @@ def _announce(settings: Settings, host: str, port: int) -> None:
         lines += [
             "",
             "  Try it with wscat (type the JSON lines of README.md after it connects):",
-            f'    npx --yes wscat -c "ws://{shown}:{port}/webrtc/ws/demo?token={tokens[0][1]}"',
-            f'    npx --yes wscat -c "ws://{shown}:{port}/webrtc/ws/demo?token={tokens[1][1]}"',
+            f'    npx --yes wscat -c "{ws}://{shown}:{port}/webrtc/ws/demo?token={tokens[0][1]}"',
+            f'    npx --yes wscat -c "{ws}://{shown}:{port}/webrtc/ws/demo?token={tokens[1][1]}"',
             f'  ICE config:  curl -H "Authorization: Bearer {tokens[0][1]}" {base}/webrtc/config',
             "",
         ]
     print("\n".join(lines), flush=True)
+
+
+def _announce_as_record(settings: Settings, base: str) -> None:
+    """With JSON logs the start-up banner is a record too (and carries no token)."""
+    logger.info("signal-server listening on %s", base, extra={"url": base})
+    if settings.dev_mode:
+        logger.warning(
+            "DEV MODE: no --jwt-secret, so the secret is random and only loopback is served; "
+            "tokens come from GET %s/dev/token?user=NAME",
+            base,
+            extra={"url": base},
+        )

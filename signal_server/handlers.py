@@ -239,7 +239,8 @@ async def _participate(
     """Join, relay until the connection ends, then leave or hold the slot."""
     hub = sig.hub
     slot = await hub.join(room_id, identity, peer)
-    logger.info("join room=%s user=%s", room_id, identity.user_id)
+    fields = {"room": room_id, "user": identity.user_id}  # JSON logs carry them as fields
+    logger.info("join room=%s user=%s", room_id, identity.user_id, extra=fields)
     clean = False
     try:
         clean = await _relay(sig, ws, peer, slot)
@@ -248,7 +249,10 @@ async def _participate(
             await hub.leave(slot, peer, "left")
         else:
             await hub.drop(slot, peer)
-        logger.info("close room=%s user=%s clean=%s code=%s", room_id, identity.user_id, clean, ws.close_code)
+        logger.info(
+            "close room=%s user=%s clean=%s code=%s", room_id, identity.user_id, clean, ws.close_code,
+            extra={**fields, "clean": clean, "code": ws.close_code},
+        )
     await peer.wait_closed()
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["TokenRedactingFilter", "install_token_redaction", "configure_logging"]
+import orjson
+
+__all__ = ["TokenRedactingFilter", "install_token_redaction", "configure_logging", "JsonFormatter"]
 
 # A query parameter: separator, name, "=", value (up to the next separator,
 # white space or quote, which end a request line inside a log record).
@@ -73,8 +77,54 @@ def install_token_redaction() -> None:
             target.addFilter(TokenRedactingFilter())
 
 
-def configure_logging(level: str) -> None:
-    """Plain one-line records on stderr, for the standalone command."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """One line a record on stderr, for the standalone command: text for a person, or JSON."""
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+# Structured fields a record may carry (``extra=``): ours, then the access
+# log's under shorter names. Only these are copied: the access log's extras
+# also hold the raw request line and Referer, where a token may sit.
+RECORD_FIELDS = ("room", "user", "clean", "code", "node", "url")
+ACCESS_FIELDS = {
+    "remote_address": "remote",
+    "response_status": "status",
+    "response_size": "bytes",
+    "request_time_frac": "duration",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message and the structured fields.
+
+    The message is the one the redaction filter left (and is redacted once
+    more here, in case a record came from a logger without the filter), so
+    a token never reaches the log store.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        fields = record.__dict__
+        for name in RECORD_FIELDS:
+            if name in fields:
+                body[name] = fields[name]
+        for name, short in ACCESS_FIELDS.items():
+            if name in fields:
+                body[short] = fields[name]
+        if "duration" in body:  # aiohttp formats it as text
+            body["duration"] = float(body["duration"])
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            body["exc"] = redact(record.exc_text)
+        return orjson.dumps(body, default=str).decode()

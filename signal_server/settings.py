@@ -19,6 +19,7 @@ __all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+LOG_FORMATS = ("text", "json")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 
 
@@ -64,6 +65,10 @@ class Settings:
     handshake_timeout: float = 10.0
     max_send_buffer: int = 1024 * 1024
     max_kept_bytes: int = 256 * 1024 * 1024
+    tls_cert: str | None = None  # paths, not contents: the files are watched and reloaded
+    tls_key: str | None = None
+    tls_watch_interval: float = 5.0
+    log_format: str = "text"
     dev_mode: bool = field(default=False, compare=False)
 
     @property
@@ -239,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "handshake-timeout", "handshake_timeout", _float(0.1, 3600),
-        "seconds a connection may take to send its HTTP request (default 10)",
+        "seconds a connection may take to send its HTTP request, and its TLS handshake (default 10)",
     ),
     Option(
         "max-send-buffer", "max_send_buffer", _int(4096, 1 << 30),
@@ -248,6 +253,16 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max-kept-bytes", "max_kept_bytes", _int(1024, 1 << 40),
         "bytes kept for all held slots of the process together (default 256 MiB)",
+    ),
+    Option("tls-cert", "tls_cert", _text, "PEM certificate chain FILE: serve HTTPS and wss://", metavar="FILE"),
+    Option("tls-key", "tls_key", _text, "PEM private key FILE for --tls-cert (unencrypted)", metavar="FILE"),
+    Option(
+        "tls-watch-interval", "tls_watch_interval", _float(0.1, 86400),
+        "seconds between checks of the TLS files for a renewal (default 5; SIGHUP reloads at once)",
+    ),
+    Option(
+        "log-format", "log_format", _choice(LOG_FORMATS, str.lower),
+        "text (for a terminal, the default) or json (one object a line, for Loki/Elasticsearch)",
     ),
 )
 

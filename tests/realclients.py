@@ -79,11 +79,11 @@ async def start_page_server() -> TestServer:
 
 
 @asynccontextmanager
-async def launch_browser() -> AsyncIterator[Any]:
+async def launch_browser(*extra_args: str) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
         try:
             yield browser
         finally:
