@@ -5,6 +5,12 @@ WebSocket), so the access log's request line would carry them. The filter
 rewrites the value of every query parameter whose name, once percent-decoded
 the way the server's URL parser decodes it, is ``token`` in any case
 (``?token=``, ``?%74oken=``, ``?TOKEN=``), wherever it appears in a record.
+
+Records are also written so that a client cannot shape them: a malformed
+request is one line, not aiohttp's traceback (a 30-byte request must not buy
+2 KiB of log), and bytes that are not UTF-8 in a header (aiohttp keeps them
+as surrogate escapes) are written escaped instead of failing the JSON encoder,
+which would drop the record and so hide the request.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = ["TokenRedactingFilter", "install_token_redaction", "configure_logging", "JsonFormatter"]
 
@@ -65,12 +72,30 @@ class TokenRedactingFilter(logging.Filter):
         return True
 
 
+class ClientErrorFilter(logging.Filter):
+    """Turns aiohttp's traceback for a malformed request (the client's fault) into one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and error.code < 500:
+            detail = " ".join(f"{error.code} {error.message}".split())  # one line, whatever it quotes
+            record.msg = f"{record.getMessage()}: {detail}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 # The access log has the request line; the server log has request errors.
 REDACTED_LOGGERS = ("aiohttp.access", "aiohttp.server", "aiohttp.web")
 
 
 def install_token_redaction() -> None:
-    """Attach the filter once per logger (idempotent: apps may be created many times)."""
+    """Attach the filters once per logger (idempotent: apps may be created many times)."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrorFilter) for f in server.filters):
+        server.addFilter(ClientErrorFilter())  # before redaction: its message may quote the URL
     for name in REDACTED_LOGGERS:
         target = logging.getLogger(name)
         if not any(isinstance(f, TokenRedactingFilter) for f in target.filters):
@@ -127,4 +152,14 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             body["exc"] = redact(record.exc_text)
-        return orjson.dumps(body, default=str).decode()
+        try:
+            return orjson.dumps(body, default=str).decode()
+        except TypeError:  # a string with surrogate escapes: bytes a client sent that are not UTF-8
+            return orjson.dumps({key: _escaped(value) for key, value in body.items()}, default=str).decode()
+
+
+def _escaped(value: Any) -> Any:
+    """A string whose undecodable bytes are written as ``\\xNN`` escapes; other values as they are."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value

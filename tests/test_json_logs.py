@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -94,3 +95,38 @@ async def test_dev_mode_banner_is_a_record_without_tokens(start_server) -> None:
     warning = await record_matching(server, logger="signal_server", level="warning")
     assert warning["message"].startswith("DEV MODE") and f"{started['url']}/dev/token?user=NAME" in warning["message"]
     assert not [line for line in server.lines if "eyJ" in line]  # no JWT anywhere
+
+
+async def send_raw_request(url: str, request: bytes) -> bytes:
+    """Bytes as a hostile client writes them (no client library would send these); the status line back."""
+    host, port = URL(url).host, URL(url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    status = await asyncio.wait_for(reader.readline(), TIMEOUT)
+    writer.close()
+    await writer.wait_closed()
+    return status
+
+
+async def test_header_bytes_that_are_not_utf8_are_logged_escaped_not_dropped(start_server) -> None:
+    """A User-Agent of invalid UTF-8 used to fail the JSON encoder: the request went unlogged."""
+    server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
+    url = (await record_matching(server, logger="signal_server"))["url"]
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: evil\xff\xfe\r\nConnection: close\r\n\r\n"
+    assert (await send_raw_request(url, request)).startswith(b"HTTP/1.1 200")
+    access = await record_matching(server, logger="aiohttp.access")
+    assert '"evil\\xff\\xfe"' in access["message"], access
+    assert not [line for line in server.lines if "Logging error" in line]
+
+
+async def test_a_malformed_request_is_one_info_line_without_a_traceback(start_server) -> None:
+    """aiohttp logs a traceback at ERROR for each malformed request: 30 bytes in, 2 KiB of log out."""
+    server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
+    url = (await record_matching(server, logger="signal_server"))["url"]
+    token = make_token("alice")
+    request = f"GET /webrtc/ws/x?token={token}&a=".encode() + b"\xff HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert (await send_raw_request(url, request)).startswith(b"HTTP/1.0 400")
+    error = await record_matching(server, logger="aiohttp.server")
+    assert error["level"] == "info" and "exc" not in error, error
+    assert error["message"].startswith("Error handling request from 127.0.0.1: 400 ")
+    assert token not in error["message"]
