@@ -30,6 +30,7 @@ __all__ = ["Admission", "ClientAddress", "limit_key", "parse_hop"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _PRUNE_THRESHOLD = 10_000
+_PER_ADDRESS = frozenset({"ip_concurrent", "ip_rate"})  # limits that belong to one address
 
 
 class Admission:
@@ -45,12 +46,16 @@ class Admission:
     def admit_address(self, address: str, now: float) -> tuple[SignalError, str] | None:
         """Count a new socket from ``address`` and say which limit, if any, refuses it.
 
-        The socket is counted either way (call :meth:`release_address` when it
-        ends): a refused one stays open while its close completes. Returns None
-        when admitted, else the error and the name of the limit (for metrics).
+        The socket is counted either way (call :meth:`release_address` with
+        the same refusal when it ends): a refused one stays open while its
+        close completes. One refused by its address's own limits counts
+        against that address only, so one address's refusals cannot fill the
+        process for everyone. Returns None when admitted, else the error and
+        the name of the limit (for metrics).
         """
         refusal = self._check_address(address, now)
-        self.open += 1
+        if refusal is None or refusal[1] not in _PER_ADDRESS:
+            self.open += 1
         self._per_ip[address] += 1
         return refusal
 
@@ -80,8 +85,9 @@ class Admission:
             )
         return None
 
-    def release_address(self, address: str) -> None:
-        self.open -= 1
+    def release_address(self, address: str, refusal: tuple[SignalError, str] | None = None) -> None:
+        if refusal is None or refusal[1] not in _PER_ADDRESS:
+            self.open -= 1
         self._per_ip[address] -= 1
         if self._per_ip[address] <= 0:
             del self._per_ip[address]

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from yarl import URL
 
 from .context import SIGNALING, Signaling
 from .demo import add_demo_routes, client_module
@@ -45,7 +47,7 @@ def create_app(settings: Settings) -> web.Application:
 
 def create_standalone_app(settings: Settings) -> web.Application:
     """The app the command serves: ``/webrtc/*``, root health and metrics, the demo page."""
-    root = web.Application()
+    root = web.Application(middlewares=[_loopback_host_only] if settings.dev_mode else [])
     _install(root, settings, prefix="/webrtc")
     add_demo_routes(root, settings)
     return root
@@ -54,7 +56,8 @@ def create_standalone_app(settings: Settings) -> web.Application:
 def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     """Put the signaling service, its routes and its lifecycle on ``app``."""
     sig = app[SIGNALING] = Signaling(settings)
-    app.router.add_get(f"{prefix}/ws/{{room_id}}", websocket_handler)
+    # No HEAD: a HEAD request with upgrade headers would otherwise join the room.
+    app.router.add_get(f"{prefix}/ws/{{room_id}}", websocket_handler, allow_head=False)
     config_route = app.router.add_get(f"{prefix}/config", config_handler, allow_head=False)
     module_route = app.router.add_get(f"{prefix}/signal-client.js", client_module, allow_head=False)
     for path, view in OPERATIONS.items():  # beside the routes in a sub-app; at the root standalone
@@ -73,7 +76,34 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     cors.add(module_route)  # module scripts are fetched with CORS
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
+    app.on_response_prepare.append(_close_after_plain_http)
     install_token_redaction()
+
+
+async def _close_after_plain_http(request: web.Request, response: web.StreamResponse) -> None:
+    """One plain HTTP response per connection: a client that pipelines requests and never reads
+    would otherwise hold the socket and a growing send queue with no limit counting it (only
+    WebSockets are counted). The few requests a page makes do not miss keep-alive."""
+    if not isinstance(response, web.WebSocketResponse):
+        response.force_close()
+        response.headers["Connection"] = "close"  # the headers are already made when this hook runs
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@web.middleware
+async def _loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Dev mode: refuse any Host that is not a loopback name (DNS rebinding).
+
+    A page on evil.example whose name is rebound to 127.0.0.1 is same-origin
+    with this server in the browser's eyes, and could fetch /dev/token and
+    join the developer's rooms; its requests still say ``Host: evil.example``.
+    """
+    host = URL(f"http://{request.host}").host if request.host else None
+    if host not in _LOOPBACK_NAMES and not (host or "").startswith("127."):
+        raise web.HTTPMisdirectedRequest(text="dev mode answers only to localhost, 127.0.0.1 and [::1]\n")
+    return await handler(request)
 
 
 def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import get_default_algorithms
 
 from .errors import SignalError
@@ -34,9 +36,9 @@ MAX_ROOMS_CLAIM = 1000
 _NAME_CLAIMS = ("username", "name", "preferred_username")
 # C0 and C1 controls (newlines would forge log lines) and lone surrogates
 # (no encoder can write them: orjson refuses, so does UTF-8).
-_UNCLEAN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNCLEAN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def clean_text(text: str) -> str:
@@ -123,9 +125,14 @@ def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:
         # Settings directly.
         raise KeyConfigError(f"{option}: must be at least {MIN_SECRET_BYTES} bytes")
     try:
-        return get_default_algorithms()[algorithm].prepare_key(key)
+        prepared = get_default_algorithms()[algorithm].prepare_key(key)
     except (jwt.PyJWTError, ValueError, TypeError, UnicodeError) as exc:
         raise KeyConfigError(f"{option}: not a usable {algorithm} key ({exc})") from None
+    if public and not isinstance(prepared, (RSAPublicKey, EllipticCurvePublicKey)):
+        # PyJWT verifies with a private key too, but a server that only
+        # verifies must never hold one.
+        raise KeyConfigError(f"{option}: this is a private key; give the server the public key only")
+    return prepared
 
 
 def _identity(claims: dict[str, Any]) -> Identity:

@@ -36,6 +36,7 @@ PROG = "signal-server"
 # aiohttp's default access line plus the time taken, which JSON logs carry as "duration".
 JSON_ACCESS_LOG_FORMAT = '%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i" %Tf'
 SHUTDOWN_TIMEOUT = 5.0
+MAX_HEADERS = 32  # a browser's upgrade has about 15, proxies add a few
 DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
 
 
@@ -186,6 +187,10 @@ async def serve(settings: Settings, tls: CertificateReloader | None = None) -> N
         # Also the bound on how long a connection may take to send its first
         # request: a client that never completes its upgrade is dropped.
         keepalive_timeout=settings.handshake_timeout,
+        # A request that has not upgraded yet is counted by no limit, so what
+        # it may make us hold is bounded here: 32 header lines instead of
+        # aiohttp's 128, ~270 KiB at most instead of ~1 MiB.
+        max_headers=MAX_HEADERS,
     )
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
@@ -197,12 +202,14 @@ async def serve(settings: Settings, tls: CertificateReloader | None = None) -> N
             site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
         await site.start()
         host, port = runner.addresses[0][:2]
-        _announce(settings, host, port, secure=tls is not None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload, tls)
+        # Announce only once the handlers are in place: a supervisor that
+        # signals as soon as it reads the line must not kill the process.
+        _announce(settings, host, port, secure=tls is not None)
         if tls:
             watcher = asyncio.create_task(tls.watch(settings.tls_watch_interval))
         await stop.wait()

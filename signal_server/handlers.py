@@ -9,6 +9,7 @@ once (a clean close by the client) and holding the slot for a resume.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -18,11 +19,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
+from yarl import URL
 
 from .auth import Identity
 from .context import SIGNALING, Signaling
 from .errors import CloseCode, SignalError
 from .hub import Slot
+from .intake import meter_intake
 from .peer import CLOSE_TIMEOUT, WebSocketPeer, close_bounded
 from .protocol import encode_server_message, parse_client_message
 from .ratelimit import MessageRateLimiter, Verdict
@@ -31,7 +34,8 @@ __all__ = ["config_handler", "websocket_handler", "OPERATIONS"]
 
 logger = logging.getLogger(__name__)
 
-ROOM_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}\Z")
+# Not "." or "..": a browser's URL parser would turn those paths into others.
+ROOM_ID = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._~-]{1,64}\Z")
 # A client's close frame with one of these codes is a deliberate leave. 0 is
 # how aiohttp reports a close frame with no status code (the guide's
 # disconnect() and wscat send that); 1005 is its on-the-wire name.
@@ -109,15 +113,15 @@ async def config_handler(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- websocket
 
 
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
-
-
-def _normal_origin(scheme: str, host: str) -> str:
-    scheme, host = scheme.lower(), host.lower().rstrip("/")
-    default = _DEFAULT_PORTS.get(scheme)
-    if default and host.endswith(default):
-        host = host[: -len(default)]
-    return f"{scheme}://{host}"
+def _origin_tuple(origin: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with the default port filled in; None for anything that is not an origin."""
+    try:
+        url = URL(origin)
+        if url.path not in ("", "/") or url.query_string or url.user or url.fragment:
+            return None
+        return (url.scheme.lower(), (url.host or "").lower(), url.port)
+    except ValueError:
+        return None
 
 
 def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
@@ -133,9 +137,9 @@ def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
         return True
     # Same origin: a page served by this very server (the demo page, say),
     # scheme included, so an http:// page cannot pass for an https:// one.
-    scheme, sep, host = origin.partition("://")
     scheme_here = sig.client_address.scheme(request.remote, request.headers, request.scheme)
-    return bool(sep) and _normal_origin(scheme, host) == _normal_origin(scheme_here, request.host)
+    theirs = _origin_tuple(origin)
+    return theirs is not None and theirs[1] != "" and theirs == _origin_tuple(f"{scheme_here}://{request.host}")
 
 
 def _report(sig: Signaling, peer: WebSocketPeer, error: SignalError) -> None:
@@ -174,6 +178,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         ws, transport, room_id if ROOM_ID.match(room_id) else None,
         settings.max_send_buffer, on_slow=lambda: _count_slow(sig),
     )
+    if not meter_intake(request, settings.receive_rate, settings.receive_burst, lambda: _flooded(sig, peer)):
+        _warn_unmetered()
     address = sig.client_address(request.remote, request.headers)
     # Counted from here to the end, refused or not: a refused socket is open
     # until its close completes.
@@ -186,7 +192,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             return ws
         await _serve(sig, request, ws, peer, room_id)
     finally:
-        sig.admission.release_address(address)
+        sig.admission.release_address(address, refusal)
     return ws
 
 
@@ -218,6 +224,18 @@ async def _serve(
 
 def _count_slow(sig: Signaling) -> None:
     sig.metrics.limit_closes["slow_consumer"] += 1
+
+
+def _flooded(sig: Signaling, peer: WebSocketPeer) -> None:
+    """Past --receive-rate: cut off at once (nothing more it sends is parsed)."""
+    sig.metrics.limit_closes["byte_rate"] += 1
+    sig.metrics.errors["RATE_LIMITED"] += 1
+    peer.cut_off(CloseCode.RATE_LIMITED, SignalError("RATE_LIMITED", "too many bytes sent; connection closed"))
+
+
+@functools.cache
+def _warn_unmetered() -> None:
+    logger.warning("this aiohttp version hides the WebSocket parser: --receive-rate is not enforced")
 
 
 def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:

@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 class Peer(Protocol):
     """One live connection, as the hub sees it.
 
-    ``send`` (a relayed message) and ``notify`` (the server's own news) must
+    ``send`` (a message that would be kept for a held slot: relayed, joins,
+    leaves) and ``notify`` (replies to the client itself, room state) must
     not block and must not call back into the hub; a peer that cannot keep
     up closes itself later, and its handler then tells the hub. ``lost`` is
     true once the peer has dropped a frame, or cannot show that the client
@@ -157,7 +158,7 @@ class Hub:
         peer.notify(state)
         for other in members:
             if other is not slot:
-                self._announce(other, joined)
+                self._deliver(other, joined)
         return slot
 
     def _reattach(self, slot: Slot, peer: Peer) -> None:
@@ -244,7 +245,7 @@ class Hub:
             del self.rooms[room.room_id]
             return
         for other in room.slots.values():
-            self._announce(other, left)
+            self._deliver(other, left)
 
     def _forget_kept(self, slot: Slot) -> None:
         self.kept_total -= slot.kept_bytes
@@ -275,22 +276,15 @@ class Hub:
         return None
 
     def _deliver(self, slot: Slot, frame: bytes) -> None:
-        """A relayed message: to the live peer, or kept for a held slot."""
+        """A message for the slot (relayed, or a join or leave): to the live peer, or kept.
+
+        What would be kept for a held slot is counted by a live peer (its
+        ``send``), so a resume is ``recovered`` only when the client read it.
+        """
         peer = slot.peer
         if peer is not None:
             peer.send(frame)
             return
-        self._keep(slot, frame)
-
-    def _announce(self, slot: Slot, frame: bytes) -> None:
-        """The server's own news (joins, leaves): like a relayed message, but not counted."""
-        peer = slot.peer
-        if peer is not None:
-            peer.notify(frame)
-            return
-        self._keep(slot, frame)
-
-    def _keep(self, slot: Slot, frame: bytes) -> None:
         # Held: keep it for the resume, bounded per slot and per process.
         # Past a bound keep nothing at all (the contract forbids a partial
         # replay): the resume will say recovered: false.

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 
 from aiohttp import web
@@ -41,6 +42,7 @@ _HEADER_64 = struct.Struct("!BBQ").pack
 _FIN_TEXT = 0x81
 _PING_HEADER = bytes((0x89, 8))  # a ping whose payload is the relayed count, 8 bytes
 _COUNT = struct.Struct("!Q")
+_MAX_PINGS_OUT = 8  # a client this far behind is dropped by the keepalive long before
 _SLOW_CLOSE_GRACE = 1.0  # seconds to flush the close frame before a reset
 # Seconds a closing handshake may take: the client's close frame, or a reset.
 # A refused or closed client must not hold its socket for aiohttp's 10 s.
@@ -83,7 +85,7 @@ class WebSocketPeer:
         self.last_seen = time.monotonic()  # stamped by the handler on every frame
         self.relayed = 0  # relayed frames handed to this peer
         self._acked = 0  # of which the client confirmed reading this many
-        self._pings_out = 0  # pings not answered yet
+        self._pings_out: deque[bytes] | None = None  # payloads of pings not answered yet, oldest first
         self._dropped = False  # a frame was discarded
 
     @property
@@ -105,7 +107,7 @@ class WebSocketPeer:
         return self.relayed > self._acked
 
     def send(self, frame: bytes) -> None:
-        """Relay one message (counted: its delivery must be confirmed)."""
+        """A message that would be kept for a held slot (counted: its delivery must be confirmed)."""
         self.relayed += 1
         self.notify(frame)
 
@@ -121,28 +123,42 @@ class WebSocketPeer:
 
     def ping(self) -> None:
         """A keepalive ping carrying the relayed count; its pong confirms those frames."""
-        if not self.closing and not self._transport.is_closing():
-            self._pings_out += 1
-            self._transport.write(_PING_HEADER + _COUNT.pack(self.relayed))
+        pings = self._pings_out
+        if pings is None:
+            pings = self._pings_out = deque(maxlen=_MAX_PINGS_OUT)
+        payload = _COUNT.pack(self.relayed)
+        if self._write_control(_PING_HEADER + payload):
+            pings.append(payload)
 
     def take_pong(self, data: bytes) -> bool:
-        """Record a client's pong. False when it answers no ping of ours (rate-limit it)."""
-        if self._pings_out <= 0:
+        """Record a client's pong. False when it answers no ping of ours (rate-limit it).
+
+        Pongs come back in order, so a genuine one echoes the oldest
+        outstanding ping exactly; anything else is unsolicited.
+        """
+        pings = self._pings_out
+        if not pings or data not in pings:
             return False
-        self._pings_out -= 1
-        if len(data) == _COUNT.size:
-            (count,) = _COUNT.unpack(data)
-            if self._acked < count <= self.relayed:  # a forged count can only be capped
-                self._acked = count
+        while pings.popleft() != data:
+            pass  # pings the client skipped (RFC 6455 lets it answer only the latest)
+        (count,) = _COUNT.unpack(data)
+        if count > self._acked:
+            self._acked = count
         return True
 
     def pong(self, data: bytes) -> None:
         """Answer a client's ping (aiohttp's autoping is off, see keepalive.py)."""
         self._write_control(bytes((0x8A, len(data))) + data)  # control payloads are <= 125 bytes
 
-    def _write_control(self, frame: bytes) -> None:
-        if not self.closing and not self._transport.is_closing():
-            self._transport.write(frame)
+    def _write_control(self, frame: bytes) -> bool:
+        """Write a control frame under the same send bound as messages; True when written."""
+        transport = self._transport
+        if self.closing or transport.is_closing():
+            return False
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self._limit:
+            self._close_slow_consumer()
+        return True
 
     def abort(self) -> None:
         """Drop the TCP connection without a close frame (a dead peer)."""
@@ -173,12 +189,25 @@ class WebSocketPeer:
 
     def _close_slow_consumer(self) -> None:
         """Over the send bound: stop writing, send a close frame, abort if unread."""
-        self._closing = True
-        self._dropped = True  # what sits in the buffer may never be read
         if self._on_slow is not None:
             self._on_slow()
+        self.cut_off(CloseCode.SLOW_CONSUMER)
+
+    def cut_off(self, code: CloseCode, error: SignalError | None = None) -> None:
+        """End the connection now, without a closing handshake: ``error`` and a close frame, then a reset.
+
+        For a client that must not be read or written any more (too slow, flooding).
+        """
+        if self._closing:
+            return
+        if error is not None:
+            self.send_error(error)
+        self._closing = True
+        self._dropped = True  # what sits in the buffer may never be read
         transport = self._transport
-        transport.write(_close_frame(CloseCode.SLOW_CONSUMER))
+        if transport.is_closing():
+            return
+        transport.write(_close_frame(code))
         # close() flushes what is buffered, then closes; a client that never
         # reads would hold the buffer for ever, so abort after a short wait.
         transport.close()

@@ -65,6 +65,8 @@ class Settings:
     handshake_timeout: float = 10.0
     max_send_buffer: int = 1024 * 1024
     max_kept_bytes: int = 256 * 1024 * 1024
+    receive_rate: int = 256 * 1024
+    receive_burst: int = 1024 * 1024
     tls_cert: str | None = None  # paths, not contents: the files are watched and reloaded
     tls_key: str | None = None
     tls_watch_interval: float = 5.0
@@ -254,6 +256,14 @@ OPTIONS: tuple[Option, ...] = (
         "max-kept-bytes", "max_kept_bytes", _int(1024, 1 << 40),
         "bytes kept for all held slots of the process together (default 256 MiB)",
     ),
+    Option(
+        "receive-rate", "receive_rate", _int(1024, 1 << 40),
+        "bytes/s a connection may send, every frame counted (default 262144)",
+    ),
+    Option(
+        "receive-burst", "receive_burst", _int(1024, 1 << 40),
+        "byte burst a connection may send; at least --max-message-size (default 1 MiB)",
+    ),
     Option("tls-cert", "tls_cert", _text, "PEM certificate chain FILE: serve HTTPS and wss://", metavar="FILE"),
     Option("tls-key", "tls_key", _text, "PEM private key FILE for --tls-cert (unencrypted)", metavar="FILE"),
     Option(
@@ -346,6 +356,10 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"--jwt-public-key: {algorithm} needs a PEM public key file")
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError("--jwt-secret: give either a secret or a public key, not both")
+    if settings.receive_burst < settings.max_message_size:
+        raise SettingsError(
+            f"--receive-burst: {settings.receive_burst} is less than --max-message-size ({settings.max_message_size})"
+        )
     if settings.kept_bytes > settings.max_send_buffer:
         # A resume replays the kept bytes at once; more than the send buffer
         # would close the resuming connection as a slow consumer.

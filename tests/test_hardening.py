@@ -23,7 +23,7 @@ from signal_server.context import SIGNALING
 from signal_server.peer import WebSocketPeer
 from signal_server.protocol import encode_server_message
 
-from .conftest import TIMEOUT, Connect, Member, connector, join_all, make_token
+from .conftest import SECRET, TIMEOUT, Connect, Member, connector, join_all, make_token
 from .rawws import RawWebSocket
 from .stallproxy import StallProxy
 
@@ -226,7 +226,9 @@ async def test_ipv6_clients_are_limited_per_64(app_client):
 
 async def test_a_slow_consumer_resumes_with_recovered_false(app_client, monkeypatch):
     """Frames left in an aborted transport are lost: the resume must not claim a full recovery."""
-    client = await app_client(max_send_buffer=64 * 1024, rate_limit=1e6, rate_burst=10**6, reconnect_grace=30)
+    client = await app_client(max_send_buffer=64 * 1024, rate_limit=1e6, rate_burst=10**6, reconnect_grace=30,
+        receive_rate=10**9, receive_burst=10**9,
+    )
     drops = watch_drops(client, monkeypatch)
     alice = await connector(client)("alice")
     sloth = await raw(client, "sloth", read_buffer=4096)
@@ -302,19 +304,22 @@ async def test_the_process_wide_kept_bound_marks_the_slot_that_passes_it(app_cli
     client = await app_client(reconnect_grace=30, max_kept_bytes=4096)
     drops = watch_drops(client, monkeypatch)
     connect = connector(client)
-    alice, bob, carol = await join_all(connect, "alice", "bob", "carol")
-    for user in (bob, carol):
-        user.ws._response.connection.transport.abort()  # type: ignore[union-attr]
-    await dropped(drops, "bob")
-    await dropped(drops, "carol")
-    await alice.send("offer", type="offer", sdp="b" * 1500, target_user_id="bob")  # fits
-    await alice.send("offer", type="offer", sdp="c" * 3000, target_user_id="carol")  # would pass 4 KiB
-    await alice.send("ping")
-    await alice.expect("pong")
-    bob = await connect("bob", join=False)
+    # Alone in their rooms, so nothing is pending when they drop: only the bound decides.
+    for user, room in (("bob", "room-b"), ("carol", "room-c")):
+        member = await connect(user, room)
+        member.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        await dropped(drops, user)
+    alice_b, alice_c = await connect("alice", "room-b"), await connect("alice", "room-c")
+    await alice_b.send("offer", type="offer", sdp="b" * 1500, target_user_id="bob")  # fits
+    await alice_c.send("offer", type="offer", sdp="c" * 3000, target_user_id="carol")  # would pass 4 KiB
+    for alice in (alice_b, alice_c):
+        await alice.send("ping")
+        await alice.expect("pong")
+    bob = await connect("bob", "room-b", join=False)
     assert (await bob.expect("room_state"))["payload"]["recovered"] is True
+    await bob.expect("user_joined")
     assert (await bob.expect("offer"))["payload"]["sdp"] == "b" * 1500
-    carol = await connect("carol", join=False)
+    carol = await connect("carol", "room-c", join=False)
     assert (await carol.expect("room_state"))["payload"]["recovered"] is False
     assert client.app[SIGNALING].hub.kept_total == 0
 
@@ -324,15 +329,15 @@ async def test_the_process_wide_kept_bound_marks_the_slot_that_passes_it(app_cli
 
 async def test_a_refused_client_that_never_answers_is_cut_off_within_about_a_second(app_client):
     """aiohttp waits 10 s for a close frame by default; a refusal must not hold a socket that long."""
-    client = await app_client(max_connections_per_ip=1)
+    client = await app_client(max_connections=1)
     keeper = await connector(client)("alice")
     mute = await raw(client, "bob")  # never answers the close frame
     try:
-        assert (await mute.expect("error"))["payload"]["code"] == "TOO_MANY_CONNECTIONS"
+        assert (await mute.expect("error"))["payload"]["code"] == "SERVER_BUSY"
         # Counted while it lingers: the gauge sees two sockets, not one.
         metrics = await (await client.get("/metrics")).text()
         assert "signal_connections 2.0" in metrics
-        assert await close_code(mute) == 4430
+        assert await close_code(mute) == 1013
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
@@ -345,18 +350,23 @@ async def test_a_refused_client_that_never_answers_is_cut_off_within_about_a_sec
     await keeper.ws.close()
 
 
-async def test_refused_sockets_count_against_the_process_limit(app_client):
-    """While a refused socket lingers, it holds a descriptor, so it holds a place."""
+async def test_refusals_by_an_address_limit_count_against_that_address_only(app_client):
+    """A refused socket holds a descriptor while it lingers; one address's refusals must not fill the process."""
     client = await app_client(max_connections=2, max_connections_per_ip=1)
     keeper = await connector(client)("alice")
     mute = await raw(client, "bob")
     try:
         assert (await mute.expect("error"))["payload"]["code"] == "TOO_MANY_CONNECTIONS"
-        third = await raw(client, "carol")
+        # While it lingers, its own address stays over its limit ...
+        again = await raw(client, "carol")
+        # ... and another address still finds the process with room.
+        other = await raw(client, "dave", local_host="127.0.0.2")
         try:
-            assert (await third.expect("error"))["payload"]["code"] == "SERVER_BUSY"
+            assert (await again.expect("error"))["payload"]["code"] == "TOO_MANY_CONNECTIONS"
+            await other.expect("room_state")
         finally:
-            await third.aclose()
+            await again.aclose()
+            await other.aclose()
     finally:
         await mute.aclose()
     await keeper.ws.close()
@@ -460,3 +470,152 @@ async def test_held_slots_count_against_the_connection_limit(app_client, monkeyp
     again = await connect("alice", join=False)  # a resume always fits: it brings no new slot
     assert (await again.expect("room_state"))["payload"]["resumed"] is True
 
+
+
+# ---------------------------------------------- found by the hostile review
+
+
+@pytest.mark.parametrize("room", ["%2e", "%2e%2e", "%2E%2e"])
+async def test_dot_rooms_are_invalid(app_client, room):
+    """A browser would resolve ./.. in the path into another URL: such a room is unreachable for it."""
+    client = await app_client()
+    socket = await RawWebSocket.connect(
+        client.server.host, client.server.port, f"/webrtc/ws/{room}?token={make_token('alice')}"
+    )
+    try:
+        assert (await socket.expect("error"))["payload"]["code"] == "INVALID_ROOM"
+    finally:
+        await socket.aclose()
+
+
+async def http_exchange(host: str, port: int, request: bytes) -> bytes:
+    """Write ``request`` as is and read until the server closes."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_head_request_cannot_upgrade_and_join(app_client):
+    client = await app_client()
+    answer = await http_exchange(
+        client.server.host, client.server.port,
+        f"HEAD /webrtc/ws/room-1?token={make_token('alice')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 405"), answer[:40]
+    assert "room-1" not in client.app[SIGNALING].hub.rooms
+
+
+async def test_pipelined_requests_get_one_answer_and_the_connection_closes(app_client):
+    """A client that pipelines requests and never reads used to hold the socket and its send queue for ever."""
+    client = await app_client()
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await http_exchange(client.server.host, client.server.port, request * 3)
+    assert answer.count(b"HTTP/1.1 200") == 1, answer
+    assert b"Connection: close" in answer
+
+
+async def test_endless_empty_continuation_frames_are_cut_off(app_client):
+    """A message that never ends cost CPU without ever reaching the rate limit; every byte counts now."""
+    client = await app_client(receive_rate=64 * 1024, receive_burst=256 * 1024)
+    alice = await connector(client)("alice")
+    flooder = await raw(client, "mallory")
+    try:
+        await flooder.expect("room_state")
+        await alice.expect("user_joined")
+        flooder.writer.write(bytes((0x01, 0x80 | 1)) + b"\0\0\0\0{")  # text, no FIN: a message begins
+        empty_continuation = bytes((0x00, 0x80)) + b"\0\0\0\0"
+        for _ in range(20):  # bounded: 20 x 60 KiB, well past the 256 KiB burst
+            flooder.writer.write(empty_continuation * 10_000)
+            await flooder.writer.drain()
+        opcode, data = await flooder.recv_frame()
+        assert opcode == 0x1 and b"RATE_LIMITED" in data, data
+        assert await close_code(flooder) == 4429
+    except ConnectionError:
+        pytest.fail("reset before the error and close frame were read")
+    finally:
+        await flooder.aclose()
+    assert client.app[SIGNALING].metrics.limit_closes["byte_rate"] == 1
+    await alice.send("ping")  # the others are unaffected
+    await alice.expect("pong")
+
+
+async def test_pongs_to_a_clients_pings_obey_the_send_bound(app_client):
+    """A client that pings and never reads grew our send buffer without limit; it is a slow consumer now."""
+    client = await app_client(
+        max_send_buffer=4096, kept_bytes=4096, rate_limit=1e6, rate_burst=10**6,
+        receive_rate=10**9, receive_burst=10**9,
+    )
+    pinger = await raw(client, "mallory", read_buffer=4096)
+    metrics = client.app[SIGNALING].metrics
+    try:
+        await pinger.expect("room_state")
+        for _ in range(400):  # bounded: at most 400 x 1,000 pings of 125 bytes
+            if metrics.limit_closes["slow_consumer"]:
+                break
+            for _ in range(1000):
+                pinger.send_frame(OPCODE_PING, b"p" * 125)
+            await pinger.writer.drain()
+    except ConnectionError:
+        pass  # cut off mid-flood: what we want
+    finally:
+        await pinger.aclose()
+    assert metrics.limit_closes["slow_consumer"] == 1
+
+
+async def test_a_swallowed_user_left_makes_the_resume_unrecovered(app_client, monkeypatch):
+    """Joins and leaves are kept for a held slot, so a live one must confirm them too."""
+    client = await app_client(heartbeat=0.5, reconnect_grace=30)
+    drops = watch_drops(client, monkeypatch)
+    connect = connector(client)
+    bob, carol = await join_all(connect, "bob", "carol")
+    proxy = await StallProxy(client.server.host, client.server.port).start()
+    alice = await RawWebSocket.connect("127.0.0.1", proxy.port, f"/webrtc/ws/room-1?token={make_token('alice')}")
+    try:
+        await alice.expect("room_state")  # the last to join: nothing else is pending for her
+        await bob.expect("user_joined")
+        await carol.expect("user_joined")
+        proxy.stall()
+        await carol.ws.close()  # a clean leave: alice's user_left goes into a dead network
+        await bob.expect("user_left")
+        await dropped(drops, "alice")
+    finally:
+        await alice.aclose()
+        await proxy.close()
+    again = await connect("alice", join=False)
+    state = (await again.expect("room_state"))["payload"]
+    assert state["resumed"] is True and state["recovered"] is False
+    assert [p["user_id"] for p in state["participants"]] == ["bob", "alice"]
+
+
+async def test_dev_mode_answers_only_to_loopback_names(app_client):
+    """DNS rebinding: a page on evil.example rebound to 127.0.0.1 must not fetch dev tokens."""
+    client = await app_client(dev_mode=True)
+    rebound = await client.get("/dev/token?user=eve", headers={"Host": "evil.example"})
+    assert rebound.status == 421
+    for host in (f"127.0.0.1:{client.server.port}", f"localhost:{client.server.port}", "[::1]"):
+        response = await client.get("/dev/token?user=alice", headers={"Host": host})
+        assert response.status == 200, host
+
+
+async def test_an_origin_with_two_ports_is_not_our_own(app_client):
+    client = await app_client(allowed_origins=("https://app.example",))
+    here = f"{client.server.host}:{client.server.port}"
+    member = await connector(client)("alice", headers={"Origin": f"http://{here}:80"}, join=False)
+    await member.expect_error("FORBIDDEN")
+
+
+async def test_too_many_header_lines_are_refused_before_the_upgrade(start_server, unused_tcp_port):
+    """A request that has not upgraded is counted by no limit, so what it can make us hold is bounded."""
+    server = await start_server("--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
+    await server.line_matching("listening on")
+    padding = "".join(f"X-Pad-{n}: {'p' * 100}\r\n" for n in range(40))
+    answer = await http_exchange(
+        "127.0.0.1", unused_tcp_port, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{padding}\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer[:40]

@@ -69,7 +69,9 @@ async def test_default_limit_lets_fifty_ice_candidates_through(client):
 
 async def test_client_that_never_reads_is_closed_while_others_keep_receiving(app_client, monkeypatch):
     """A slow consumer is cut off at its send bound; the sender and other recipients are unaffected."""
-    client = await app_client(max_send_buffer=64 * 1024, rate_limit=1e6, rate_burst=10**6, reconnect_grace=30)
+    client = await app_client(max_send_buffer=64 * 1024, rate_limit=1e6, rate_burst=10**6, reconnect_grace=30,
+        receive_rate=10**9, receive_burst=10**9,
+    )
     hub = client.app[SIGNALING].hub
     dropped = asyncio.Event()
     original = hub.drop

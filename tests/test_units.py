@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import re
+import struct
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from signal_server.auth import KeyConfigError, TokenVerifier, clean_text, mint_t
 from signal_server.errors import SignalError
 from signal_server.keepalive import sweep
 from signal_server.logs import redact
+from signal_server.peer import WebSocketPeer
 from signal_server.protocol import RELAYED_TYPES, parse_client_message, utc_timestamp
 from signal_server.ratelimit import MessageRateLimiter, TokenBucket, Verdict
 
@@ -106,6 +108,8 @@ def test_not_before_is_honoured() -> None:
         {"sub": "\udc00"},
         {"sub": "alice\nINFO forged log line"},
         {"sub": "nul\x00"},
+        {"sub": "line\u2028separator"},
+        {"sub": "next\x85line"},
     ],
 )
 def test_bad_claims_are_unauthorized(claims: dict[str, Any]) -> None:
@@ -139,6 +143,16 @@ def test_a_key_that_does_not_fit_the_algorithm_fails_at_start(algorithm: str, cu
         ).decode()
     with pytest.raises(KeyConfigError, match="--jwt-public-key"):
         TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=public, jwt_algorithm=algorithm))
+
+
+def test_a_private_key_is_refused_where_the_public_key_belongs() -> None:
+    """PyJWT verifies with a private key too; a server that only verifies must never hold one."""
+    key, _ = rsa_pair()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    with pytest.raises(KeyConfigError, match="private key"):
+        TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=private, jwt_algorithm="RS256"))
 
 
 def test_short_hs256_secrets_are_refused_even_when_embedded() -> None:
@@ -395,3 +409,63 @@ def test_a_dead_peer_is_found_within_two_intervals() -> None:
         sweep([peer], now=now, interval=1.0)
         now += 0.5
     assert now - 0.5 <= 2.0
+
+
+# ------------------------------------------------------------ delivery receipts
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class FakeResponse:
+    closed = False
+
+
+def pending(peer: WebSocketPeer) -> bool:
+    """Relayed frames not confirmed yet (a function: mypy would narrow the property across asserts)."""
+    return peer.unconfirmed
+
+
+def receipt_peer() -> tuple[WebSocketPeer, FakeTransport]:
+    transport = FakeTransport()
+    return WebSocketPeer(FakeResponse(), transport, "room", 1 << 20), transport  # type: ignore[arg-type]
+
+
+def test_a_pong_confirms_only_the_count_its_ping_carried() -> None:
+    peer, transport = receipt_peer()
+    peer.send(b"{}")
+    peer.ping()
+    first = transport.written[-1][2:]  # the ping's payload: the relayed count
+    peer.send(b"{}")
+    peer.send(b"{}")
+    assert not peer.take_pong(struct.pack("!Q", 3))  # a count we never sent: unsolicited
+    assert pending(peer)
+    assert peer.take_pong(first)
+    assert pending(peer)  # 1 of 3 confirmed
+    peer.ping()
+    assert peer.take_pong(transport.written[-1][2:])
+    assert not pending(peer) and not peer.lost
+    assert not peer.take_pong(transport.written[-1][2:])  # answered already: a second one is unsolicited
+
+
+def test_a_client_may_answer_only_the_latest_ping() -> None:
+    """RFC 6455 allows answering the most recent ping only; the older ones are then settled."""
+    peer, transport = receipt_peer()
+    peer.send(b"{}")
+    peer.ping()
+    peer.send(b"{}")
+    peer.ping()
+    assert peer.take_pong(transport.written[-1][2:])
+    assert not pending(peer)
+    assert not peer.take_pong(transport.written[-3][2:])  # the skipped ping's pong, late: unsolicited
