@@ -171,3 +171,37 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
             await server.process.wait()
 
 
+
+
+# ------------------------------------------------- real browsers (netns tests)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium; fails outside a loopback-only namespace."""
+    from .realclients import launch_browser, require_loopback_only
+
+    require_loopback_only()
+    async with launch_browser() as instance:
+        yield instance
+
+
+@pytest.fixture
+async def servers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any]]:
+    """(signaling server in dev mode, page server on another origin).
+
+    Settings come from a ``signal_settings(**overrides)`` marker.
+    """
+    from .realclients import start_page_server, start_signal_server
+
+    marker = request.node.get_closest_marker("signal_settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    page_server = await start_page_server()
+    page_origin = f"http://localhost:{page_server.port}"
+    overrides.setdefault("stun_urls", ("stun:127.0.0.1:3478",))  # loopback: nothing leaves the namespace
+    signal = await start_signal_server(allowed_origins=(page_origin,), dev_mode=True, **overrides)
+    try:
+        yield signal, page_server
+    finally:
+        await signal.close()
+        await page_server.close()
