@@ -336,9 +336,7 @@ export class WebRTCCall {
    */
   async disconnect() {
     this.#gen += 1;
-    const ws = this.#ws;
-    this.#detach();
-    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+    this.#detach(1000);
     this.#teardown();
     this.#setStatus("closed");
     this.#settle(null, new SignalingError("ABORTED", "ABORTED: disconnect() was called"));
@@ -452,8 +450,12 @@ export class WebRTCCall {
     this.#startWatchdog(ws, gen);
   }
 
-  /** Drop the current socket at once: no more events from it, no waiting for its close. */
-  #detach() {
+  /**
+   * Drop the current socket at once: no more events from it, no waiting for its
+   * close. 4000 is an application code, so a close that does get through keeps
+   * our slot; 1000 leaves the room.
+   */
+  #detach(code = 4000) {
     const ws = this.#ws;
     clearInterval(this.#watchdog);
     this.#watchdog = null;
@@ -461,8 +463,7 @@ export class WebRTCCall {
     this.#inRoom = false;
     if (!ws) return;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-    // 4000: an application code, so a close that does get through keeps our slot.
-    if (ws.readyState <= WebSocket.OPEN) ws.close(4000, "stale");
+    if (ws.readyState <= WebSocket.OPEN) ws.close(code);
   }
 
   #retry(gen, error) {
