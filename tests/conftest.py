@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ SECRET = "test-secret-that-is-long-enough-for-hs256"
 TIMEOUT = float(os.environ.get("SIGNAL_TEST_TIMEOUT", "5"))
 # The installed console script, next to the interpreter running the tests.
 COMMAND = [str(Path(sys.executable).with_name("signal-server"))]
+WSCAT_DIR = Path(__file__).parent.parent / ".venv" / "wscat"
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -205,3 +207,17 @@ async def servers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, An
     finally:
         await signal.close()
         await page_server.close()
+
+
+@pytest.fixture(scope="session")
+def wscat() -> Path:
+    """Install wscat locally (once) so `npx --yes wscat` runs it without a download."""
+    binary = WSCAT_DIR / "node_modules" / ".bin" / "wscat"
+    if not binary.exists():
+        WSCAT_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(WSCAT_DIR), "wscat@6"],
+            check=True, timeout=300,
+        )
+    assert binary.exists()
+    return WSCAT_DIR

@@ -81,7 +81,9 @@ window.fetch = async (...args) => {
   return response;
 };
 window.gate = null;  // a promise the token function waits on, while set
-window.hold = () => { window.gate = new Promise((resolve) => { window.release = () => { window.gate = null; resolve(); }; }); };
+window.hold = () => {
+  window.gate = new Promise((resolve) => { window.release = () => { window.gate = null; resolve(); }; });
+};
 window.setup = (server, token, room, options) => {
   window.events = [];
   window.tokenWaiting = false;

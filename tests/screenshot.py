@@ -11,8 +11,14 @@ import sys
 from pathlib import Path
 
 from .conftest import make_token
-from .realclients import launch_browser, require_loopback_only, start_signal_server
-from .realclients import CONNECTED_PEERS, WAIT_MS, frames_above
+from .realclients import (
+    CONNECTED_PEERS,
+    WAIT_MS,
+    frames_above,
+    launch_browser,
+    require_loopback_only,
+    start_signal_server,
+)
 
 OUTPUT = Path(__file__).parent.parent / "docs" / "screenshot.png"
 

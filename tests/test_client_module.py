@@ -155,7 +155,8 @@ async def test_disconnect_during_connect_never_joins(browser, servers):
     await page.evaluate("window.hold()")
     outcome = await page.evaluate(
         """async () => {
-          const pending = window.call.connect().then(() => 'joined', (e) => e instanceof window.M.SignalingError && e.code);
+          const pending = window.call.connect()
+            .then(() => 'joined', (e) => e instanceof window.M.SignalingError && e.code);
           await window.call.disconnect();
           return pending;
         }"""
@@ -166,7 +167,10 @@ async def test_disconnect_during_connect_never_joins(browser, servers):
     await page.evaluate("window.release()")
     # The effect runs again with a new call; the first must stay out of the room.
     await page.evaluate(
-        """([server, token]) => { window.setup(server, token, 'call', {}); return window.call.connect().then(() => true); }""",
+        """([server, token]) => {
+          window.setup(server, token, 'call', {});
+          return window.call.connect().then(() => true);
+        }""",
         [origin(signal), make_token("alice", name="Alice")],
     )
     assert await page.evaluate("window.first.status") == "closed"
@@ -202,7 +206,10 @@ async def test_a_camera_started_after_connect_is_sent(browser, servers):
           const old = window.call.localStream.getVideoTracks()[0];
           const canvas = Object.assign(document.createElement('canvas'), {width: 160, height: 120});
           const context = canvas.getContext('2d');
-          setInterval(() => { context.fillStyle = `hsl(${Date.now() % 360}, 80%, 50%)`; context.fillRect(0, 0, 160, 120); }, 50);
+          setInterval(() => {
+            context.fillStyle = `hsl(${Date.now() % 360}, 80%, 50%)`;
+            context.fillRect(0, 0, 160, 120);
+          }, 50);
           const track = canvas.captureStream(20).getVideoTracks()[0];
           await window.call.replaceTrack(track);
           const sender = window.call.getPeerConnection('bob').getSenders().find(s => s.track?.kind === 'video');
@@ -320,7 +327,8 @@ async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers)
             "candidate": candidate, "sdp_mid": "0", "sdp_m_line_index": 0, "target_user_id": "alice"}})
         await ws.send_json({"type": "offer", "payload": {"type": "offer", "sdp": offer, "target_user_id": "alice"}})
         await alice.wait_for_function(
-            "() => (window.call.getPeerConnection('mallory')?.remoteDescription?.sdp ?? '').includes('127.0.0.1 9 typ host')",
+            """() => (window.call.getPeerConnection('mallory')?.remoteDescription?.sdp ?? '')
+              .includes('127.0.0.1 9 typ host')""",
             timeout=WAIT_MS,
         )
         assert await events(alice, "error") == []

@@ -53,7 +53,7 @@ def tools() -> Path:
              "esbuild@0.25", "typescript@5"],
             check=True, timeout=300,
         )
-    return TOOLS / "node_modules" / ".bin"
+    return Path(TOOLS / "node_modules" / ".bin")
 
 
 def run(*command: str, cwd: Path) -> str:
