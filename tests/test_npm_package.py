@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from signal_server import __version__
+
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "signal_server" / "static"
 TOOLS = ROOT / ".venv" / "npm-tools"  # gitignored, like .venv/wscat
@@ -53,7 +55,7 @@ def tools() -> Path:
              "esbuild@0.25", "typescript@5"],
             check=True, timeout=300,
         )
-    return Path(TOOLS / "node_modules" / ".bin")
+    return TOOLS / "node_modules" / ".bin"
 
 
 def run(*command: str, cwd: Path) -> str:
@@ -68,14 +70,14 @@ def packed(tmp_path: Path) -> Path:
     out = run("npm", "pack", "--json", "--pack-destination", str(tmp_path), cwd=PACKAGE)
     (entry,) = json.loads(out)
     assert sorted(f["path"] for f in entry["files"]) == ["package.json", "signal-client.d.ts", "signal-client.js"]
-    return tmp_path / entry["filename"]
+    return tmp_path / str(entry["filename"])
 
 
 def test_npm_pack_ships_the_module_and_its_types(packed):
     """The package holds the module and the declarations, and package.json points at both."""
     manifest = json.loads((PACKAGE / "package.json").read_text())
     assert manifest["exports"]["."] == {"types": "./signal-client.d.ts", "default": "./signal-client.js"}
-    assert manifest["version"] == __import__("signal_server").__version__
+    assert manifest["version"] == __version__
     assert packed.exists()
 
 
