@@ -333,3 +333,66 @@ async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers)
         )
         assert await events(alice, "error") == []
         await ws.close()
+
+
+async def test_a_failed_remote_answer_does_not_break_later_glare_handling(browser, servers):
+    """A bad answer that throws must not leave 'setting remote answer' set: a glaring offer is still ignored."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    sdp = await alice.evaluate(
+        """async () => {
+          const pc = new RTCPeerConnection();
+          pc.addTransceiver('audio');
+          await pc.setLocalDescription();
+          return pc.localDescription.sdp;
+        }"""
+    )
+    async with ClientSession() as session:
+        url = f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token('mallory')}"
+        mallory = await session.ws_connect(url, headers={"Origin": f"http://localhost:{page_server.port}"})
+
+        async def receive(kind: str) -> dict[str, Any]:
+            while True:
+                message: dict[str, Any] = await mallory.receive_json(timeout=WAIT_MS / 1000)
+                if message["type"] == kind:
+                    return message
+
+        async def send(kind: str, text: str) -> None:
+            await mallory.send_json({"type": kind, "payload": {"type": kind, "sdp": text, "target_user_id": "alice"}})
+
+        await receive("room_state")
+        await send("offer", sdp)
+        await receive("answer")
+        # Alice (impolite: "alice" < "mallory") offers; Mallory's answer is broken; then Mallory's offer glares.
+        await alice.evaluate("window.call.getPeerConnection('mallory').restartIce()")
+        await receive("offer")
+        await send("answer", "v=0 broken")
+        await alice.wait_for_function("window.events.filter(e => e.type === 'error').length === 1", timeout=WAIT_MS)
+        await send("offer", sdp)
+        await send("answer", "v=0 broken again")  # a marker: processed after the glaring offer
+        await alice.wait_for_function("window.events.filter(e => e.type === 'error').length === 2", timeout=WAIT_MS)
+        # Impolite Alice ignored the glaring offer: no answer came back (a ping's pong comes after anything sent).
+        await mallory.send_json({"type": "ping"})
+        kinds = []
+        while not kinds or kinds[-1] != "pong":
+            kinds.append((await mallory.receive_json(timeout=WAIT_MS / 1000))["type"])
+        assert "answer" not in kinds, kinds
+        await mallory.close()
+
+
+async def test_reconnect_backoff_is_full_jitter(browser, servers):
+    """The first retry delay is random in [0, 250 ms): with Math.random() = 0 it is 0 (equal jitter: 125)."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    await page.evaluate(
+        """() => {
+          window.delays = [];
+          const native = window.setTimeout;
+          window.setTimeout = (fn, ms, ...rest) => { window.delays.push(ms); return native(fn, ms, ...rest); };
+          Math.random = () => 0;
+        }"""
+    )
+    mark = await event_count(page)
+    cut(signal, "alice")
+    await wait_status(page, "joined", mark)
+    assert (await page.evaluate("window.delays"))[:1] == [0]
