@@ -373,7 +373,7 @@ async def test_a_failed_remote_answer_does_not_break_later_glare_handling(browse
         await alice.wait_for_function("window.events.filter(e => e.type === 'error').length === 2", timeout=WAIT_MS)
         # Impolite Alice ignored the glaring offer: no answer came back (a ping's pong comes after anything sent).
         await mallory.send_json({"type": "ping"})
-        kinds = []
+        kinds: list[str] = []
         while not kinds or kinds[-1] != "pong":
             kinds.append((await mallory.receive_json(timeout=WAIT_MS / 1000))["type"])
         assert "answer" not in kinds, kinds
