@@ -173,8 +173,6 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
             await server.process.wait()
 
 
-
-
 # ------------------------------------------------- real browsers (netns tests)
 
 

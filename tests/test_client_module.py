@@ -6,10 +6,11 @@ Each page is a harness on another origin (tests/realclients.py) holding one
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, ClientWebSocketResponse
 
 from signal_server.context import SIGNALING
 
@@ -96,10 +97,14 @@ async def test_a_dead_network_resumes_inside_the_grace(browser, servers):
         await proxy.close()
 
 
+@pytest.mark.signal_settings(heartbeat=1)  # the keepalive confirms what bob read, so the resume is recovered
 async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers):
     """An offer made while the socket is down is queued and flushed after room_state (recovered)."""
     signal, page_server = servers
     alice, bob = await pair(browser, signal, page_server)
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while hub(signal).rooms["call"].slots["bob"].peer.unconfirmed:
+            await asyncio.sleep(0.05)  # polled like wait_for_function: bob's pong confirms what he read
     ufrag = "() => window.call.getPeerConnection('alice').remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
     before = await bob.evaluate(ufrag)
     await bob.evaluate("window.hold()")
@@ -306,21 +311,31 @@ async def test_listeners_media_switches_and_public_state(browser, servers):
     assert await alice.evaluate("window.call.getRemoteStream('bob')") is None
 
 
-async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers):
-    """A candidate that arrives before its offer is added once the offer lands (not thrown away)."""
-    signal, page_server = servers
-    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
-    offer = await alice.evaluate(
+async def local_offer(page: Any) -> str:
+    """A real offer SDP (audio), from a connection of its own in ``page``."""
+    return str(await page.evaluate(
         """async () => {
           const pc = new RTCPeerConnection();
           pc.addTransceiver('audio');
           await pc.setLocalDescription();
           return pc.localDescription.sdp;
         }"""
-    )
+    ))
+
+
+async def raw_member(session: ClientSession, signal: Any, page_server: Any, user: str) -> ClientWebSocketResponse:
+    """``user`` in room "call" over a plain WebSocket, with the page's Origin."""
+    url = f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token(user)}"
+    return await session.ws_connect(url, headers={"Origin": f"http://localhost:{page_server.port}"})
+
+
+async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers):
+    """A candidate that arrives before its offer is added once the offer lands (not thrown away)."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    offer = await local_offer(alice)
     async with ClientSession() as session:
-        url = f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token('mallory')}"
-        ws = await session.ws_connect(url, headers={"Origin": f"http://localhost:{page_server.port}"})
+        ws = await raw_member(session, signal, page_server, "mallory")
         await ws.receive_json(timeout=5)  # room_state
         candidate = "candidate:1 1 udp 2122260223 127.0.0.1 9 typ host"
         await ws.send_json({"type": "ice_candidate", "payload": {
@@ -339,17 +354,9 @@ async def test_a_failed_remote_answer_does_not_break_later_glare_handling(browse
     """A bad answer that throws must not leave 'setting remote answer' set: a glaring offer is still ignored."""
     signal, page_server = servers
     alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
-    sdp = await alice.evaluate(
-        """async () => {
-          const pc = new RTCPeerConnection();
-          pc.addTransceiver('audio');
-          await pc.setLocalDescription();
-          return pc.localDescription.sdp;
-        }"""
-    )
+    sdp = await local_offer(alice)
     async with ClientSession() as session:
-        url = f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token('mallory')}"
-        mallory = await session.ws_connect(url, headers={"Origin": f"http://localhost:{page_server.port}"})
+        mallory = await raw_member(session, signal, page_server, "mallory")
 
         async def receive(kind: str) -> dict[str, Any]:
             while True:

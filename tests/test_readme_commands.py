@@ -72,7 +72,7 @@ class Shell:
     async def finish(self) -> str:
         """Wait for the block to end by itself; its whole output."""
         assert self.process.stdout is not None
-        output = await asyncio.wait_for(self.process.stdout.read(), TIMEOUT * 4)
+        output = await asyncio.wait_for(self.process.stdout.read(), TIMEOUT * 6)
         assert await asyncio.wait_for(self.process.wait(), TIMEOUT) == 0, output
         return "".join(self.seen) + output.decode()
 
@@ -130,9 +130,9 @@ async def test_the_wscat_walk_through_as_written(terminal, wscat_dir):
     assert error["payload"]["code"] == "UNSUPPORTED_TYPE"
 
     carol = await terminal(carol_block, wscat_dir)
+    said = await carol.finish()  # sleep 10 | ... -w 3 ends by itself
     offer = await alice.message("offer")
-    assert offer["sender_id"] == "carol"
-    await carol.finish()  # sleep 3 | ... -w 2 ends by itself
+    assert offer["sender_id"] == "carol", said
     config = json.loads((await (await terminal(curl_block, ROOT)).finish()).strip().splitlines()[-1])
     assert "iceServers" in config
 
