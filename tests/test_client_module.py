@@ -254,6 +254,25 @@ async def test_connect_to_a_dead_server_rejects_with_a_signaling_error(browser, 
     assert [args[1] for args in await events(page, "error")] == ["NETWORK_ERROR"]
 
 
+async def test_a_token_function_that_refuses_ends_connect_with_its_code(browser, servers):
+    """The app's token function throws {code: 'UNAUTHORIZED'}: a final SignalingError, no retries."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+    outcome = await page.evaluate(
+        """server => {
+          let calls = 0;
+          const refuse = async () => {
+            calls += 1;
+            throw Object.assign(new Error('UNAUTHORIZED: log in again'), {code: 'UNAUTHORIZED'});
+          };
+          const call = new window.M.WebRTCCall(server, refuse, 'call');
+          return call.connect().then(() => 'joined', e => [e instanceof window.M.SignalingError, e.code, calls]);
+        }""",
+        origin(signal),
+    )
+    assert outcome == [True, "UNAUTHORIZED", 1]
+
+
 @pytest.mark.signal_settings(turn_urls=("turn:127.0.0.1:3478",), turn_secret="turn-secret-for-tests", turn_ttl=600)
 async def test_a_reconnect_refetches_the_ice_configuration(browser, servers):
     """Every (re)connection fetches /webrtc/config again and the kept peers use the fresh TURN credentials."""

@@ -82,8 +82,10 @@ export function rtcConfiguration(config) {
   return result;
 }
 
+/** A SignalingError for anything an attempt threw (a token function may throw its own coded error). */
 function networkError(error, what) {
   if (error instanceof SignalingError) return error;
+  if (typeof error?.code === "string") return new SignalingError(error.code, error.message, { cause: error });
   return new SignalingError("NETWORK_ERROR", `NETWORK_ERROR: cannot reach ${what} (${error?.message ?? error})`, {
     cause: error,
   });
