@@ -46,7 +46,7 @@ system-deps:
 	fi
 
 ## test: the whole suite, services included; WebRTC tests in a loopback-only namespace
-test: $(VENV)/.installed-dev system-deps
+test: $(VENV)/.installed-dev $(VENV)/.installed-run system-deps
 	$(BIN)/python -m pytest -m "not netns"
 	$(call IN_NETNS,$(BIN)/python -m pytest -m netns)
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ SECRET = "test-secret-that-is-long-enough-for-hs256"
 TIMEOUT = float(os.environ.get("SIGNAL_TEST_TIMEOUT", "5"))
 # The installed console script, next to the interpreter running the tests.
 COMMAND = [str(Path(sys.executable).with_name("signal-server"))]
+WSCAT_DIR = Path(__file__).parent.parent / ".venv" / "wscat"
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -171,3 +173,49 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
             await server.process.wait()
 
 
+# ------------------------------------------------- real browsers (netns tests)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium; fails outside a loopback-only namespace."""
+    from .realclients import launch_browser, require_loopback_only
+
+    require_loopback_only()
+    async with launch_browser() as instance:
+        yield instance
+
+
+@pytest.fixture
+async def servers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any]]:
+    """(signaling server in dev mode, page server on another origin).
+
+    Settings come from a ``signal_settings(**overrides)`` marker.
+    """
+    from .realclients import start_page_server, start_signal_server
+
+    marker = request.node.get_closest_marker("signal_settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    page_server = await start_page_server()
+    page_origin = f"http://localhost:{page_server.port}"
+    overrides.setdefault("stun_urls", ("stun:127.0.0.1:3478",))  # loopback: nothing leaves the namespace
+    signal = await start_signal_server(allowed_origins=(page_origin,), dev_mode=True, **overrides)
+    try:
+        yield signal, page_server
+    finally:
+        await signal.close()
+        await page_server.close()
+
+
+@pytest.fixture(scope="session")
+def wscat() -> Path:
+    """Install wscat locally (once) so `npx --yes wscat` runs it without a download."""
+    binary = WSCAT_DIR / "node_modules" / ".bin" / "wscat"
+    if not binary.exists():
+        WSCAT_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(WSCAT_DIR), "wscat@6"],
+            check=True, timeout=300,
+        )
+    assert binary.exists()
+    return WSCAT_DIR

@@ -11,8 +11,14 @@ import sys
 from pathlib import Path
 
 from .conftest import make_token
-from .realclients import launch_browser, require_loopback_only, start_signal_server
-from .test_browser import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS
+from .realclients import (
+    CONNECTED_PEERS,
+    WAIT_MS,
+    frames_above,
+    launch_browser,
+    require_loopback_only,
+    start_signal_server,
+)
 
 OUTPUT = Path(__file__).parent.parent / "docs" / "screenshot.png"
 
@@ -32,7 +38,7 @@ async def main() -> None:
             for page in pages:
                 await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
                 await page.wait_for_function(
-                    f"async () => ({FRAMES_DECODED})().then(n => n > 30)", timeout=WAIT_MS
+                    frames_above(30), timeout=WAIT_MS
                 )
             await pages[0].screenshot(path=str(OUTPUT))
     finally:

@@ -2,7 +2,9 @@
 
 ``stall()`` stops forwarding both ways and stops reading, so bytes pile up in
 the kernel buffers on each side and neither end learns anything: exactly what
-a phone leaving Wi-Fi looks like to the server.
+a phone leaving Wi-Fi looks like to the server. It stalls the connections open
+at that moment; later ones are forwarded, as after a switch to another network
+(a browser's reconnect must get through while its old socket hangs).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ class StallProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
-        self._stalled = asyncio.Event()
+        self._open: set[asyncio.Event] = set()  # one per connection: set when it is stalled
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -29,9 +31,12 @@ class StallProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         return self
 
-    def stall(self) -> None:
-        """From now on nothing passes and nothing is read, in either direction."""
-        self._stalled.set()
+    def stall(self) -> int:
+        """On every open connection, from now on nothing passes and nothing is read,
+        in either direction. Returns how many connections were stalled."""
+        for stalled in self._open:
+            stalled.set()
+        return len(self._open)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -52,13 +57,15 @@ class StallProxy:
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection(*self._target)
         self._writers += [client_writer, server_writer]
+        stalled = asyncio.Event()
+        self._open.add(stalled)
         for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.create_task(self._pipe(reader, writer))
+            task = asyncio.create_task(self._pipe(reader, writer, stalled))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stalled = asyncio.ensure_future(self._stalled.wait())
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, event: asyncio.Event) -> None:
+        stalled = asyncio.ensure_future(event.wait())
         try:
             while True:
                 read = asyncio.ensure_future(reader.read(65536))

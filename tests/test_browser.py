@@ -1,104 +1,74 @@
-"""Real calls in headless Chromium through the demo page and signal-client.js."""
+"""The demo page in headless Chromium: real calls, its controls, its messages, its layout."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from signal_server import create_standalone_app
 from signal_server.context import SIGNALING
 
-from .conftest import make_token
-from .realclients import launch_browser, require_loopback_only, start_page_server, start_signal_server
+from .conftest import make_settings, make_token
+from .realclients import CONNECTED_PEERS, WAIT_MS, frames, frames_above
 
 pytestmark = pytest.mark.netns
-WAIT_MS = 20_000
-
-CONNECTED_PEERS = """n => {
-  const call = window.demo && window.demo.call;
-  if (!call) return false;
-  return [...call.peers.values()].filter(p => p.pc.connectionState === 'connected').length >= n;
-}"""
-FRAMES_DECODED = """async () => {
-  let total = 0;
-  for (const peer of window.demo.call.peers.values()) {
-    (await peer.pc.getStats()).forEach(s => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video') total += s.framesDecoded || 0;
-    });
-  }
-  return total;
-}"""
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    require_loopback_only()
-    async with launch_browser() as instance:
-        yield instance
-
-
-@pytest.fixture
-async def servers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any]]:
-    """(signaling server, page server on another origin)."""
-    marker = request.node.get_closest_marker("signal_settings")
-    overrides = dict(marker.kwargs) if marker else {}
-    page_server = await start_page_server()
-    page_origin = f"http://localhost:{page_server.port}"
-    overrides.setdefault("stun_urls", ("stun:127.0.0.1:3478",))  # loopback: nothing leaves the namespace
-    signal = await start_signal_server(allowed_origins=(page_origin,), dev_mode=True, **overrides)
-    try:
-        yield signal, page_server
-    finally:
-        await signal.close()
-        await page_server.close()
+SCREENSHOTS = Path(__file__).parent.parent / "build" / "screenshots"
+# Every camera the page opens, so a test can see which are still running.
+TRACK_LOG = """
+window.__tracks = [];
+const capture = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = async (constraints) => {
+  const stream = await capture(constraints);
+  window.__tracks.push(...stream.getTracks());
+  return stream;
+};
+"""
+LIVE_TRACKS = "window.__tracks.filter(t => t.readyState === 'live').length"
 
 
 def signal_origin(signal: Any) -> str:
     return f"http://127.0.0.1:{signal.port}"
 
 
-async def open_call(browser: Any, signal: Any, page_server: Any, user: str, room: str = "call",
-                    token: str | None = None, same_origin: bool = False) -> Any:
-    """A page in its own browser context that joins ``room`` as ``user``.
+async def open_demo(
+    browser: Any, signal: Any, user: str | None, room: str = "call", *, token: str | None = None,
+    query: str = "autojoin=1", viewport: dict[str, int] | None = None, listen: Any = None,
+) -> Any:
+    """The demo page from the signaling server itself, in its own browser context.
 
-    Same-origin pages get no token: they use the dev-mode token endpoint, as a
-    newcomer's tabs do.
+    Without a token it uses the dev-mode token endpoint (as ``name=user`` when given).
     """
-    context = await browser.new_context()
+    context = await browser.new_context(viewport=viewport)
+    await context.add_init_script(TRACK_LOG)
     page = await context.new_page()
-    page.on("console", lambda message: print(f"[{user}] {message.text}"))
-    if same_origin:
-        query = f"name={user}"
-        base = signal_origin(signal)
-    else:
-        query = f"token={token or make_token(user, name=user.title())}&server={signal_origin(signal)}"
-        base = f"http://localhost:{page_server.port}"
-    await page.goto(f"{base}/?room={room}&{query}&autojoin=1")
+    if listen:
+        listen(page)
+    page.on("console", lambda message: print(f"[{user}] {message.type}: {message.text}"))
+    parts = [f"room={room}"]
+    if token:
+        parts.append(f"token={token}")
+    elif user:
+        parts.append(f"name={user}")
+    if query:
+        parts.append(query)
+    await page.goto(f"{signal_origin(signal)}/?{'&'.join(parts)}")
     return page
 
 
-async def frames(page: Any) -> int:
-    return int(await page.evaluate(FRAMES_DECODED))
+async def joined(page: Any) -> None:
+    await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
 
 
-async def test_two_pages_connect_and_decode_video(browser, servers):
-    """Two pages reach 'connected' and each decodes the other's video (cross-origin page)."""
-    signal, page_server = servers
-    alice = await open_call(browser, signal, page_server, "alice")
-    bob = await open_call(browser, signal, page_server, "bob")
-    for page in (alice, bob):
-        await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-        await page.wait_for_function(f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS)
-    assert await alice.locator(".tile").count() == 2
-
-
-async def test_controls_mute_camera_leave_and_peer_status(browser, servers):
-    """Mute and camera toggle the local tracks, each tile shows its peer's state, Leave leaves."""
-    signal, page_server = servers
-    alice = await open_call(browser, signal, page_server, "alice", same_origin=True)
-    bob = await open_call(browser, signal, page_server, "bob", same_origin=True)
+async def test_controls_mute_camera_leave_and_a_fresh_join(browser, servers):
+    """Mute and camera switch the local tracks, tiles show peer state, Leave leaves, Join again starts clean."""
+    signal, _ = servers
+    alice = await open_demo(browser, signal, "alice")
+    bob = await open_demo(browser, signal, "bob")
     await alice.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
     await alice.locator('.tile[data-user="bob"] .state').get_by_text("connected").wait_for(timeout=WAIT_MS)
     tracks = "kind => window.demo.call.localStream.getTracks().filter(t => t.kind === kind)[0].enabled"
@@ -108,33 +78,43 @@ async def test_controls_mute_camera_leave_and_peer_status(browser, servers):
     await alice.locator("#mute").click()
     assert await alice.evaluate(tracks, "audio") is True
     await alice.locator("#camera").click()
+    await alice.locator("#mute").click()
     assert await alice.evaluate(tracks, "video") is False
     assert await alice.locator("#camera").inner_text() == "Camera on"
     await alice.locator("#leave").click()
     await bob.locator('.tile[data-user="alice"]').wait_for(state="detached", timeout=WAIT_MS)
-    assert await alice.evaluate("window.demo.call.status") == "closed"
     assert await alice.locator(".tile").count() == 0
+    assert await alice.evaluate(LIVE_TRACKS) == 0  # Leave turns the camera off
+    assert await alice.locator("#status").inner_text() == "not connected"
+    await alice.locator("#join").click()
+    await joined(alice)
+    assert await alice.locator("#mute").inner_text() == "Mute"
+    assert await alice.locator("#camera").inner_text() == "Camera off"
+    assert await alice.locator("footer button.off").count() == 1  # Leave only
+    assert await alice.evaluate(tracks, "audio") is True and await alice.evaluate(tracks, "video") is True
+    assert await alice.evaluate(LIVE_TRACKS) == 2
 
 
 async def test_simultaneous_renegotiation_glare_settles(browser, servers):
     """Both sides restart ICE at once (offer glare): perfect negotiation settles on fresh ICE, connected."""
-    signal, page_server = servers
-    alice = await open_call(browser, signal, page_server, "alice", same_origin=True)
-    bob = await open_call(browser, signal, page_server, "bob", same_origin=True)
+    signal, _ = servers
+    alice = await open_demo(browser, signal, "alice")
+    bob = await open_demo(browser, signal, "bob")
     pages = {"alice": alice, "bob": bob}
     for page in pages.values():
         await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-    ufrag = "other => window.demo.call.peers.get(other).pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
+    pc = "other => window.demo.call.getPeerConnection(other)"
+    ufrag = f"other => ({pc})(other).remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
     before = {user: await page.evaluate(ufrag, "bob" if user == "alice" else "alice") for user, page in pages.items()}
     await asyncio.gather(
-        alice.evaluate("window.demo.call.peers.get('bob').pc.restartIce()"),
-        bob.evaluate("window.demo.call.peers.get('alice').pc.restartIce()"),
+        alice.evaluate(f"({pc})('bob').restartIce()"),
+        bob.evaluate(f"({pc})('alice').restartIce()"),
     )
     for user, page in pages.items():
         other = "bob" if user == "alice" else "alice"
         await page.wait_for_function(
             """([other, old]) => {
-              const pc = window.demo.call.peers.get(other).pc;
+              const pc = window.demo.call.getPeerConnection(other);
               const now = pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
               return now !== old && pc.signalingState === 'stable' && pc.connectionState === 'connected';
             }""",
@@ -144,49 +124,29 @@ async def test_simultaneous_renegotiation_glare_settles(browser, servers):
     assert not [m for page in pages.values() for m in await page.evaluate("window.demo.messages")]
 
 
-async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers):
-    """An ICE candidate from a peer whose offer has not arrived yet waits for the remote description."""
-    signal, page_server = servers
-    page = await open_call(browser, signal, page_server, "alice", same_origin=True)
-    await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
-    pending = await page.evaluate(
-        """async () => {
-          const call = window.demo.call;
-          call._handle({type: 'ice_candidate', payload: {
-            candidate: 'candidate:1 1 udp 2122260223 127.0.0.1 9 typ host', sdp_mid: '0', sdp_m_line_index: 0,
-            sender_id: 'early-bird'}});
-          await call.peers.get('early-bird').chain;
-          return call.peers.get('early-bird').pendingCandidates.length;
-        }"""
-    )
-    assert pending == 1
-    assert await page.evaluate("window.demo.messages") == []  # no error: nothing was thrown away
-
-
 async def test_three_pages_form_a_full_mesh(browser, servers):
-    """Each of three pages holds a connected peer connection to both others (same origin)."""
-    signal, page_server = servers
-    pages = [await open_call(browser, signal, page_server, user, same_origin=True) for user in ("ann", "ben", "cat")]
+    """Each of three pages holds a connected peer connection to both others."""
+    signal, _ = servers
+    pages = [await open_demo(browser, signal, user) for user in ("ann", "ben", "cat")]
     for page in pages:
         await page.wait_for_function(CONNECTED_PEERS, arg=2, timeout=WAIT_MS)
-        assert sorted(await page.evaluate("[...window.demo.call.peers.keys()]")) == sorted(
+        assert sorted(await page.evaluate("[...window.demo.call.participants.keys()]")) == sorted(
             {"ann", "ben", "cat"} - {await page.evaluate("window.demo.call.selfId")}
         )
 
 
 async def test_a_cut_websocket_reconnects_resumes_and_the_call_recovers(browser, servers):
     """The server drops a page's socket: it reconnects, resumes its slot, and video keeps flowing."""
-    signal, page_server = servers
-    alice = await open_call(browser, signal, page_server, "alice")
-    bob = await open_call(browser, signal, page_server, "bob")
+    signal, _ = servers
+    alice = await open_demo(browser, signal, "alice", token=make_token("alice", name="Alice"))
+    bob = await open_demo(browser, signal, "bob", token=make_token("bob", name="Bob"))
     for page in (alice, bob):
         await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
     hub = signal.app[SIGNALING].hub
     bob_slot = hub.rooms["call"].slots["bob"]
     await bob.evaluate("""() => {
       window.statuses = [];
-      const shown = window.demo.call.onStatus;  // keep the page's own handler
-      window.demo.call.onStatus = (status, detail) => { window.statuses.push(status); shown(status, detail); };
+      window.demo.call.on('status', status => window.statuses.push(status));
     }""")
     bob_slot.peer._transport.abort()  # no close frame: a network cut
     await bob.wait_for_function("window.statuses.includes('reconnecting')", timeout=WAIT_MS)
@@ -194,32 +154,183 @@ async def test_a_cut_websocket_reconnects_resumes_and_the_call_recovers(browser,
     assert hub.rooms["call"].slots["bob"] is bob_slot  # the same slot, resumed
     assert hub.metrics.resumes >= 1
     before = await frames(alice)
-    await alice.wait_for_function(
-        f"async () => ({FRAMES_DECODED})().then(n => n > {before} + 10)", timeout=WAIT_MS
-    )
+    await alice.wait_for_function(frames_above(before + 10), timeout=WAIT_MS)
     await bob.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
     assert any("Connection lost" in m for m in await bob.evaluate("window.demo.messages"))
     assert await bob.locator("#banner").is_hidden()  # cleared once rejoined
 
 
+async def test_a_reload_within_the_grace_shows_the_new_video(browser, servers):
+    """Bob reloads: Alice's tile shows Bob's new stream (not the dead first one) and frames keep coming."""
+    signal, _ = servers
+    alice = await open_demo(browser, signal, "alice")
+    bob = await open_demo(browser, signal, "bob")
+    for page in (alice, bob):
+        await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+    await bob.reload()
+    await joined(bob)
+    stream = await bob.evaluate("window.demo.call.localStream.id")
+    await alice.wait_for_function(
+        """id => document.querySelector('.tile[data-user="bob"] video')?.srcObject?.id === id""",
+        arg=stream, timeout=WAIT_MS,
+    )
+    await alice.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+    before = await frames(alice, "bob")
+    await alice.wait_for_function(frames_above(before + 10, "bob"), timeout=WAIT_MS)
+
+
 @pytest.mark.signal_settings(max_participants=3)
 async def test_a_fourth_page_in_a_room_of_three_sees_room_full(browser, servers):
     """The demo shows a clear ROOM_FULL message."""
-    signal, page_server = servers
+    signal, _ = servers
     for user in ("ann", "ben", "cat"):
-        page = await open_call(browser, signal, page_server, user)
-        await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
-    fourth = await open_call(browser, signal, page_server, "dan")
+        await joined(await open_demo(browser, signal, user))
+    fourth = await open_demo(browser, signal, "dan")
     banner = fourth.locator("#banner")
     await banner.get_by_text("ROOM_FULL").wait_for(timeout=WAIT_MS)
     assert "room is full" in (await banner.inner_text()).lower()
 
 
+@pytest.mark.signal_settings(max_participants=1)
+async def test_a_failed_join_turns_the_camera_off(browser, servers):
+    """A refused join stops the camera it opened; a second Join opens one camera, and stops it again."""
+    signal, _ = servers
+    await joined(await open_demo(browser, signal, "ann"))
+    page = await open_demo(browser, signal, "ben")
+    await page.locator("#banner").get_by_text("ROOM_FULL").wait_for(timeout=WAIT_MS)
+    await page.wait_for_function("!document.querySelector('#join').disabled", timeout=WAIT_MS)
+    assert await page.evaluate("window.__tracks.length") == 2
+    assert await page.evaluate(LIVE_TRACKS) == 0
+    await page.locator("#join").click()
+    await page.wait_for_function("window.demo.messages.length >= 2", timeout=WAIT_MS)
+    await page.wait_for_function("!document.querySelector('#join').disabled", timeout=WAIT_MS)
+    assert await page.evaluate("window.__tracks.length") == 4
+    assert await page.evaluate(LIVE_TRACKS) == 0
+    assert await page.locator(".tile").count() == 0
+
+
+async def test_joining_without_a_camera_receives_video(browser, servers):
+    """'Join without camera': receive-only, the other side's video still arrives."""
+    signal, _ = servers
+    viewer = await open_demo(browser, signal, "viewer", query="autojoin=1&receive_only=1")
+    await joined(viewer)
+    await open_demo(browser, signal, "speaker")
+    await viewer.wait_for_function(frames_above(0, "speaker"), timeout=WAIT_MS)
+    assert await viewer.evaluate("window.__tracks.length") == 0
+    assert await viewer.locator("#mute").is_disabled() and await viewer.locator("#camera").is_disabled()
+    assert await viewer.locator("#receive-only").is_checked()
+
+
+async def test_an_unreachable_server_says_so(browser, servers):
+    """The server is gone when Join is pressed: a message says so, the page stays usable."""
+    signal, _ = servers
+    page = await open_demo(browser, signal, "alice", query="")
+    await signal.close()
+    await page.locator("#join").click()
+    await page.locator("#banner").get_by_text("cannot be reached").wait_for(timeout=WAIT_MS)
+    assert await page.locator("#join").is_enabled()
+
+
+async def test_the_server_parameter_cannot_load_code_or_take_the_token(browser, servers):
+    """?server=<another origin> neither imports that origin's module nor sends it a token."""
+    signal, _ = servers
+    seen: list[str] = []
+    evil = web.Application()
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(f"{request.path} {request.headers.get('Authorization', '')}")
+        body = "window.pwned = true; document.title = 'pwned'; export class WebRTCCall {}"
+        return web.Response(text=body, content_type="text/javascript", headers={"Access-Control-Allow-Origin": "*"})
+
+    evil.router.add_route("*", "/{tail:.*}", anything)
+    attacker = TestServer(evil, host="localhost")
+    await attacker.start_server()
+    try:
+        page = await open_demo(
+            browser, signal, "alice", query=f"server=http://localhost:{attacker.port}&autojoin=1"
+        )
+        await joined(page)
+        assert await page.evaluate("window.pwned") is None
+        assert await page.title() != "pwned"
+        assert seen == []
+        assert any("ignored" in m for m in await page.evaluate("window.demo.messages"))
+    finally:
+        await attacker.close()
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (1440, 900), (1920, 1080)])
+async def test_alone_in_a_room_the_controls_stay_in_view(browser, servers, width, height):
+    """One tile fits between header and controls; no empty state badge on it; a screenshot for the record."""
+    signal, _ = servers
+    page = await open_demo(browser, signal, "alice", viewport={"width": width, "height": height})
+    await joined(page)
+    await page.wait_for_function("document.querySelector('.tile video').videoWidth > 0", timeout=WAIT_MS)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / f"alone-{width}x{height}.png"))
+    footer = await page.locator("footer").bounding_box()
+    tile = await page.locator(".tile").bounding_box()
+    assert footer["y"] + footer["height"] <= height
+    assert tile["y"] + tile["height"] <= footer["y"] and tile["y"] >= 0
+    assert tile["width"] >= width / 3  # fills the space, not a thumbnail
+    assert await page.locator("#leave").is_visible() and await page.locator("#leave").is_enabled()
+    assert await page.locator(".tile .state").is_hidden()  # empty: no dark bar
+
+
+async def test_a_page_load_and_join_log_no_errors(browser, servers):
+    """No favicon request, no console errors, no failed requests."""
+    signal, _ = servers
+    problems: list[str] = []
+
+    def listen(page: Any) -> None:
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+        page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+
+    page = await open_demo(browser, signal, "alice", listen=listen)
+    await joined(page)
+    assert problems == []
+
+
+async def test_rejoining_keeps_the_guest_identity(browser, servers):
+    """Without a name, Join, Leave, Join (and a reload) are the same guest."""
+    signal, _ = servers
+    page = await open_demo(browser, signal, None)
+    await joined(page)
+    first = await page.evaluate("window.demo.call.selfId")
+    assert first.startswith("guest-")
+    await page.locator("#leave").click()
+    await page.locator("#join").click()
+    await joined(page)
+    assert await page.evaluate("window.demo.call.selfId") == first
+    await page.reload()
+    await joined(page)
+    assert await page.evaluate("window.demo.call.selfId") == first
+
+
+async def test_a_restarted_dev_server_is_rejoined(browser, servers):
+    """make run restarted (a new random secret): open tabs fetch a new dev token and join again."""
+    signal, _ = servers
+    page = await open_demo(browser, signal, "alice")
+    await joined(page)
+    port = signal.port
+    await signal.close()
+    await page.wait_for_function("document.body.dataset.status === 'reconnecting'", timeout=WAIT_MS)
+    settings = make_settings(jwt_secret="another-random-secret-after-a-restart-0123", dev_mode=True,
+                             stun_urls=("stun:127.0.0.1:3478",))
+    restarted = TestServer(create_standalone_app(settings), host="127.0.0.1", port=port)
+    await restarted.start_server()
+    try:
+        await joined(page)
+        assert not [m for m in await page.evaluate("window.demo.messages") if "refused" in m]
+    finally:
+        await restarted.close()
+
+
 async def test_the_config_response_works_as_rtcpeerconnection_configuration(browser, servers):
     """The guide's quirk, in a real browser: the response passed straight to RTCPeerConnection."""
-    signal, page_server = servers
-    page = await open_call(browser, signal, page_server, "cfg", same_origin=True)
-    await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
+    signal, _ = servers
+    page = await open_demo(browser, signal, "cfg")
+    await joined(page)
     configuration = await page.evaluate(
         """async token => {
           const response = await fetch('/webrtc/config', {headers: {Authorization: `Bearer ${token}`}});
@@ -233,6 +344,8 @@ async def test_the_config_response_works_as_rtcpeerconnection_configuration(brow
 
 async def test_an_expired_token_shows_unauthorized(browser, servers):
     """The demo shows a clear UNAUTHORIZED message for an expired token."""
-    signal, page_server = servers
-    page = await open_call(browser, signal, page_server, "eve", token=make_token("eve", ttl=-120))
+    signal, _ = servers
+    page = await open_demo(browser, signal, "eve", token=make_token("eve", ttl=-120))
     await page.locator("#banner").get_by_text("UNAUTHORIZED").wait_for(timeout=WAIT_MS)
+    assert await page.evaluate(LIVE_TRACKS) == 0
+

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from .certs import Authority
-from .realclients import launch_browser, require_loopback_only
-from .test_browser import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS
+from .realclients import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS, launch_browser, require_loopback_only
 
 pytestmark = pytest.mark.netns
 
@@ -30,14 +29,17 @@ async def test_a_call_over_https_and_wss(start_server, tmp_path: Path) -> None:
     await server.line_matching("DEV MODE")
     async with launch_browser(f"--ignore-certificate-errors-spki-list={leaf.spki_sha256()}") as browser:
         pages: list[Any] = []
+        sockets: dict[Any, list[str]] = {}
         for user in ("alice", "bob"):
             page = await (await browser.new_context()).new_page()
             page.on("console", lambda message, user=user: print(f"[{user}] {message.text}"))
+            sockets[page] = []
+            page.on("websocket", lambda websocket, seen=sockets[page]: seen.append(websocket.url))
             await page.goto(f"{base}/?room=secure&name={user}&autojoin=1")
             pages.append(page)
         for page in pages:
             await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
             await page.wait_for_function(f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS)
             assert await page.evaluate("window.isSecureContext") is True
-            websocket_url = await page.evaluate("window.demo.call.ws.url")
+            (websocket_url,) = sockets[page]  # the call's socket (its internals are private)
             assert websocket_url.startswith(base.replace("https://", "wss://") + "/webrtc/ws/secure?token=")

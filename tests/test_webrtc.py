@@ -19,8 +19,14 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription, Vid
 from aiortc.sdp import candidate_from_sdp
 
 from .conftest import TIMEOUT, make_token
-from .realclients import launch_browser, require_loopback_only, start_signal_server
-from .test_browser import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS
+from .realclients import (
+    CONNECTED_PEERS,
+    WAIT_MS,
+    frames_above,
+    launch_browser,
+    require_loopback_only,
+    start_signal_server,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -158,9 +164,7 @@ async def test_aiortc_calls_a_chromium_page(signal):
             caller.pc.addTransceiver(VideoStreamTrack(), direction="sendrecv")
             await caller.offer_to_room()
             await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-            await page.wait_for_function(
-                f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS
-            )
+            await page.wait_for_function(frames_above(0), timeout=WAIT_MS)
             frame = await asyncio.wait_for(received, WAIT_MS / 1000)
             assert frame.width > 0
             await caller.close()

@@ -9,32 +9,15 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from aiohttp import ClientSession
 
 from .conftest import TIMEOUT, Server, make_token
 
 ROOT = Path(__file__).parent.parent
-WSCAT_DIR = ROOT / ".venv" / "wscat"
 SECRET = "change-me-to-32-or-more-random-bytes"
-
-
-@pytest.fixture(scope="session")
-def wscat() -> Path:
-    """Install wscat locally (once) so `npx --yes wscat` runs it without a download."""
-    binary = WSCAT_DIR / "node_modules" / ".bin" / "wscat"
-    if not binary.exists():
-        WSCAT_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(WSCAT_DIR), "wscat@6"],
-            check=True, timeout=300,
-        )
-    assert binary.exists()
-    return WSCAT_DIR
 
 
 def readme_command(pattern: str) -> str:

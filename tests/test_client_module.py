@@ -1,0 +1,424 @@
+"""signal-client.js's lifecycle in headless Chromium: real networks, real trouble.
+
+Each page is a harness on another origin (tests/realclients.py) holding one
+``WebRTCCall`` as ``window.call``, with its events in ``window.events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, ClientWebSocketResponse
+
+from signal_server.context import SIGNALING
+
+from .conftest import make_token
+from .realclients import CONNECTED_PEERS, WAIT_MS, frames, frames_above, module_call
+from .stallproxy import StallProxy
+
+pytestmark = pytest.mark.netns
+
+
+def origin(server: Any) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def hub(signal: Any) -> Any:
+    return signal.app[SIGNALING].hub
+
+
+async def events(page: Any, kind: str) -> list[list[Any]]:
+    return list(await page.evaluate("kind => window.events.filter(e => e.type === kind).map(e => e.args)", kind))
+
+
+async def wait_status(page: Any, status: str, after: int = 0) -> None:
+    """Wait for a status event ``status`` among the events from index ``after`` on."""
+    await page.wait_for_function(
+        "([status, after]) => window.events.slice(after).some(e => e.type === 'status' && e.args[0] === status)",
+        arg=[status, after], timeout=WAIT_MS,
+    )
+
+
+async def event_count(page: Any) -> int:
+    return int(await page.evaluate("window.events.length"))
+
+
+def cut(signal: Any, user: str, room: str = "call") -> None:
+    """Drop ``user``'s socket on the server side without a close frame."""
+    hub(signal).rooms[room].slots[user].peer._transport.abort()
+
+
+async def pair(browser: Any, signal: Any, page_server: Any, **kwargs: Any) -> tuple[Any, Any]:
+    alice = await module_call(browser, page_server, origin(signal), "alice", **kwargs)
+    bob = await module_call(browser, page_server, origin(signal), "bob", **kwargs)
+    for page in (alice, bob):
+        await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+    return alice, bob
+
+
+async def test_two_pages_on_another_origin_connect_and_decode_video(browser, servers):
+    """The module on another origin (CORS for the config, Origin for the socket): a call with video both ways."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    for page in (alice, bob):
+        await page.wait_for_function(frames_above(0), timeout=WAIT_MS)
+
+
+async def test_a_dead_network_resumes_inside_the_grace(browser, servers):
+    """The TCP path goes silent (no FIN, no RST): the module drops the socket, resumes at once; nobody sees a leave."""
+    signal, page_server = servers
+    proxy = await StallProxy("127.0.0.1", signal.port).start()
+    try:
+        alice = await module_call(browser, page_server, origin(signal), "alice")
+        bob = await module_call(
+            browser, page_server, f"http://127.0.0.1:{proxy.port}", "bob",
+            options={"pingIntervalMs": 500, "staleAfterMs": 2000},
+        )
+        await alice.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+        resumes = hub(signal).metrics.resumes
+        mark = await event_count(bob)
+        assert proxy.stall() >= 1
+        await wait_status(bob, "reconnecting", mark)
+        # 20 s grace; Chromium's closing handshake would hold a politely closed socket for 60 s.
+        await bob.wait_for_function(
+            """after => window.events.slice(after).some(e => e.type === 'roomstate' && e.args[1].resumed)""",
+            arg=mark, timeout=15_000,
+        )
+        assert hub(signal).metrics.resumes > resumes
+        assert await events(alice, "participantleft") == []
+        before = await frames(alice, "bob")
+        await alice.wait_for_function(frames_above(before + 10, "bob"), timeout=WAIT_MS)
+        await bob.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+        stale = await bob.evaluate("window.sockets.filter(s => s.readyState === WebSocket.OPEN).length")
+        assert stale >= 1  # the dead socket was left behind, not waited for
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.signal_settings(heartbeat=1)  # the keepalive confirms what bob read, so the resume is recovered
+async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers):
+    """An offer made while the socket is down is queued and flushed after room_state (recovered)."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while hub(signal).rooms["call"].slots["bob"].peer.unconfirmed:
+            await asyncio.sleep(0.05)  # polled like wait_for_function: bob's pong confirms what he read
+    ufrag = "() => window.call.getPeerConnection('alice').remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
+    before = await bob.evaluate(ufrag)
+    await bob.evaluate("window.hold()")
+    mark = await event_count(bob)
+    cut(signal, "bob")
+    await bob.wait_for_function("window.tokenWaiting === true", timeout=WAIT_MS)
+    await bob.evaluate("window.call.getPeerConnection('alice').restartIce()")
+    await bob.wait_for_function(
+        "window.call.getPeerConnection('alice').signalingState === 'have-local-offer'", timeout=WAIT_MS
+    )
+    await bob.evaluate("window.release()")
+    await bob.wait_for_function(
+        """after => window.events.slice(after).some(e => e.type === 'roomstate' && e.args[1].recovered)""",
+        arg=mark, timeout=WAIT_MS,
+    )
+    await bob.wait_for_function(
+        f"""old => {{
+          const pc = window.call.getPeerConnection('alice');
+          return pc.signalingState === 'stable' && ({ufrag})() !== old;
+        }}""",
+        arg=before, timeout=WAIT_MS,
+    )
+    assert await events(alice, "participantleft") == []
+
+
+async def test_a_takeover_shows_the_new_video_and_stops_the_old_tab(browser, servers):
+    """Bob joins again from a second tab: Alice adopts the new stream; the old tab's camera and peers stop."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    first = await alice.evaluate("window.call.getRemoteStream('bob').id")
+    bob2 = await module_call(browser, page_server, origin(signal), "bob")
+    await wait_status(bob, "failed")
+    assert [args[1] for args in await events(bob, "error")] == ["SESSION_REPLACED"]
+    assert await bob.evaluate("window.call.localStream") is None
+    assert await bob.evaluate("window.call.getPeerConnection('alice')") is None
+    assert await bob.evaluate(
+        "window.sockets.every(s => s.readyState >= WebSocket.CLOSING)"
+    ), "the replaced tab keeps no socket"
+    new_stream = await bob2.evaluate("window.call.localStream.id")
+    await alice.wait_for_function(
+        "id => window.call.getRemoteStream('bob')?.id === id", arg=new_stream, timeout=WAIT_MS
+    )
+    assert new_stream != first
+    before = await frames(alice, "bob")
+    await alice.wait_for_function(frames_above(before + 10, "bob"), timeout=WAIT_MS)
+    assert await events(alice, "participantleft") == []
+
+
+async def test_disconnect_during_connect_never_joins(browser, servers):
+    """React StrictMode: connect(), disconnect() at once, then a new call: one connection, the first rejected."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+    await page.evaluate("window.hold()")
+    outcome = await page.evaluate(
+        """async () => {
+          const pending = window.call.connect()
+            .then(() => 'joined', (e) => e instanceof window.M.SignalingError && e.code);
+          await window.call.disconnect();
+          return pending;
+        }"""
+    )
+    assert outcome == "ABORTED"
+    first = "window.first = window.call"
+    await page.evaluate(first)
+    await page.evaluate("window.release()")
+    # The effect runs again with a new call; the first must stay out of the room.
+    await page.evaluate(
+        """([server, token]) => {
+          window.setup(server, token, 'call', {});
+          return window.call.connect().then(() => true);
+        }""",
+        [origin(signal), make_token("alice", name="Alice")],
+    )
+    assert await page.evaluate("window.first.status") == "closed"
+    assert await page.evaluate("window.sockets.length") == 1
+    assert await page.evaluate("window.call.status") == "joined"
+    slot = hub(signal).rooms["call"].slots["alice"]
+    assert slot.peer is not None
+
+
+async def test_disconnect_during_a_reconnect_token_fetch_stays_closed(browser, servers):
+    """disconnect() while a reconnect waits for its token: no hidden socket rejoins afterwards."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    await page.evaluate("window.hold()")
+    cut(signal, "alice")
+    await page.wait_for_function("window.tokenWaiting === true", timeout=WAIT_MS)
+    await page.evaluate("window.call.disconnect()")
+    await page.evaluate("window.release()")
+    # The reconnect's token arrived; a getConfig() needs a token and a fetch, longer than that step.
+    await page.evaluate("window.call.getConfig()")
+    assert await page.evaluate("window.sockets.length") == 1
+    assert await page.evaluate("window.call.status") == "closed"
+
+
+async def test_a_camera_started_after_connect_is_sent(browser, servers):
+    """initLocalStream() after connect(): the peer decodes video; replaceTrack() switches the source."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server, media=False)
+    await alice.evaluate("window.call.initLocalStream({video: {width: 320, height: 240}, audio: true})")
+    await bob.wait_for_function(frames_above(0, "alice"), timeout=WAIT_MS)
+    switched = await alice.evaluate(
+        """async () => {
+          const old = window.call.localStream.getVideoTracks()[0];
+          const canvas = Object.assign(document.createElement('canvas'), {width: 160, height: 120});
+          const context = canvas.getContext('2d');
+          setInterval(() => {
+            context.fillStyle = `hsl(${Date.now() % 360}, 80%, 50%)`;
+            context.fillRect(0, 0, 160, 120);
+          }, 50);
+          const track = canvas.captureStream(20).getVideoTracks()[0];
+          await window.call.replaceTrack(track);
+          const sender = window.call.getPeerConnection('bob').getSenders().find(s => s.track?.kind === 'video');
+          return {sent: sender.track === track, oldEnded: old.readyState === 'ended'};
+        }"""
+    )
+    assert switched == {"sent": True, "oldEnded": True}
+    before = await frames(bob, "alice")
+    await bob.wait_for_function(frames_above(before + 10, "alice"), timeout=WAIT_MS)
+
+
+@pytest.mark.signal_settings(max_connections=1)
+async def test_connect_to_a_full_server_rejects_once(browser, servers):
+    """SERVER_BUSY: connect() rejects after a bounded number of attempts, and the error is reported once."""
+    signal, page_server = servers
+    async with ClientSession() as session:
+        holder = await session.ws_connect(f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token('zoe')}")
+        page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+        outcome = await page.evaluate(
+            "window.call.connect().then(() => 'joined', e => [e instanceof window.M.SignalingError, e.code])"
+        )
+        assert outcome == [True, "SERVER_BUSY"]
+        assert [args[1] for args in await events(page, "error")] == ["SERVER_BUSY"]
+        assert await page.evaluate("window.sockets.length") == 3  # connectAttempts (default 3)
+        assert await page.evaluate("window.call.status") == "failed"
+        await holder.close()
+
+
+async def test_connect_to_a_dead_server_rejects_with_a_signaling_error(browser, servers):
+    """Nothing listens: connect() rejects with SignalingError NETWORK_ERROR, reported once."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, "http://127.0.0.1:9", "alice", media=False, connect=False)
+    outcome = await page.evaluate(
+        "window.call.connect().then(() => 'joined', e => [e instanceof window.M.SignalingError, e.code, e.message])"
+    )
+    assert outcome[:2] == [True, "NETWORK_ERROR"] and outcome[2].startswith("NETWORK_ERROR")
+    assert [args[1] for args in await events(page, "error")] == ["NETWORK_ERROR"]
+
+
+async def test_a_token_function_that_refuses_ends_connect_with_its_code(browser, servers):
+    """The app's token function throws {code: 'UNAUTHORIZED'}: a final SignalingError, no retries."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+    outcome = await page.evaluate(
+        """server => {
+          let calls = 0;
+          const refuse = async () => {
+            calls += 1;
+            throw Object.assign(new Error('UNAUTHORIZED: log in again'), {code: 'UNAUTHORIZED'});
+          };
+          const call = new window.M.WebRTCCall(server, refuse, 'call');
+          return call.connect().then(() => 'joined', e => [e instanceof window.M.SignalingError, e.code, calls]);
+        }""",
+        origin(signal),
+    )
+    assert outcome == [True, "UNAUTHORIZED", 1]
+
+
+@pytest.mark.signal_settings(turn_urls=("turn:127.0.0.1:3478",), turn_secret="turn-secret-for-tests", turn_ttl=600)
+async def test_a_reconnect_refetches_the_ice_configuration(browser, servers):
+    """Every (re)connection fetches /webrtc/config again and the kept peers use the fresh TURN credentials."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server, media=False)
+    fetched = await bob.evaluate("window.configs.length")
+    mark = await event_count(bob)
+    cut(signal, "bob")
+    await bob.wait_for_function(
+        "after => window.events.slice(after).some(e => e.type === 'roomstate' && e.args[1].resumed)",
+        arg=mark, timeout=WAIT_MS,
+    )
+    assert await bob.evaluate("window.configs.length") > fetched
+    latest, used = await bob.evaluate(
+        """() => {
+          const turn = servers => servers.find(s => [].concat(s.urls).some(u => u.startsWith('turn:')));
+          return [turn(window.configs.at(-1).iceServers).username,
+                  turn(window.call.getPeerConnection('alice').getConfiguration().iceServers).username];
+        }"""
+    )
+    assert latest == used
+
+
+async def test_listeners_media_switches_and_public_state(browser, servers):
+    """on()/off() with several listeners, idempotent microphone/camera switches, remotestreamremoved, no internals."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    result = await alice.evaluate(
+        """() => {
+          const call = window.call, seen = [];
+          const one = (s) => seen.push(['one', s]), two = (s) => seen.push(['two', s]);
+          call.on('status', one);
+          const removeTwo = call.on('status', two);
+          call.on('status', one);  // a Set: the same listener once
+          call.off('status', one);
+          removeTwo();
+          const audio = [call.setMicrophoneEnabled(false), call.setMicrophoneEnabled(false),
+                         call.localStream.getAudioTracks()[0].enabled, call.setMicrophoneEnabled(true)];
+          const video = [call.setCameraEnabled(false), call.setCameraEnabled(false), call.setCameraEnabled(true),
+                         call.setCameraEnabled(true)];
+          let unknown = null;
+          try { call.on('nonsense', one); } catch (e) { unknown = e.name; }
+          return {seen, audio, video, unknown, keys: Object.keys(call).filter(k => !k.startsWith('on')),
+                  peers: 'peers' in call, ws: '_send' in call};
+        }"""
+    )
+    assert result == {
+        "seen": [], "audio": [False, False, False, True], "video": [False, False, True, True],
+        "unknown": "TypeError", "keys": [], "peers": False, "ws": False,
+    }
+    await bob.evaluate("window.call.disconnect()")
+    await alice.wait_for_function(
+        "window.events.some(e => e.type === 'remotestreamremoved' && e.args[0] === 'bob')", timeout=WAIT_MS
+    )
+    assert await alice.evaluate("window.call.getRemoteStream('bob')") is None
+
+
+async def local_offer(page: Any) -> str:
+    """A real offer SDP (audio), from a connection of its own in ``page``."""
+    return str(await page.evaluate(
+        """async () => {
+          const pc = new RTCPeerConnection();
+          pc.addTransceiver('audio');
+          await pc.setLocalDescription();
+          return pc.localDescription.sdp;
+        }"""
+    ))
+
+
+async def raw_member(session: ClientSession, signal: Any, page_server: Any, user: str) -> ClientWebSocketResponse:
+    """``user`` in room "call" over a plain WebSocket, with the page's Origin."""
+    url = f"ws://127.0.0.1:{signal.port}/webrtc/ws/call?token={make_token(user)}"
+    return await session.ws_connect(url, headers={"Origin": f"http://localhost:{page_server.port}"})
+
+
+async def test_candidates_before_the_offer_are_queued_not_lost(browser, servers):
+    """A candidate that arrives before its offer is added once the offer lands (not thrown away)."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    offer = await local_offer(alice)
+    async with ClientSession() as session:
+        ws = await raw_member(session, signal, page_server, "mallory")
+        await ws.receive_json(timeout=5)  # room_state
+        candidate = "candidate:1 1 udp 2122260223 127.0.0.1 9 typ host"
+        await ws.send_json({"type": "ice_candidate", "payload": {
+            "candidate": candidate, "sdp_mid": "0", "sdp_m_line_index": 0, "target_user_id": "alice"}})
+        await ws.send_json({"type": "offer", "payload": {"type": "offer", "sdp": offer, "target_user_id": "alice"}})
+        await alice.wait_for_function(
+            """() => (window.call.getPeerConnection('mallory')?.remoteDescription?.sdp ?? '')
+              .includes('127.0.0.1 9 typ host')""",
+            timeout=WAIT_MS,
+        )
+        assert await events(alice, "error") == []
+        await ws.close()
+
+
+async def test_a_failed_remote_answer_does_not_break_later_glare_handling(browser, servers):
+    """A bad answer that throws must not leave 'setting remote answer' set: a glaring offer is still ignored."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    sdp = await local_offer(alice)
+    async with ClientSession() as session:
+        mallory = await raw_member(session, signal, page_server, "mallory")
+
+        async def receive(kind: str) -> dict[str, Any]:
+            while True:
+                message: dict[str, Any] = await mallory.receive_json(timeout=WAIT_MS / 1000)
+                if message["type"] == kind:
+                    return message
+
+        async def send(kind: str, text: str) -> None:
+            await mallory.send_json({"type": kind, "payload": {"type": kind, "sdp": text, "target_user_id": "alice"}})
+
+        await receive("room_state")
+        await send("offer", sdp)
+        await receive("answer")
+        # Alice (impolite: "alice" < "mallory") offers; Mallory's answer is broken; then Mallory's offer glares.
+        await alice.evaluate("window.call.getPeerConnection('mallory').restartIce()")
+        await receive("offer")
+        await send("answer", "v=0 broken")
+        await alice.wait_for_function("window.events.filter(e => e.type === 'error').length === 1", timeout=WAIT_MS)
+        await send("offer", sdp)
+        await send("answer", "v=0 broken again")  # a marker: processed after the glaring offer
+        await alice.wait_for_function("window.events.filter(e => e.type === 'error').length === 2", timeout=WAIT_MS)
+        # Impolite Alice ignored the glaring offer: no answer came back (a ping's pong comes after anything sent).
+        await mallory.send_json({"type": "ping"})
+        kinds: list[str] = []
+        while not kinds or kinds[-1] != "pong":
+            kinds.append((await mallory.receive_json(timeout=WAIT_MS / 1000))["type"])
+        assert "answer" not in kinds, kinds
+        await mallory.close()
+
+
+async def test_reconnect_backoff_is_full_jitter(browser, servers):
+    """The first retry delay is random in [0, 250 ms): with Math.random() = 0 it is 0 (equal jitter: 125)."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    await page.evaluate(
+        """() => {
+          window.delays = [];
+          const native = window.setTimeout;
+          window.setTimeout = (fn, ms, ...rest) => { window.delays.push(ms); return native(fn, ms, ...rest); };
+          Math.random = () => 0;
+        }"""
+    )
+    mark = await event_count(page)
+    cut(signal, "alice")
+    await wait_status(page, "joined", mark)
+    assert (await page.evaluate("window.delays"))[:1] == [0]

@@ -1,0 +1,164 @@
+"""The README's commands, run exactly as written: the wscat walk-through (one shell
+per terminal block), the embedding example, the token command and curl.
+
+They use fixed ports (8080, 8081), so they run in the loopback-only network
+namespace (`-m netns`), where those ports belong to this test alone. wscat comes
+from the npm registry through test_wscat's fixture, installed by the first
+(networked) half of `make test`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from .conftest import TIMEOUT
+from .test_wscat import ROOT
+
+pytestmark = pytest.mark.netns
+README = (ROOT / "README.md").read_text()
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SIGNAL_JWT_SECRET": ""}
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end]
+
+
+def blocks(title: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", section(title), re.DOTALL)
+
+
+class Shell:
+    """One terminal: a bash running a README block, stdin held open, output read line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.seen: list[str] = []
+
+    async def line(self, wanted: str) -> str:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(TIMEOUT * 4):
+            while True:
+                line = (await self.process.stdout.readline()).decode()
+                assert line, f"exited before printing {wanted!r}: {self.seen}"
+                self.seen.append(line)
+                if wanted in line:
+                    return line
+
+    async def message(self, kind: str) -> dict[str, Any]:
+        """The next message of ``kind`` wscat shows."""
+        while True:
+            line = await self.line('"type"')
+            message: dict[str, Any] = json.loads(line[line.index("{"):])
+            if message["type"] == kind:
+                return message
+
+    def type(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text.encode() + b"\n")
+
+    async def finish(self) -> str:
+        """Wait for the block to end by itself; its whole output."""
+        assert self.process.stdout is not None
+        output = await asyncio.wait_for(self.process.stdout.read(), TIMEOUT * 6)
+        assert await asyncio.wait_for(self.process.wait(), TIMEOUT) == 0, output
+        return "".join(self.seen) + output.decode()
+
+
+@pytest.fixture
+async def terminal(wscat: Path) -> AsyncIterator[object]:
+    opened: list[Shell] = []
+
+    async def open_terminal(script: str, cwd: Path) -> Shell:
+        process = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, cwd=cwd, env=ENV, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        shell = Shell(process)
+        opened.append(shell)
+        return shell
+
+    yield open_terminal
+    for shell in opened:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.process.pid, signal.SIGKILL)  # make, npx: the whole group
+        await shell.process.wait()
+
+
+@pytest.fixture
+def wscat_dir(wscat: Path) -> Path:
+    """wscat's directory, where `npx --yes wscat` finds it offline; `.venv` there is the repo's."""
+    link = wscat / ".venv"
+    if not link.exists():
+        link.symlink_to(ROOT / ".venv")
+    return wscat
+
+
+async def test_the_wscat_walk_through_as_written(terminal, wscat_dir):
+    """Server, alice, bob, the typed messages, carol's -x offer and curl, each block in its own shell."""
+    server_block, alice_block, bob_block, carol_block, curl_block = blocks("Trying it with wscat", "sh")
+    server = await terminal(server_block, ROOT)
+    await server.line("listening on http://127.0.0.1:8080")
+    alice = await terminal(alice_block, wscat_dir)
+    state = await alice.message("room_state")
+    assert state["payload"]["self"]["user_id"] == "alice"
+    bob = await terminal(bob_block, wscat_dir)
+    await bob.message("room_state")
+    await alice.message("user_joined")
+
+    typed = [line[2:] for line in blocks("Trying it with wscat", "text")[0].splitlines() if line.startswith("> ")]
+    assert len(typed) == 3
+    alice.type(typed[0])
+    await alice.message("pong")
+    alice.type(typed[1])
+    offer = await bob.message("offer")
+    assert offer["sender_id"] == "alice"
+    alice.type(typed[2])
+    error = await alice.message("error")
+    assert error["payload"]["code"] == "UNSUPPORTED_TYPE"
+
+    carol = await terminal(carol_block, wscat_dir)
+    said = await carol.finish()  # sleep 10 | ... -w 3 ends by itself
+    offer = await alice.message("offer")
+    assert offer["sender_id"] == "carol", said
+    config = json.loads((await (await terminal(curl_block, ROOT)).finish()).strip().splitlines()[-1])
+    assert "iceServers" in config
+
+
+async def test_the_embedding_example_as_written(terminal, tmp_path):
+    """app.py from the README serves its own page and the sub-app on 8081; its token and curl commands work."""
+    (app_source,) = blocks("Embedding", "python")
+    (try_block,) = blocks("Embedding", "sh")
+    secret = re.search(r'SECRET = "([^"]+)"', app_source)
+    assert secret and len(secret.group(1).encode()) >= 32, "the example's HS256 secret must be 32 bytes or more"
+    assert secret.group(1) in try_block
+    (tmp_path / "app.py").write_text(app_source)
+    app = await terminal(f"exec {ROOT / '.venv' / 'bin' / 'python'} app.py", tmp_path)
+    await app.line("Running on http://127.0.0.1:8081")
+    config = json.loads((await (await terminal(try_block, ROOT)).finish()).strip().splitlines()[-1])
+    assert "iceServers" in config
+    page = await (await terminal("curl -sf http://127.0.0.1:8081/", ROOT)).finish()
+    assert page.startswith("my app")
+
+
+async def test_the_token_command_as_written(terminal):
+    """`signal-server token alice --name Alice --ttl 3600 --room demo --jwt-secret "$SECRET"`."""
+    (line,) = re.findall(r"^signal-server token .*$", README, re.MULTILINE)
+    secret = "a-reader's-own-secret-of-32-or-more-bytes"
+    script = f"export PATH={ROOT / '.venv' / 'bin'}:$PATH SECRET=\"{secret}\"\n{line}\n"
+    token = (await (await terminal(script, ROOT)).finish()).strip()
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["name"] == "Alice" and claims["rooms"] == ["demo"]
+    assert claims["exp"] - claims["iat"] == 3600
