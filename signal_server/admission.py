@@ -181,6 +181,8 @@ class ClientAddress:
         return own
 
     def __call__(self, peer: str | None, headers: MultiMapping[str]) -> str:
+        if not self._trusted and peer and ":" not in peer:
+            return peer  # the socket's own IPv4 text is canonical: skip parsing on every join
         address = parse_hop(peer) if peer else None
         if address is None:
             return "unknown"  # not an IP socket (a Unix socket, say): one shared key
