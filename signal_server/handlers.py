@@ -245,7 +245,7 @@ def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     token = request.query.get("token") or bearer_token(request)
     identity = sig.verifier.verify(token)
     if not ROOM_ID.match(room_id):
-        raise SignalError("INVALID_ROOM", "room ids are 1-64 characters of A-Z a-z 0-9 . _ ~ -")
+        raise SignalError("INVALID_ROOM", "room ids are 1-64 characters of A-Z a-z 0-9 . _ ~ - (not . or ..)")
     if not identity.may_join(room_id):
         raise SignalError("FORBIDDEN", f"this token may not join room {room_id!r}")
     return identity
