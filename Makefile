@@ -22,7 +22,7 @@ $(BIN)/python:
 
 # Reinstall when the package metadata changes.
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[speed]'
+	$(BIN)/pip install -q -e '.[speed,cluster]'
 	touch $@
 
 $(VENV)/.installed-dev: setup.cfg pyproject.toml | $(BIN)/python

@@ -115,18 +115,20 @@ def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], A
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     sig = app[SIGNALING]
+    await sig.hub.start()
     keepalive = asyncio.create_task(keep_alive(sig.peers, sig.settings.heartbeat))
-    sig.ready = True
+    sig.started = True
     yield
-    sig.ready = False
+    sig.started = False
     keepalive.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await keepalive
     sig.hub.cancel_timers()
+    await sig.hub.stop()
 
 
 async def _close_connections(app: web.Application) -> None:
     """On shutdown every client gets close 1001; their slots stay held (not a leave)."""
     sig = app[SIGNALING]
-    sig.ready = False
+    sig.started = False
     sig.hub.close_all(CloseCode.GOING_AWAY)

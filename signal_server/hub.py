@@ -310,6 +310,17 @@ class Hub:
 
     # ------------------------------------------------------------- lifecycle
 
+    async def start(self) -> None:
+        """Connect what the hub needs before the first join (nothing here; Redis in a cluster)."""
+
+    async def stop(self) -> None:
+        """Let go of what :meth:`start` took (after every connection was closed)."""
+
+    @property
+    def available(self) -> bool:
+        """False while the hub cannot admit joins (a cluster hub without Redis)."""
+        return True
+
     def close_all(self, code: CloseCode) -> None:
         """Close every live connection (shutdown). Slots stay held: not a leave."""
         for room in list(self.rooms.values()):
