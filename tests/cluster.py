@@ -105,10 +105,11 @@ class _Process:
 class RedisServer(_Process):
     """A real redis-server without persistence, restartable on the same port (empty)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
         super().__init__("redis-server")
         self.directory = directory
         self.port = free_port()
+        self.extra = extra
 
     @property
     def url(self) -> str:
@@ -121,7 +122,7 @@ class RedisServer(_Process):
             "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.directory), "--protected-mode", "no",
             # DEBUG is refused by default since Redis 7; the slow-Redis test needs it.
-            "--enable-debug-command", "local",
+            "--enable-debug-command", "local", *self.extra,
         )
         await self.line_matching(r"Ready to accept connections")
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, WSMsgType
+from aiohttp import ClientSession
 
-from .cluster import Clients, Node, RedisServer, wait_until
-from .conftest import TIMEOUT, Member, make_token
+from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
+from .conftest import COMMAND, SECRET, TIMEOUT, Member, make_token
 from .rawws import RawWebSocket
 
 GRACE = 2.0
@@ -38,9 +38,11 @@ async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
 async def start_nodes(redis: RedisServer) -> AsyncIterator[StartNodes]:
     started: list[Node] = []
 
-    async def start(count: int = 3, *extra: str, grace: float = GRACE, prefix: str = "n") -> list[Node]:
+    async def start(
+        count: int = 3, *extra: str, grace: float = GRACE, ttl: float = NODE_TTL, prefix: str = "n"
+    ) -> list[Node]:
         args = [
-            "--redis-url", redis.url, "--node-ttl", str(NODE_TTL), "--reconnect-grace", str(grace),
+            "--redis-url", redis.url, "--node-ttl", str(ttl), "--reconnect-grace", str(grace),
             "--heartbeat", "30", *extra,
         ]
         nodes = [Node(f"{prefix}{len(started) + i + 1}", args) for i in range(count)]
@@ -191,3 +193,257 @@ async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNo
     await carol.offer(sdp="live2", target_user_id="alice")
     assert (await resumed.expect("offer"))["payload"]["sdp"] == "live2"
 
+
+
+async def kept_count(redis: RedisServer, room: str, user: str) -> int:
+    return int(await redis.command("LLEN", f"sig:{{{room}}}:k:{user}"))
+
+
+async def quiet(member: Member) -> None:
+    """Nothing else is queued for ``member``: a ping's pong comes next."""
+    await member.send("ping")
+    await member.expect("pong")
+
+
+async def test_resume_after_the_holding_node_is_killed(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Kept messages live in Redis: they replay after the node that held the slot died."""
+    n1, n2, n3 = await start_nodes(3, grace=10.0)
+    alice = await raw_client(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    alice.abort()
+    await n1.line_matching(r"close room=room-1 user=alice clean=False")
+    for i in range(5):
+        await bob.offer(sdp=f"b{i}", target_user_id="alice")
+
+    async def all_kept() -> bool:
+        return await kept_count(redis, "room-1", "alice") == 5
+
+    await wait_until(all_kept)
+    await n1.kill()
+    resumed = await clients.connect(n3, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(5)] == [f"b{i}" for i in range(5)]
+    await bob.offer(sdp="live", target_user_id="alice")
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "live"
+    await quiet(bob)  # bob saw no leave and no join
+
+
+async def test_dead_node_release_says_node_lost_once(start_nodes: StartNodes, clients: Clients) -> None:
+    """A killed node's participants are held; those not back get user_left node_lost once, in TTL + grace."""
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    dave = await clients.connect(n1, "dave")
+    bob = await clients.connect(n2, "bob")
+    carol = await clients.connect(n3, "carol")
+    for member, count in ((alice, 3), (dave, 2), (bob, 1)):
+        for _ in range(count):
+            await member.expect("user_joined")
+    loop = asyncio.get_running_loop()
+    killed = loop.time()
+    await n1.kill()
+    # dave comes back through another node within the grace: a resume, not a leave.
+    back: Member | None = None
+    async with asyncio.timeout(NODE_TTL + GRACE + TIMEOUT):
+        while back is None:
+            member = await clients.connect(n2, "dave", join=False)
+            first = await member.recv()
+            if first["type"] == "room_state":
+                assert first["payload"]["resumed"] is True
+                back = member
+            else:  # not found dead yet: the old slot is still live, so this was a takeover
+                raise AssertionError(first)
+    for member in (bob, carol, back):
+        left = await member.expect("user_left")
+        assert left["payload"] == {"user_id": "alice", "username": "alice", "reason": "node_lost"}
+    assert loop.time() - killed <= NODE_TTL + GRACE + 2.0
+    for member in (bob, carol, back):
+        await quiet(member)
+    assert n2.count(r"node n1 is gone") + n3.count(r"node n1 is gone") == 1
+
+
+async def expect_relay_back(sender: Member, receiver: Member, timeout: float = 5.0) -> None:
+    """Cross-node relay works again: one of a bounded series of offers arrives, then one in order."""
+    async with asyncio.timeout(timeout):
+        for i in range(int(timeout / 0.2)):
+            await sender.offer(sdp=f"probe{i}", target_user_id=receiver.user)
+            try:
+                message = await receiver.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            if message["type"] == "offer":
+                break
+        else:
+            raise AssertionError("relay did not come back")
+    await sender.offer(sdp="after", target_user_id=receiver.user)
+    while (message := await receiver.expect("offer"))["payload"]["sdp"] != "after":
+        assert message["payload"]["sdp"].startswith("probe")
+
+
+async def test_redis_outage_and_empty_restart(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Redis down: same-node relay goes on, cross-node gets UNAVAILABLE, joins 1013, /readyz 503.
+    Redis back empty: membership and capacity re-registered, relay back within 5 s."""
+    n1, n2, n3 = await start_nodes(3, "--max-participants", "4", grace=30.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n1, "bob")
+    carol = await clients.connect(n2, "carol")
+    await alice.expect("user_joined")
+    for _ in range(2):
+        await (alice if _ else bob).expect("user_joined")
+    loop = asyncio.get_running_loop()
+    stopped = loop.time()
+    await redis.stop()
+    await asyncio.gather(*(node.wait_ready(False, timeout=2.5) for node in (n1, n2, n3)))
+    assert loop.time() - stopped <= 2.5
+    assert await n1.metric("signal_redis_up") == 0
+    # Same node: unaffected.
+    await alice.offer(sdp="local", target_user_id="bob")
+    assert (await bob.expect("offer"))["payload"]["sdp"] == "local"
+    # Cross node: UNAVAILABLE, non-fatal, at most once a second.
+    await alice.offer(sdp="x1", target_user_id="carol")
+    await alice.offer(sdp="x2", target_user_id="carol")
+    error = await alice.expect_error("UNAVAILABLE")
+    await quiet(alice)
+    # A broadcast still reaches the same node, and reports the rest once.
+    await bob.offer(sdp="all")
+    assert (await alice.expect("offer"))["payload"]["sdp"] == "all"
+    await bob.expect_error("UNAVAILABLE")
+    assert error["payload"]["message"].startswith("UNAVAILABLE")
+    # New joins: UNAVAILABLE and 1013.
+    refused = await clients.connect(n3, "dave", join=False)
+    await refused.expect_error("UNAVAILABLE")
+    await refused.expect_close(1013)
+    # The outage lasts 5 s (the scenario, not a synchronisation).
+    await asyncio.sleep(max(0.0, 5.0 - (loop.time() - stopped)))
+    await redis.start()  # empty: no persistence
+    restarted = loop.time()
+    await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
+    await expect_relay_back(alice, carol)
+    await expect_relay_back(carol, bob)
+    assert loop.time() - restarted <= 5.0 + 1.0
+    # Membership and capacity as before: the fourth gets in and sees everyone, the fifth is refused.
+    # (Join order after an empty restart is the order in which nodes re-registered.)
+    dave = await clients.connect(n3, "dave", join=False)
+    assert sorted(users(await dave.expect("room_state"))) == ["alice", "bob", "carol", "dave"]
+    eve = await clients.connect(n2, "eve", join=False)
+    await eve.expect_error("ROOM_FULL")
+    for line in ("Redis unreachable", "Redis reachable"):
+        assert 1 <= n1.count(line) <= 2, n1.lines[-30:]
+
+
+async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
+    """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
+    n1, n2 = await start_nodes(2)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    killed = await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert int(killed) >= 2
+    await expect_relay_back(alice, bob)
+    await expect_relay_back(bob, alice)
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+
+
+async def test_sigterm_drains_to_another_node(start_nodes: StartNodes, clients: Clients) -> None:
+    """SIGTERM: clients get 1001, slots stay held in Redis, and resume elsewhere with what was kept."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    n1.signal(signal.SIGTERM)
+    await alice.expect_close(1001)
+    assert await n1.wait() == 0
+    await bob.offer(sdp="while-away", target_user_id="alice")
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "while-away"
+    await quiet(bob)  # no user_left, no user_joined
+
+
+async def test_slow_redis_is_not_ready_then_recovers(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """DEBUG SLEEP stalls Redis: /readyz says 503 within 2 s, then 200 and relay in order again."""
+    n1, n2 = await start_nodes(2, ttl=6.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    loop = asyncio.get_running_loop()
+    sleeper = loop.create_task(redis.command("DEBUG", "SLEEP", "3"))
+    started = loop.time()
+    await n1.wait_ready(False, timeout=2.5)
+    assert loop.time() - started <= 2.5
+    await sleeper
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+    for i in range(20):
+        await alice.offer(sdp=str(i), target_user_id="bob")
+    assert await relay_ids(bob, 20) == list(range(20))
+
+
+async def test_node_id_collision_is_refused(redis: RedisServer, start_nodes: StartNodes) -> None:
+    """A second live node with the same --node-id refuses to start, in one line."""
+    await start_nodes(1)
+    twin = Node("n1", ["--redis-url", redis.url])
+    await twin._spawn(*COMMAND, "--port", "0", "--node-id", "n1", "--redis-url", redis.url,
+                      env={"SIGNAL_JWT_SECRET": SECRET})
+    assert await twin.wait() == 2
+    assert any("--node-id: 'n1' is in use by another live node" in line for line in twin.lines), twin.lines
+
+
+async def test_sentinel_failover(tmp_path: Path, clients: Clients) -> None:
+    """Nodes find the master through a real redis-sentinel and follow it across a failover."""
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    master = RedisServer(tmp_path / "master")
+    await master.start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port))
+    sentinel = Sentinel(tmp_path, master.port, "signal")
+    nodes: list[Node] = []
+    try:
+        await replica.start()
+        await sentinel.start()
+
+        async def replica_known() -> bool:
+            replicas = await sentinel_command(sentinel, "SENTINEL", "REPLICAS", "signal")
+            return bool(replicas)
+
+        await wait_until(replica_known, timeout=15)
+        args = ["--redis-sentinel", f"127.0.0.1:{sentinel.port}", "--redis-master", "signal",
+                "--node-ttl", "5", "--reconnect-grace", "10", "--heartbeat", "30"]
+        nodes = [Node("s1", args), Node("s2", args)]
+        await asyncio.gather(*(node.start() for node in nodes))
+        alice = await clients.connect(nodes[0], "alice")
+        bob = await clients.connect(nodes[1], "bob")
+        await alice.expect("user_joined")
+        await expect_relay_back(alice, bob)
+
+        async def replicated() -> bool:
+            return int(await replica.command("HLEN", "sig:{room-1}:m")) == 2
+
+        await wait_until(replicated)
+        await master.stop()
+        await sentinel.line_matching(r"\+switch-master signal", timeout=20)
+        await asyncio.gather(*(node.wait_ready(timeout=10) for node in nodes))
+        await expect_relay_back(alice, bob, timeout=10)
+        await expect_relay_back(bob, alice)
+        carol = await clients.connect(nodes[0], "carol", join=False)
+        assert users(await carol.expect("room_state")) == ["alice", "bob", "carol"]
+    finally:
+        for process in (*nodes, sentinel, replica, master):
+            await process.kill()
+
+
+async def sentinel_command(sentinel: Sentinel, *args: str) -> object:
+    from redis.asyncio import Redis
+
+    client = Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=TIMEOUT)
+    try:
+        return await client.execute_command(*args)
+    finally:
+        await client.aclose()

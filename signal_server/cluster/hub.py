@@ -335,7 +335,7 @@ class ClusterHub(Hub):
             if receivers == 0:
                 limits = self.limits
                 for user in users:
-                    self.link.send_script(
+                    self.link.send_script_next(
                         "KEEP", room_id, user, node, frame, limits.kept_messages, limits.kept_bytes
                     )
 
@@ -460,9 +460,9 @@ class ClusterHub(Hub):
             return
         seen: set[str] = set()
         for user, username, node, seq, epoch in members:
-            if node == self.node:
-                continue
             seen.add(user)
+            if node == self.node:
+                continue  # this node's slots are its own truth (a join in flight adds it)
             local = room.slots.get(user)
             if isinstance(local, ClusterSlot):
                 if local.epoch < int(epoch):

@@ -129,6 +129,7 @@ class RedisLink:
         self._on_state = on_state
         self._on_registered = on_registered
         self._queue: list[_Command] = []
+        self._next: list[_Command] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pong = 0.0
@@ -201,6 +202,11 @@ class RedisLink:
         """Queue a script without waiting for it."""
         return self._enqueue(_Command(args, on_result=on_result, script=name))
 
+    def send_script_next(self, name: str, *args: Any) -> None:
+        """From a result callback: run the script before anything queued after that
+        command (a publish's fallback belongs to the publish's place in the order)."""
+        self._next.append(_Command(args, script=name))
+
     async def call(self, name: str, *args: Any) -> Any:
         """Run a script in queue order and return its reply.
 
@@ -255,6 +261,9 @@ class RedisLink:
                     if command.script is None:
                         self.published += 1
                     _settle(command, result)
+                if self._next:
+                    self._queue[:0] = self._next
+                    self._next = []
 
     # ---------------------------------------------------------- subscriber
 
