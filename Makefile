@@ -15,7 +15,7 @@ IN_NETNS = $(NETNS) 'ip link set lo up && exec $(1)'
 SYSTEM_COMMANDS := redis-server:redis-server redis-sentinel:redis-sentinel chromium:chromium ip:iproute2 \
 	unshare:util-linux haproxy:haproxy node:nodejs npm:npm nginx:nginx systemd-analyze:systemd
 
-.PHONY: run test lint bench screenshot system-deps bench-deps clean
+.PHONY: run run-cluster test lint bench screenshot system-deps bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(VENV)/.installed-dev: setup.cfg pyproject.toml | $(BIN)/python
 ## run: a dev server on 127.0.0.1:8080 (override with SIGNAL_* variables)
 run: $(VENV)/.installed-run
 	exec $(BIN)/signal-server
+
+## run-cluster: redis-server, three nodes and nginx round-robin on 127.0.0.1:8080 (PORT=...)
+run-cluster: $(VENV)/.installed-run system-deps
+	exec $(BIN)/python -m tools.run_cluster
 
 ## system-deps: Debian packages the tests drive (installed only when missing)
 system-deps:

@@ -74,6 +74,9 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     )
     cors.add(config_route)
     cors.add(module_route)  # module scripts are fetched with CORS
+    node = getattr(sig.hub, "node", None)
+    if node is not None:  # clustered: say which node answered (to see where a tab landed)
+        app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
     app.on_response_prepare.append(_close_after_plain_http)
@@ -104,6 +107,13 @@ async def _loopback_host_only(request: web.Request, handler: Handler) -> web.Str
     if host not in _LOOPBACK_NAMES and not (host or "").startswith("127."):
         raise web.HTTPMisdirectedRequest(text="dev mode answers only to localhost, 127.0.0.1 and [::1]\n")
     return await handler(request)
+
+
+def _node_header(node: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Signal-Node"] = node
+
+    return add
 
 
 def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -93,7 +93,11 @@ class _Process:
         assert self.process is not None
         code = await asyncio.wait_for(self.process.wait(), timeout)
         if self._reader is not None:
-            await self._reader
+            # A child of the child (nginx's worker) may hold the pipe a little longer.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+            except TimeoutError:
+                self._reader.cancel()
         return code
 
     async def kill(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -447,3 +449,30 @@ async def sentinel_command(sentinel: Sentinel, *args: str) -> object:
         return await client.execute_command(*args)
     finally:
         await client.aclose()
+
+
+def test_single_node_never_imports_redis() -> None:
+    """Without --redis-url the server (app, hub, handlers) runs without loading redis-py."""
+    code = (
+        "import sys\n"
+        "from signal_server import create_standalone_app\n"
+        "from tests.conftest import make_settings\n"
+        "create_standalone_app(make_settings())\n"
+        "assert not any(name == 'redis' or name.startswith('redis.') for name in sys.modules), 'redis imported'\n"
+        "assert 'signal_server.cluster' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    from signal_server.cluster.link import Backoff
+
+    backoff = Backoff(base=0.1, cap=2.0)
+    delays = [backoff.next() for _ in range(100)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(delay <= 2.0 for delay in delays) and max(delays[10:]) > 1.0
+    assert len(set(delays[10:])) > 1  # jittered: nodes do not retry in lockstep
+    backoff.reset()
+    assert backoff.next() <= 0.1
