@@ -55,13 +55,12 @@ class Remote:
 class ClusterSlot(Slot):
     """A local slot, plus what the registry knows of it."""
 
-    __slots__ = ("epoch", "seq", "lost", "unavailable_at", "fallback")
+    __slots__ = ("epoch", "seq", "unavailable_at", "fallback")
 
     def __init__(self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int) -> None:
         super().__init__(user_id, username, room, peer)
         self.epoch = epoch
         self.seq = seq
-        self.lost = False  # a frame for this held slot could not be kept: resume says recovered false
         self.unavailable_at = -UNAVAILABLE_EVERY
         self.fallback: asyncio.TimerHandle | None = None
 
@@ -108,6 +107,8 @@ class ClusterHub(Hub):
         for room in list(self.rooms.values()):
             for slot in list(room.slots.values()):
                 if isinstance(slot, ClusterSlot) and slot.peer is not None:
+                    if slot.peer.lost:
+                        slot.incomplete = True
                     slot.peer = None
                     self._hold(slot)
         if self._restore is not None:
@@ -145,6 +146,10 @@ class ClusterHub(Hub):
             self._discard_if_empty(room)
             self.metrics.refused["rooms_per_user"] += 1
             raise SignalError("TOO_MANY_ROOMS", f"a user may be in at most {self.limits.max_rooms_per_user} rooms")
+        if user not in room.slots and self.slot_count >= self.limits.max_slots:
+            self._discard_if_empty(room)
+            self.metrics.refused["server_slots"] += 1
+            raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
         room.joining += 1
         try:
             reply = await self.link.call(
@@ -160,47 +165,66 @@ class ClusterHub(Hub):
                 "ROOM_FULL", f"room {room_id!r} is full ({int(reply[1])} of {self.limits.max_participants})"
             )
         version, resumed, held, overflowed, epoch = (int(value) for value in reply[1:6])
+        try:
+            return self._admitted(room, identity, peer, reply, version, epoch, resumed, held, overflowed)
+        except BaseException:
+            # All or nothing: Redis admitted us, so undo that before giving up.
+            self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
+            self._discard_if_empty(room)
+            raise
+
+    def _admitted(
+        self, room: ClusterRoom, identity: Identity, peer: Peer, reply: list[Any], version: int, epoch: int,
+        resumed: int, held: int, overflowed: int,
+    ) -> Slot:
+        """Attach ``peer`` after the registry admitted it: state first, then kept frames, then live."""
+        user = identity.user_id
         members = _members(reply[6])
         kept: list[bytes] = reply[7:]
         self._sync(room, members, version)
-        self.metrics.joins += 1
         slot = room.slots.get(user)
         if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
-            self.metrics.resumes += 1
             old = slot.peer
-            recovered = bool(held) and not overflowed and not slot.lost and old is None
+            recovered = bool(held) and not overflowed and not slot.incomplete and old is None
+            state = self._state(room, slot, members, resumed=True, recovered=recovered)
+            self.metrics.joins += 1
+            self.metrics.resumes += 1
             self._attach(slot, peer, epoch)
             if old is not None:
                 old.close(
                     CloseCode.SESSION_REPLACED,
                     SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
                 )
-            peer.send(self._state(room, slot, members, resumed=True, recovered=recovered))
+            peer.notify(state)
             for frame in kept:
                 peer.send(frame)
             return slot
-        room.remote.pop(user, None)
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq)
+        state = self._state(
+            room, slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed
+        )
+        joined = encode_server_message("user_joined", slot.describe(), room.room_id)
+        room.remote.pop(user, None)
         room.slots[user] = slot
         self._user_rooms[user] += 1
-        if resumed:
+        self.slot_count += 1
+        self.metrics.joins += 1
+        peer.notify(state)
+        if resumed:  # resumed through this node a slot another node held
             self.metrics.resumes += 1
-            peer.send(self._state(room, slot, members, resumed=True, recovered=bool(held) and not overflowed))
             for frame in kept:
                 peer.send(frame)
         else:
-            peer.send(self._state(room, slot, members, resumed=False))
-            joined = encode_server_message("user_joined", slot.describe(), room_id)
             for other in room.slots.values():
                 if other is not slot:
-                    self._deliver(other, joined)
+                    self._announce(other, joined)
         return slot
 
     def _attach(self, slot: ClusterSlot, peer: Peer, epoch: int) -> None:
         slot.peer = peer
         slot.epoch = epoch
-        slot.lost = False
+        slot.incomplete = False
         if slot.fallback is not None:
             slot.fallback.cancel()
             slot.fallback = None
@@ -233,6 +257,8 @@ class ClusterHub(Hub):
     async def drop(self, slot: Slot, peer: Peer) -> None:
         if slot.peer is not peer or not isinstance(slot, ClusterSlot):
             return
+        if peer.lost:  # frames sent to it may never have been read: the resume must say so
+            slot.incomplete = True
         if self.limits.reconnect_grace <= 0:
             await self.leave(slot, peer, "timeout")
             return
@@ -244,9 +270,10 @@ class ClusterHub(Hub):
         ends it instead if Redis is still unreachable when the grace is over."""
         grace = self.limits.reconnect_grace
         if not self.link.send_script(
-            "HOLD", slot.room.room_id, slot.user_id, self.node, slot.epoch, int(grace * 1000)
+            "HOLD", slot.room.room_id, slot.user_id, self.node, slot.epoch, int(grace * 1000),
+            int(slot.incomplete),
         ):
-            slot.lost = True
+            slot.incomplete = True
         slot.expiry = None
         loop = asyncio.get_running_loop()
         slot.fallback = loop.call_later(grace + 4 * TICK, self._fallback_expire, slot)
@@ -271,6 +298,7 @@ class ClusterHub(Hub):
             slot.fallback.cancel()
             slot.fallback = None
         slot.peer = None
+        self.slot_count -= 1
         user = slot.user_id
         self._user_rooms[user] -= 1
         if self._user_rooms[user] <= 0:
@@ -279,7 +307,7 @@ class ClusterHub(Hub):
             self.metrics.leaves[reason] += 1
             left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
             for other in room.slots.values():
-                self._deliver(other, left)
+                self._announce(other, left)
 
     def _discard_if_empty(self, room: ClusterRoom) -> None:
         if not room.slots and room.joining == 0 and self.rooms.get(room.room_id) is room:
@@ -350,19 +378,16 @@ class ClusterHub(Hub):
         slot.unavailable_at = now
         return unavailable("the cluster relay is unreachable; message not delivered", fatal=False)
 
-    def _deliver(self, slot: Slot, frame: bytes) -> None:
-        peer = slot.peer
-        if peer is not None:
-            peer.send(frame)
-            return
-        assert isinstance(slot, ClusterSlot)
-        if slot.lost:
+    def _keep(self, slot: Slot, frame: bytes) -> None:
+        """A frame for a held slot of this node: kept in Redis (bounded there), so a
+        resume through any node replays it. If it cannot be, the resume says so."""
+        if slot.incomplete:
             return
         limits = self.limits
         if not self.link.up or not self.link.send_script(
             "KEEP", slot.room.room_id, slot.user_id, self.node, frame, limits.kept_messages, limits.kept_bytes
         ):
-            slot.lost = True
+            slot.incomplete = True
 
     # ---------------------------------------------------------------- events
 
@@ -446,7 +471,7 @@ class ClusterHub(Hub):
     def _notify(self, room: ClusterRoom, kind: str, payload: dict[str, Any]) -> None:
         frame = encode_server_message(kind, payload, room.room_id)
         for slot in room.slots.values():
-            self._deliver(slot, frame)
+            self._announce(slot, frame)
 
     def _sync(self, room: ClusterRoom, members: list[list[Any]], version: int, *, prune: bool = True) -> None:
         """Bring the mirror up to a membership list read at ``version``.
@@ -506,7 +531,7 @@ class ClusterHub(Hub):
                         self._remove_local(slot, "timeout", notify=True)
                         continue
                     left = max(1, int(remaining * 1000))
-                mine.append([slot.user_id, slot.username, slot.epoch, left, int(slot.lost)])
+                mine.append([slot.user_id, slot.username, slot.epoch, left, int(slot.incomplete)])
             try:
                 reply = await self.link.call("RESTORE", room.room_id, self.node, orjson.dumps(mine))
             except (LinkDown, RedisError, OSError):

@@ -125,7 +125,7 @@ forget_node_room(mkey, vkey, node, R)
 return 1
 """
 
-# ARGV: room, user, node, epoch, grace_ms -> 1 when held
+# ARGV: room, user, node, epoch, grace_ms, incomplete (1: frames were lost on the way) -> 1 when held
 HOLD = r"""
 local R, U, node, epoch, grace = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mkey = room_keys(R)
@@ -135,6 +135,7 @@ local rec = cjson.decode(raw)
 if rec.n ~= node or rec.c ~= epoch or rec.h > 0 then return 0 end
 rec.h = now_ms() + grace
 rec.r = 'timeout'
+if ARGV[6] == '1' then rec.o = 1 end
 redis.call('HSET', mkey, U, cjson.encode(rec))
 redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. U)
 return 1
