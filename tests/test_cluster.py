@@ -338,6 +338,30 @@ async def test_redis_outage_and_empty_restart(
         assert 1 <= n1.count(line) <= 2, n1.lines[-30:]
 
 
+async def test_leave_during_an_outage_reaches_redis_when_it_returns(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """A clean leave while Redis is away is reconciled when Redis comes back with its data."""
+    n1, n2 = await start_nodes(2, ttl=10.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n1, "bob")
+    carol = await clients.connect(n2, "carol")
+    await alice.expect("user_joined")
+    for member in (alice, bob):
+        await member.expect("user_joined")
+    await redis.command("SAVE")  # the restart below loads this: Redis returns with its data
+    await redis.stop()
+    await n1.wait_ready(False, timeout=2.5)
+    await bob.ws.close()
+    assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+    await redis.start()
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+    left = await carol.expect("user_left")
+    assert left["payload"]["user_id"] == "bob"
+    dave = await clients.connect(n2, "dave", join=False)
+    assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
+
+
 async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
     """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
     n1, n2 = await start_nodes(2)

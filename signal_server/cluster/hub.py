@@ -19,7 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,9 @@ class ClusterHub(Hub):
         self.published = 0
         self.received = 0
         self._restore: asyncio.Task[None] | None = None
+        # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
+        # right again from the local slots as soon as Redis answers.
+        self._dirty: set[str] = set()
         metrics.registry.register(_ClusterCollector(self))
 
     # ------------------------------------------------------------ lifecycle
@@ -251,8 +254,11 @@ class ClusterHub(Hub):
         self._remove_local(slot, reason, notify=True)
         if isinstance(room, ClusterRoom):
             self._discard_if_empty(room)
-        # Fire and forget: during an outage the re-registration reconciles it.
-        self.link.send_script("LEAVE", room.room_id, slot.user_id, self.node, slot.epoch, reason)
+        # Fire and forget: if it fails, the room is reconciled when Redis is back.
+        self.link.send_script(
+            "LEAVE", room.room_id, slot.user_id, self.node, slot.epoch, reason,
+            on_result=self._dirty_on_failure(room.room_id),
+        )
 
     async def drop(self, slot: Slot, peer: Peer) -> None:
         if slot.peer is not peer or not isinstance(slot, ClusterSlot):
@@ -271,12 +277,19 @@ class ClusterHub(Hub):
         grace = self.limits.reconnect_grace
         if not self.link.send_script(
             "HOLD", slot.room.room_id, slot.user_id, self.node, slot.epoch, int(grace * 1000),
-            int(slot.incomplete),
+            int(slot.incomplete), on_result=self._dirty_on_failure(slot.room.room_id),
         ):
             slot.incomplete = True
         slot.expiry = None
         loop = asyncio.get_running_loop()
         slot.fallback = loop.call_later(grace + 4 * TICK, self._fallback_expire, slot)
+
+    def _dirty_on_failure(self, room_id: str) -> Callable[[Any], None]:
+        def check(result: Any) -> None:
+            if isinstance(result, BaseException):
+                self._dirty.add(room_id)
+
+        return check
 
     def _fallback_expire(self, slot: ClusterSlot) -> None:
         slot.fallback = None
@@ -442,7 +455,10 @@ class ClusterHub(Hub):
         elif kind == b"l":
             local = room.slots.get(user)
             if local is not None:
+                peer = local.peer
                 self._remove_local(local, header["why"], notify=True)
+                if peer is not None:  # the registry let it go (it should have been held): start over
+                    peer.close(CloseCode.GOING_AWAY)
             elif room.remote.pop(user, None) is not None:
                 self._notify(
                     room, "user_left", {"user_id": user, "username": header["name"], "reason": header["why"]}
@@ -509,18 +525,25 @@ class ClusterHub(Hub):
     # ---------------------------------------------------------- link events
 
     def _on_state(self, up: bool) -> None:
-        """Nothing to do on a change: routing reads ``link.up``; joins check it."""
+        """Back up: reconcile the rooms where a change of ours did not reach Redis."""
+        if up and self._dirty:
+            self._on_registered(only=set(self._dirty))
 
-    def _on_registered(self) -> None:
+    def _on_registered(self, only: set[str] | None = None) -> None:
         """Redis does not know this node (restarted empty, or it found us dead): re-register."""
         if self._restore is None or self._restore.done():
-            self._restore = asyncio.get_running_loop().create_task(self._reregister())
+            self._restore = asyncio.get_running_loop().create_task(self._reregister(only))
 
-    async def _reregister(self) -> None:
+    async def _reregister(self, only: set[str] | None = None) -> None:
         now = asyncio.get_running_loop().time()
-        rooms = [room for room in self.rooms.values() if isinstance(room, ClusterRoom)]
+        names = set(self.rooms) if only is None else only
+        if only is None:
+            names |= self._dirty
+        self._dirty -= names
+        rooms = [self.rooms.get(name) or ClusterRoom(name) for name in sorted(names)]
         restored = 0
         for room in rooms:
+            assert isinstance(room, ClusterRoom)
             mine: list[list[Any]] = []
             for slot in list(room.slots.values()):
                 assert isinstance(slot, ClusterSlot)
@@ -535,11 +558,12 @@ class ClusterHub(Hub):
             try:
                 reply = await self.link.call("RESTORE", room.room_id, self.node, orjson.dumps(mine))
             except (LinkDown, RedisError, OSError):
-                self._restore = None
-                return  # the next registration attempt starts over
-            room.version = 0
-            self._sync(room, _members(reply[1]), int(reply[0]), prune=False)
-            self._discard_if_empty(room)
+                self._dirty |= {r.room_id for r in rooms}
+                return  # the next registration (or the next time Redis is up) starts over
+            if self.rooms.get(room.room_id) is room:
+                room.version = 0
+                self._sync(room, _members(reply[1]), int(reply[0]), prune=False)
+                self._discard_if_empty(room)
             restored += len(mine)
         logger.info("cluster: re-registered %d slots in %d rooms (node %s)", restored, len(rooms), self.node)
 

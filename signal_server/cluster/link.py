@@ -362,8 +362,8 @@ def _settle(command: _Command, result: Any) -> None:
             command.future.set_exception(result)
         else:
             command.future.set_result(result)
-    if command.on_result is not None and not failed:
-        command.on_result(result)
+    if command.on_result is not None:
+        command.on_result(result)  # an exception object when the command failed
 
 
 def _text(value: bytes | str) -> str:
