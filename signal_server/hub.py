@@ -190,8 +190,14 @@ class Hub:
             peer.notify(state)
 
     def _room_state(self, slot: Slot, members: list[Slot], *, resumed: bool, recovered: bool = True) -> bytes:
+        return self._state_frame(slot, [s.describe() for s in members], resumed=resumed, recovered=recovered)
+
+    def _state_frame(
+        self, slot: Slot, participants: list[dict[str, str]], *, resumed: bool, recovered: bool = True
+    ) -> bytes:
+        """The ``room_state`` message (a cluster hub lists participants from Redis)."""
         payload: dict[str, Any] = {
-            "participants": [s.describe() for s in members],
+            "participants": participants,
             "self": slot.describe(),
             "max_participants": self.limits.max_participants,
             "reconnect_grace": self.limits.reconnect_grace,

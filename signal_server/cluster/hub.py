@@ -97,6 +97,9 @@ class ClusterHub(Hub):
         # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
         # right again from the local slots as soon as Redis answers.
         self._dirty: set[str] = set()
+        # Who left those rooms meanwhile (user -> username, reason): announced by
+        # the re-registration even if Redis lost their records.
+        self._gone: dict[str, dict[str, tuple[str, str]]] = {}
         metrics.registry.register(_ClusterCollector(self))
 
     # ------------------------------------------------------------ lifecycle
@@ -114,6 +117,7 @@ class ClusterHub(Hub):
                         slot.incomplete = True
                     slot.peer = None
                     self._hold(slot)
+        self.cancel_timers()  # expiry is the registry's now
         if self._restore is not None:
             self._restore.cancel()
         await self.link.stop()
@@ -154,14 +158,23 @@ class ClusterHub(Hub):
             self.metrics.refused["server_slots"] += 1
             raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
         room.joining += 1
+        call = asyncio.ensure_future(
+            self.link.call("JOIN", room_id, user, identity.username, self.node, self.limits.max_participants)
+        )
         try:
-            reply = await self.link.call(
-                "JOIN", room_id, user, identity.username, self.node, self.limits.max_participants
-            )
+            # Shielded: if this task is cancelled (shutdown), the script may still
+            # run, and an admitted slot with no connection must be given back.
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._give_back(room_id, user, done))
+            raise
         except (LinkDown, RedisError, OSError):
-            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+            reply = None
         finally:
             room.joining -= 1
+        if reply is None:
+            self._discard_if_empty(room)
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True)
         if int(reply[0]) == 0:
             self._discard_if_empty(room)
             raise SignalError(
@@ -176,6 +189,14 @@ class ClusterHub(Hub):
             self._discard_if_empty(room)
             raise
 
+    def _give_back(self, room_id: str, user: str, done: asyncio.Future[Any]) -> None:
+        room = self.rooms.get(room_id)
+        if isinstance(room, ClusterRoom):
+            self._discard_if_empty(room)
+        if done.cancelled() or done.exception() is not None or int(done.result()[0]) == 0:
+            return
+        self.link.send_script("LEAVE", room_id, user, self.node, int(done.result()[5]), "left")
+
     def _admitted(
         self, room: ClusterRoom, identity: Identity, peer: Peer, reply: list[Any], version: int, epoch: int,
         resumed: int, held: int, overflowed: int,
@@ -189,7 +210,7 @@ class ClusterHub(Hub):
         if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
             old = slot.peer
             recovered = bool(held) and not overflowed and not slot.incomplete and old is None
-            state = self._state(room, slot, members, resumed=True, recovered=recovered)
+            state = self._state(slot, members, resumed=True, recovered=recovered)
             self.metrics.joins += 1
             self.metrics.resumes += 1
             self._attach(slot, peer, epoch)
@@ -205,7 +226,7 @@ class ClusterHub(Hub):
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq)
         state = self._state(
-            room, slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed
+            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed
         )
         joined = encode_server_message("user_joined", slot.describe(), room.room_id)
         room.remote.pop(user, None)
@@ -232,20 +253,9 @@ class ClusterHub(Hub):
             slot.fallback.cancel()
             slot.fallback = None
 
-    def _state(
-        self, room: ClusterRoom, slot: ClusterSlot, members: list[list[Any]], *, resumed: bool,
-        recovered: bool = True,
-    ) -> bytes:
-        payload: dict[str, Any] = {
-            "participants": [{"user_id": m[0], "username": m[1]} for m in members],
-            "self": slot.describe(),
-            "max_participants": self.limits.max_participants,
-            "reconnect_grace": self.limits.reconnect_grace,
-            "resumed": resumed,
-        }
-        if resumed:
-            payload["recovered"] = recovered
-        return encode_server_message("room_state", payload, room.room_id)
+    def _state(self, slot: ClusterSlot, members: list[list[Any]], *, resumed: bool, recovered: bool = True) -> bytes:
+        participants = [{"user_id": m[0], "username": m[1]} for m in members]
+        return self._state_frame(slot, participants, resumed=resumed, recovered=recovered)
 
     async def leave(self, slot: Slot, peer: Peer, reason: str = "left") -> None:
         if slot.peer is not peer or not isinstance(slot, ClusterSlot):
@@ -257,7 +267,7 @@ class ClusterHub(Hub):
         # Fire and forget: if it fails, the room is reconciled when Redis is back.
         self.link.send_script(
             "LEAVE", room.room_id, slot.user_id, self.node, slot.epoch, reason,
-            on_result=self._dirty_on_failure(room.room_id),
+            on_result=self._dirty_on_failure(room.room_id, (slot.user_id, slot.username, reason)),
         )
 
     async def drop(self, slot: Slot, peer: Peer) -> None:
@@ -284,12 +294,18 @@ class ClusterHub(Hub):
         loop = asyncio.get_running_loop()
         slot.fallback = loop.call_later(grace + 4 * TICK, self._fallback_expire, slot)
 
-    def _dirty_on_failure(self, room_id: str) -> Callable[[Any], None]:
+    def _dirty_on_failure(self, room_id: str, gone: tuple[str, str, str] | None = None) -> Callable[[Any], None]:
         def check(result: Any) -> None:
             if isinstance(result, BaseException):
-                self._dirty.add(room_id)
+                self._mark_dirty(room_id, gone)
 
         return check
+
+    def _mark_dirty(self, room_id: str, gone: tuple[str, str, str] | None) -> None:
+        self._dirty.add(room_id)
+        if gone is not None:
+            user, username, reason = gone
+            self._gone.setdefault(room_id, {})[user] = (username, reason)
 
     def _fallback_expire(self, slot: ClusterSlot) -> None:
         slot.fallback = None
@@ -298,6 +314,7 @@ class ClusterHub(Hub):
         if self.link.up:  # the reaper is on it; look again shortly
             slot.fallback = asyncio.get_running_loop().call_later(2 * TICK, self._fallback_expire, slot)
             return
+        self._mark_dirty(slot.room.room_id, (slot.user_id, slot.username, "timeout"))
         self._remove_local(slot, "timeout", notify=True)
         if isinstance(slot.room, ClusterRoom):
             self._discard_if_empty(slot.room)
@@ -547,17 +564,23 @@ class ClusterHub(Hub):
             mine: list[list[Any]] = []
             for slot in list(room.slots.values()):
                 assert isinstance(slot, ClusterSlot)
-                left = 0
+                held_ms = 0
                 if slot.peer is None:
                     remaining = (slot.fallback.when() - 4 * TICK - now) if slot.fallback else 0
-                    if remaining <= 0:
+                    if remaining <= 0:  # its grace ran out while Redis was away
+                        self._gone.setdefault(room.room_id, {})[slot.user_id] = (slot.username, "timeout")
                         self._remove_local(slot, "timeout", notify=True)
                         continue
-                    left = max(1, int(remaining * 1000))
-                mine.append([slot.user_id, slot.username, slot.epoch, left, int(slot.incomplete)])
+                    held_ms = max(1, int(remaining * 1000))
+                mine.append([slot.user_id, slot.username, slot.epoch, held_ms, int(slot.incomplete)])
+            gone = self._gone.pop(room.room_id, {})
+            left = [[user, username, reason] for user, (username, reason) in gone.items()]
             try:
-                reply = await self.link.call("RESTORE", room.room_id, self.node, orjson.dumps(mine))
+                reply = await self.link.call(
+                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left)
+                )
             except (LinkDown, RedisError, OSError):
+                self._gone.setdefault(room.room_id, {}).update(gone)
                 self._dirty |= {r.room_id for r in rooms}
                 return  # the next registration (or the next time Redis is up) starts over
             if self.rooms.get(room.room_id) is room:

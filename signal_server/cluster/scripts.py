@@ -263,8 +263,10 @@ return reply
 # empty) or after this node was wrongly found dead. The node's own view is the
 # truth for its own slots: missing ones are added (live, or held with what
 # remains of their grace), records of this node that it no longer has are
-# removed. ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...]
-# -> {version, members-json}
+# removed. Users that left this node while Redis was away (``gone``) are
+# announced to the other nodes even when Redis lost their record.
+# ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...],
+# gone-json [[user, username, reason], ...] -> {version, members-json}
 RESTORE = r"""
 local R, node = ARGV[1], ARGV[2]
 local mkey, vkey = room_keys(R)
@@ -289,6 +291,16 @@ for _, s in ipairs(cjson.decode(ARGV[3])) do
     end
   end
 end
+local why = {}
+for _, g in ipairs(cjson.decode(ARGV[4])) do
+  if not mine[g[1]] then
+    why[g[1]] = g[3]
+    if not redis.call('HGET', mkey, g[1]) then
+      local ver = redis.call('INCR', vkey)
+      emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
+    end
+  end
+end
 local all = redis.call('HGETALL', mkey)
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
@@ -297,7 +309,7 @@ for i = 1, #all, 2 do
     redis.call('DEL', kept_key(R, all[i]))
     redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
     local ver = redis.call('INCR', vkey)
-    emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = 'left', v = ver})
+    emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = why[all[i]] or 'left', v = ver})
   end
 end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
