@@ -78,7 +78,9 @@ def run_once(scenario: str, nodes: int, redis: bool, params: dict[str, Any], sec
                         raise RuntimeError("node not ready")
                     time.sleep(0.05)
         config = {"target": "signal", "port": ports[0], "ports": ports, "scenario": scenario, "secret": SECRET,
-                  "seconds": seconds, "warmup": 1, **params}
+                  "seconds": seconds, "warmup": 1,
+                  # A closed loop across nodes has more in flight at the end; give it time to land.
+                  "drain_ms": 10000, **params}
         generator = subprocess.Popen(
             ["taskset", "-c", "1", "node", str(BENCH / "loadgen.mjs"), json.dumps(config)],
             cwd=BENCH, stdout=subprocess.PIPE, preexec_fn=raise_file_limit, text=True,

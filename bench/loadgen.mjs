@@ -3,7 +3,8 @@
 // Usage: node loadgen.mjs '<json config>'
 //   {"target": "signal" | "floor" | "floor-jwt" | "peerjs", "port": 8080, "scenario": "S1".."S5",
 //    "secret": "...", "seconds": 10, "warmup": 1, ...scenario parameters}
-//   "ports": [p1, p2] instead of "port" spreads each room's members over nodes (signal only).
+//   "ports": [p1, p2] instead of "port" spreads each room's members over nodes (signal only);
+//   "drain_ms" (default 3000): how long to wait for in-flight messages at the end.
 //
 // Prints JSON lines on stdout: {"phase": "window_start"}, {"phase": "window_end"}
 // (so the orchestrator can read the server's CPU and memory at those moments),
@@ -299,7 +300,7 @@ async function measuredWindow() {
 
 async function drain(expected) {
   stopping = true;
-  const deadline = now() + 3000;
+  const deadline = now() + (config.drain_ms ?? 3000);
   while (stats.delivered < expected() && now() < deadline) await sleep(20);
 }
 

@@ -327,7 +327,12 @@ async def test_redis_outage_and_empty_restart(
     await asyncio.sleep(max(0.0, 5.0 - (loop.time() - stopped)))
     await redis.start()  # empty: no persistence
     restarted = loop.time()
-    await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
+    try:
+        await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
+    except TimeoutError:
+        for node in (n1, n2, n3):
+            print(node.name, "".join(line for line in node.lines if "access" not in line)[-3000:])
+        raise
     left = await carol.expect("user_left")
     assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
     await expect_relay_back(alice, carol)

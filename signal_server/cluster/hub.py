@@ -94,6 +94,7 @@ class ClusterHub(Hub):
         self.published = 0
         self.received = 0
         self._restore: asyncio.Task[None] | None = None
+        self._stopping = False
         # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
         # right again from the local slots as soon as Redis answers.
         self._dirty: set[str] = set()
@@ -110,6 +111,7 @@ class ClusterHub(Hub):
 
     async def stop(self) -> None:
         """Hold every live slot in Redis (clients resume on another node), then deregister."""
+        self._stopping = True
         for room in list(self.rooms.values()):
             for slot in list(room.slots.values()):
                 if isinstance(slot, ClusterSlot) and slot.peer is not None:
@@ -295,9 +297,14 @@ class ClusterHub(Hub):
         slot.fallback = loop.call_later(grace + 4 * TICK, self._fallback_expire, slot)
 
     def _dirty_on_failure(self, room_id: str, gone: tuple[str, str, str] | None = None) -> Callable[[Any], None]:
+        """A LEAVE or HOLD that failed, or found no record (Redis restarted empty
+        meanwhile): the room is re-registered, at once if Redis is up."""
+
         def check(result: Any) -> None:
-            if isinstance(result, BaseException):
+            if isinstance(result, BaseException) or result == 0:
                 self._mark_dirty(room_id, gone)
+                if self.link.up:
+                    self._on_state(True)
 
         return check
 
@@ -548,6 +555,8 @@ class ClusterHub(Hub):
 
     def _on_registered(self, only: set[str] | None = None) -> None:
         """Redis does not know this node (restarted empty, or it found us dead): re-register."""
+        if self._stopping:
+            return
         if self._restore is None or self._restore.done():
             self._restore = asyncio.get_running_loop().create_task(self._reregister(only))
 
@@ -585,10 +594,20 @@ class ClusterHub(Hub):
                 return  # the next registration (or the next time Redis is up) starts over
             if self.rooms.get(room.room_id) is room:
                 room.version = 0
-                self._sync(room, _members(reply[1]), int(reply[0]), prune=False)
+                members = _members(reply[1])
+                self._sync(room, members, int(reply[0]), prune=False)
+                present = {member[0] for member in members}
+                tombstones = reply[2]
+                for user_raw, info in zip(tombstones[::2], tombstones[1::2], strict=True):
+                    user = user_raw.decode()
+                    if user not in present and room.remote.pop(user, None) is not None:
+                        username, reason = orjson.loads(info)
+                        self._notify(room, "user_left", {"user_id": user, "username": username, "reason": reason})
                 self._discard_if_empty(room)
             restored += len(mine)
         logger.info("cluster: re-registered %d slots in %d rooms (node %s)", restored, len(rooms), self.node)
+        if self._dirty and self.link.up:  # marked while this ran: once more, after this task ends
+            asyncio.get_running_loop().call_soon(self._on_state, True)
 
 
 def _members(raw: bytes) -> list[list[Any]]:

@@ -20,8 +20,9 @@ import asyncio
 import hashlib
 import logging
 import random
+import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +125,6 @@ class RedisLink:
         self.up = False
         self.nodes_seen = 0
         self.published = 0
-        self.received = 0
         self._on_message = on_message
         self._on_state = on_state
         self._on_registered = on_registered
@@ -241,11 +241,7 @@ class RedisLink:
                     if not self._scripts_loaded:
                         await self._load_scripts()
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for command in batch:
-                            if command.script is None:
-                                pipe.execute_command(*command.args)
-                            else:
-                                pipe.evalsha(SCRIPT_SHAS[command.script], 0, *command.args)
+                        groups = _pipeline(pipe, batch)
                         results = await pipe.execute(raise_on_error=False)
                 except (RedisError, OSError) as exc:
                     self._scripts_loaded = False
@@ -255,12 +251,12 @@ class RedisLink:
                     await asyncio.sleep(backoff.next())
                     continue
                 backoff.reset()
-                for command, result in zip(batch, results, strict=True):
+                for group, result in zip(groups, results, strict=True):
                     if isinstance(result, RedisError) and "NOSCRIPT" in str(result):
                         self._scripts_loaded = False
-                    if command.script is None:
-                        self.published += 1
-                    _settle(command, result)
+                    for command in group:
+                        _settle(command, result)
+                self.published += sum(1 for group in groups if group[0].script is None)
                 if self._next:
                     self._queue[:0] = self._next
                     self._next = []
@@ -274,21 +270,15 @@ class RedisLink:
             try:
                 await pubsub.subscribe(self.channel)
                 backoff.reset()
+                read = pubsub.parse_response
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=TICK)
-                    if message is None or message["type"] != "message":
+                    # Blocking read of raw replies: no per-message timeout context or
+                    # dict (a dead connection still raises); liveness is the ping.
+                    reply = await read(block=True)
+                    if not reply or reply[0] != b"message":
                         continue
-                    data: bytes = message["data"]
-                    if data[:1] == b"p":
-                        if data[1:] == self.boot.encode():
-                            self._last_pong = time.monotonic()
-                            self._set_up(True)
-                        continue
-                    self.received += 1
-                    try:
-                        self._on_message(data)
-                    except Exception:  # a bad message must not stop the subscriber
-                        logger.exception("cluster: could not handle a message from Redis")
+                    for data in unpack_messages(reply[2]):
+                        self._dispatch(data)
             except (RedisError, OSError) as exc:
                 self._link_failed(exc)
             finally:
@@ -297,6 +287,17 @@ class RedisLink:
                 except (RedisError, OSError):
                     pass
             await asyncio.sleep(backoff.next())
+
+    def _dispatch(self, data: bytes) -> None:
+        if data[:1] == b"p":
+            if data[1:] == self.boot.encode():
+                self._last_pong = time.monotonic()
+                self._set_up(True)
+            return
+        try:
+            self._on_message(data)
+        except Exception:  # a bad message must not stop the subscriber
+            logger.exception("cluster: could not handle a message from Redis")
 
     # --------------------------------------------------------------- ticker
 
@@ -351,6 +352,61 @@ class RedisLink:
         else:
             logger.warning("cluster: Redis unreachable; cross-node relay and joins paused (node %s)", self.node)
         self._on_state(up)
+
+
+def _pipeline(pipe: Any, batch: list[_Command]) -> list[list[_Command]]:
+    """Queue ``batch`` on ``pipe``; return the commands behind each pipelined reply.
+
+    A run of publishes with no script between them becomes one publish per
+    channel (a container of the messages, in order): under load a node sends
+    one message to each other node per loop turn instead of one per frame.
+    Only channels are regrouped, never a publish across a script, so every
+    order that matters (one channel's messages; a script before or after a
+    publish) stays as queued.
+    """
+    groups: list[list[_Command]] = []
+    run: dict[str, list[_Command]] = {}
+
+    def flush() -> None:
+        for channel, commands in run.items():
+            if len(commands) == 1:
+                pipe.execute_command(*commands[0].args)
+            else:
+                pipe.execute_command("PUBLISH", channel, pack_messages([c.args[2] for c in commands]))
+            groups.append(commands)
+        run.clear()
+
+    for command in batch:
+        if command.script is None:
+            run.setdefault(command.args[1], []).append(command)
+        else:
+            flush()
+            pipe.evalsha(SCRIPT_SHAS[command.script], 0, *command.args)
+            groups.append([command])
+    flush()
+    return groups
+
+
+_LENGTH = struct.Struct("!I")
+
+
+def pack_messages(messages: list[bytes]) -> bytes:
+    """``b`` then each message with a 4-byte length: many messages in one publish."""
+    return b"b" + b"".join(_LENGTH.pack(len(m)) + m for m in messages)
+
+
+def unpack_messages(data: bytes) -> Iterator[bytes]:
+    """The messages of a container (or the message itself, when it is not one)."""
+    if data[:1] != b"b":
+        yield data
+        return
+    view = memoryview(data)
+    offset = 1
+    while offset < len(data):
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        yield data[offset:offset + length]
+        offset += length
 
 
 def _settle(command: _Command, result: Any) -> None:

@@ -266,10 +266,13 @@ return reply
 # removed. Users that left this node while Redis was away (``gone``) are
 # announced to the other nodes even when Redis lost their record.
 # ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...],
-# gone-json [[user, username, reason], ...] -> {version, members-json}
+# gone-json [[user, username, reason], ...]
+# -> {version, members-json, [user, [username, reason]-json, ...] of who left during the outage}
 RESTORE = r"""
 local R, node = ARGV[1], ARGV[2]
 local mkey, vkey = room_keys(R)
+local gkey = 'sig:{' .. R .. '}:g'
+
 local mine = {}
 local now = now_ms()
 for _, s in ipairs(cjson.decode(ARGV[3])) do
@@ -298,6 +301,9 @@ for _, g in ipairs(cjson.decode(ARGV[4])) do
     if not redis.call('HGET', mkey, g[1]) then
       local ver = redis.call('INCR', vkey)
       emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
+      -- Nodes that re-register after this one learn it from the reply instead.
+      redis.call('HSET', gkey, g[1], cjson.encode({g[2], g[3]}))
+      redis.call('PEXPIRE', gkey, 60000)
     end
   end
 end
@@ -314,5 +320,5 @@ for i = 1, #all, 2 do
 end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
 forget_node_room(mkey, vkey, node, R)
-return {tonumber(redis.call('GET', vkey) or '0'), members(mkey)}
+return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGETALL', gkey)}
 """
