@@ -74,7 +74,7 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     )
     cors.add(config_route)
     cors.add(module_route)  # module scripts are fetched with CORS
-    node = getattr(sig.hub, "node", None)
+    node = sig.hub.node
     if node is not None:  # clustered: say which node answered (to see where a tab landed)
         app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)

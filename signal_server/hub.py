@@ -103,6 +103,8 @@ class Room:
 class Hub:
     """Single-node rooms. One instance per app, behind an ``AppKey``."""
 
+    node: str | None = None  # this node's id in a cluster; None alone
+
     def __init__(self, limits: HubLimits, metrics: Metrics) -> None:
         self.limits = limits
         self.metrics = metrics

@@ -89,7 +89,7 @@ class ClusterHub(Hub):
 
     def __init__(self, limits: HubLimits, metrics: Metrics, settings: Settings) -> None:
         super().__init__(limits, metrics)
-        self.node = settings.node_id or secrets.token_hex(4)
+        self.node: str = settings.node_id or secrets.token_hex(4)
         self.link = RedisLink(settings, self.node, self._on_message, self._on_state, self._on_registered)
         self.published = 0
         self.received = 0
