@@ -356,9 +356,8 @@ class ClusterHub(Hub):
         self, slot: Slot, kind: str, payload: dict[str, Any], target: str | None
     ) -> SignalError | None:
         """Deliver locally at once; queue one publish per other node with recipients."""
-        room = slot.room
+        room: ClusterRoom = slot.room  # type: ignore[assignment]  # every room here is one (hot path: no check)
         payload["sender_id"] = slot.user_id
-        assert isinstance(room, ClusterRoom) and isinstance(slot, ClusterSlot)
         if target is None:
             frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
             for other in room.slots.values():
@@ -372,8 +371,12 @@ class ClusterHub(Hub):
                 for user, remote in room.remote.items():
                     by_node.setdefault(remote.node, []).append(user)
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": None}) + b"\n"
+                queued = True
                 for node, users in by_node.items():
-                    self._publish(room.room_id, node, users, header + frame, frame)
+                    queued = self._publish(room.room_id, node, users, header + frame, frame) and queued
+                if not queued:
+                    self.metrics.relayed[kind] += 1
+                    return self._unavailable(slot)
         else:
             recipient = room.slots.get(target)
             if recipient is not None:
@@ -388,13 +391,15 @@ class ClusterHub(Hub):
                     return self._unavailable(slot)
                 frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
-                self._publish(room.room_id, found.node, [target], header + frame, frame)
+                if not self._publish(room.room_id, found.node, [target], header + frame, frame):
+                    return self._unavailable(slot)
         self.metrics.relayed[kind] += 1
         return None
 
-    def _publish(self, room_id: str, node: str, users: list[str], data: bytes, frame: bytes) -> None:
+    def _publish(self, room_id: str, node: str, users: list[str], data: bytes, frame: bytes) -> bool:
         """One publish to ``node``; if nobody listens there (a dead or drained node),
-        the frames go to the registry's keep instead, so nothing is lost silently."""
+        the frames go to the registry's keep instead, so nothing is lost silently.
+        False when Redis is so slow that the queue is full (the sender is told)."""
 
         def check(receivers: Any) -> None:
             if receivers == 0:
@@ -405,10 +410,11 @@ class ClusterHub(Hub):
                     )
 
         self.published += 1
-        self.link.publish(node, data, check)
+        return self.link.publish(node, data, check)
 
-    def _unavailable(self, slot: ClusterSlot) -> SignalError | None:
+    def _unavailable(self, slot: Slot) -> SignalError | None:
         """UNAVAILABLE (non-fatal), at most once a second per connection."""
+        assert isinstance(slot, ClusterSlot)  # off the hot path: only during an outage
         now = time.monotonic()
         if now - slot.unavailable_at < UNAVAILABLE_EVERY:
             return None
