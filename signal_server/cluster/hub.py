@@ -159,7 +159,15 @@ class ClusterHub(Hub):
             self._discard_if_empty(room)
             self.metrics.refused["server_slots"] += 1
             raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
-        room.joining += 1
+        room.joining += 1  # keeps the room (mirror and pending events) until this join is done
+        try:
+            return await self._join_through_registry(room, identity, peer)
+        finally:
+            room.joining -= 1
+            self._discard_if_empty(room)  # only if this join failed and nobody else is here
+
+    async def _join_through_registry(self, room: ClusterRoom, identity: Identity, peer: Peer) -> Slot:
+        room_id, user = room.room_id, identity.user_id
         call = asyncio.ensure_future(
             self.link.call("JOIN", room_id, user, identity.username, self.node, self.limits.max_participants)
         )
@@ -171,14 +179,8 @@ class ClusterHub(Hub):
             call.add_done_callback(lambda done: self._give_back(room_id, user, done))
             raise
         except (LinkDown, RedisError, OSError):
-            reply = None
-        finally:
-            room.joining -= 1
-        if reply is None:
-            self._discard_if_empty(room)
-            raise unavailable("the cluster registry is unreachable; try again later", fatal=True)
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
         if int(reply[0]) == 0:
-            self._discard_if_empty(room)
             raise SignalError(
                 "ROOM_FULL", f"room {room_id!r} is full ({int(reply[1])} of {self.limits.max_participants})"
             )
@@ -188,7 +190,6 @@ class ClusterHub(Hub):
         except BaseException:
             # All or nothing: Redis admitted us, so undo that before giving up.
             self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
-            self._discard_if_empty(room)
             raise
 
     def _give_back(self, room_id: str, user: str, done: asyncio.Future[Any]) -> None:
