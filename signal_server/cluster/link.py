@@ -20,10 +20,11 @@ import asyncio
 import hashlib
 import logging
 import random
+import secrets
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -51,7 +52,7 @@ def channel_of(node: str) -> str:
 
 
 class LinkDown(Exception):
-    """Redis is unreachable (or this node's queue is full): the caller reports UNAVAILABLE."""
+    """Redis is unreachable, or too slow for the queue: the caller reports UNAVAILABLE."""
 
 
 class Backoff:
@@ -76,7 +77,7 @@ class _Command:
     args: tuple[Any, ...]
     future: asyncio.Future[Any] | None = None
     on_result: Callable[[Any], None] | None = None
-    script: str | None = field(default=None)
+    script: str | None = None
 
 
 SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAMES}
@@ -119,12 +120,11 @@ class RedisLink:
     ) -> None:
         self.settings = settings
         self.node = node
-        self.boot = hashlib.sha1(f"{node}{time.time_ns()}{random.random()}".encode()).hexdigest()[:16]
+        self.boot = secrets.token_hex(8)  # this process: tells a restarted or twin node from us
         self.channel = channel_of(node)
         self.redis = make_client(settings)
         self.up = False
         self.nodes_seen = 0
-        self.published = 0
         self._on_message = on_message
         self._on_state = on_state
         self._on_registered = on_registered
@@ -256,7 +256,6 @@ class RedisLink:
                         self._scripts_loaded = False
                     for command in group:
                         _settle(command, result)
-                self.published += sum(1 for group in groups if group[0].script is None)
                 if self._next:
                     self._queue[:0] = self._next
                     self._next = []
@@ -425,6 +424,3 @@ def _settle(command: _Command, result: Any) -> None:
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
-
-def as_strings(values: Sequence[bytes | str]) -> list[str]:
-    return [_text(value) for value in values]
