@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from typing import Any
 
 from run import BENCH, NO_LIMITS, ROOT, SECRET, cpu_seconds, free_port, raise_file_limit, wait_listening
@@ -44,6 +45,17 @@ SETUPS: dict[str, tuple[str, int, bool, dict[str, Any]]] = {
 
 def pinned(*command: str) -> list[str]:
     return ["taskset", "-c", "0", *command]
+
+
+def wait_ready(port: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return  # 200 (a 503 raises)
+        except OSError:
+            time.sleep(0.05)  # polling a node that is not ready yet: nothing to wait on
+    raise RuntimeError(f"node on {port} not ready after {seconds}s")
 
 
 def run_once(scenario: str, nodes: int, redis: bool, params: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -71,12 +83,7 @@ def run_once(scenario: str, nodes: int, redis: bool, params: dict[str, Any], sec
             wait_listening(port, node)
         if redis:  # listening is not ready: wait for the pub/sub round trip
             for port in ports:
-                ready_deadline = time.monotonic() + 10
-                while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/readyz"],
-                                     capture_output=True).returncode != 0:
-                    if time.monotonic() > ready_deadline:
-                        raise RuntimeError("node not ready")
-                    time.sleep(0.05)
+                wait_ready(port)
         config = {"target": "signal", "port": ports[0], "ports": ports, "scenario": scenario, "secret": SECRET,
                   "seconds": seconds, "warmup": 1,
                   # A closed loop across nodes has more in flight at the end; give it time to land.
