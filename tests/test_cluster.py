@@ -9,6 +9,7 @@ HTTP answer, bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -169,12 +170,14 @@ async def raw_client(node: Node, user: str, room: str = "room-1") -> RawWebSocke
 
 async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNodes, clients: Clients) -> None:
     n1, n2, n3 = await start_nodes(3, grace=10.0)
-    alice = await raw_client(n1, "alice")
     bob = await clients.connect(n2, "bob")
     carol = await clients.connect(n1, "carol")
-    for _ in range(2):
-        await alice.expect("user_joined")
     await bob.expect("user_joined")
+    # alice joins last, so nothing was sent to her that she had not confirmed
+    # reading when she vanishes: her resume can be complete (recovered true).
+    alice = await raw_client(n1, "alice")
+    for member in (bob, carol):
+        await member.expect("user_joined")
     alice.abort()
     await n1.line_matching(r"close room=room-1 user=alice clean=False")
     for i in range(10):
@@ -185,7 +188,7 @@ async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNo
     resumed = await clients.connect(n3, "alice", join=False)
     state = await resumed.expect("room_state")
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
-    assert users(state) == ["alice", "bob", "carol"]
+    assert users(state) == ["bob", "carol", "alice"]
     got = [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(20)]
     assert [s for s in got if s[0] == "b"] == [f"b{i}" for i in range(10)]
     assert [s for s in got if s[0] == "c"] == [f"c{i}" for i in range(10)]
@@ -207,14 +210,35 @@ async def quiet(member: Member) -> None:
     await member.expect("pong")
 
 
+async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """A connection that vanished with a frame it never confirmed reading resumes, on any
+    node, with recovered false: the hold carries that into Redis."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    alice = await raw_client(n1, "alice")
+    await clients.connect(n2, "bob")
+    await alice.expect("user_joined")  # read, but not confirmed (no keepalive ping yet)
+    alice.abort()
+
+    async def held_incomplete() -> bool:
+        record = await redis.command("HGET", "sig:{room-1}:m", "alice")
+        return bool(record) and json.loads(record)["h"] > 0 and json.loads(record)["o"] == 1
+
+    await wait_until(held_incomplete)
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+
+
 async def test_resume_after_the_holding_node_is_killed(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
     """Kept messages live in Redis: they replay after the node that held the slot died."""
     n1, n2, n3 = await start_nodes(3, grace=10.0)
-    alice = await raw_client(n1, "alice")
     bob = await clients.connect(n2, "bob")
-    await alice.expect("user_joined")
+    alice = await raw_client(n1, "alice")  # last: nothing unconfirmed when she vanishes
+    await bob.expect("user_joined")
     alice.abort()
     await n1.line_matching(r"close room=room-1 user=alice clean=False")
     for i in range(5):
@@ -255,10 +279,11 @@ async def test_dead_node_release_says_node_lost_once(start_nodes: StartNodes, cl
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     assert loop.time() - killed <= NODE_TTL + 1.5
-    # ...so dave resumes through another node within the grace: not a leave.
+    # ...so dave resumes through another node within the grace: not a leave. What
+    # the dead node had sent him was never confirmed, so it is not a complete resume.
     back = await clients.connect(n2, "dave", join=False)
     state = await back.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
     for member in (bob, carol, back):
         left = await member.expect("user_left")
         assert left["payload"] == {"user_id": "alice", "username": "alice", "reason": "node_lost"}
@@ -390,9 +415,9 @@ async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNo
 async def test_sigterm_drains_to_another_node(start_nodes: StartNodes, clients: Clients) -> None:
     """SIGTERM: clients get 1001, slots stay held in Redis, and resume elsewhere with what was kept."""
     n1, n2 = await start_nodes(2, grace=10.0)
-    alice = await clients.connect(n1, "alice")
     bob = await clients.connect(n2, "bob")
-    await alice.expect("user_joined")
+    alice = await clients.connect(n1, "alice")  # last: nothing unconfirmed at the drain
+    await bob.expect("user_joined")
     n1.signal(signal.SIGTERM)
     await alice.expect_close(1001)
     assert await n1.wait() == 0

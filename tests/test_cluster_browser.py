@@ -16,8 +16,7 @@ from tools.run_cluster import nginx_config
 
 from .cluster import Node, RedisServer, _Process, free_port, wait_until
 from .conftest import make_token
-from .realclients import launch_browser, require_loopback_only
-from .test_browser import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS
+from .realclients import CONNECTED_PEERS, WAIT_MS, frames_above, launch_browser, require_loopback_only
 
 pytestmark = pytest.mark.netns
 
@@ -85,7 +84,7 @@ async def test_demo_call_through_the_balancer_spans_two_nodes(balanced: tuple[Ng
             pages.append(page)
         for page in pages:
             await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-            await page.wait_for_function(f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS)
+            await page.wait_for_function(frames_above(0), timeout=WAIT_MS)
     # Round-robin put the two WebSockets on different nodes: each node logged one join.
     joined = {node.node_id: [u for u in ("alice", "bob") if node.count(rf"join room=lb user={u}\b")] for node in nodes}
     assert sorted(map(len, joined.values())) == [1, 1], joined

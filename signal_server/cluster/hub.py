@@ -245,7 +245,7 @@ class ClusterHub(Hub):
         else:
             for other in room.slots.values():
                 if other is not slot:
-                    self._announce(other, joined)
+                    self._deliver(other, joined)
         return slot
 
     def _attach(self, slot: ClusterSlot, peer: Peer, epoch: int) -> None:
@@ -345,7 +345,7 @@ class ClusterHub(Hub):
             self.metrics.leaves[reason] += 1
             left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
             for other in room.slots.values():
-                self._announce(other, left)
+                self._deliver(other, left)
 
     def _discard_if_empty(self, room: ClusterRoom) -> None:
         if not room.slots and room.joining == 0 and self.rooms.get(room.room_id) is room:
@@ -421,6 +421,14 @@ class ClusterHub(Hub):
             return None
         slot.unavailable_at = now
         return unavailable("the cluster relay is unreachable; message not delivered", fatal=False)
+
+    def _deliver(self, slot: Slot, frame: bytes) -> None:
+        """To the live peer (counted, see Hub), or kept in Redis for a held slot."""
+        peer = slot.peer
+        if peer is not None:
+            peer.send(frame)
+            return
+        self._keep(slot, frame)
 
     def _keep(self, slot: Slot, frame: bytes) -> None:
         """A frame for a held slot of this node: kept in Redis (bounded there), so a
@@ -518,7 +526,7 @@ class ClusterHub(Hub):
     def _notify(self, room: ClusterRoom, kind: str, payload: dict[str, Any]) -> None:
         frame = encode_server_message(kind, payload, room.room_id)
         for slot in room.slots.values():
-            self._announce(slot, frame)
+            self._deliver(slot, frame)
 
     def _sync(self, room: ClusterRoom, members: list[list[Any]], version: int, *, prune: bool = True) -> None:
         """Bring the mirror up to a membership list read at ``version``.

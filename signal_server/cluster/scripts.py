@@ -228,7 +228,8 @@ return redis.call('HLEN', 'sig:nodes')
 """
 
 # Find registered nodes whose liveness key expired and hold their live slots
-# for the grace with reason node_lost. Removing the node from sig:nodes in the
+# for the grace with reason node_lost (and marked incomplete: nobody can say
+# what the dead node's clients had read). Removing the node from sig:nodes in the
 # same step makes the release happen exactly once.
 # ARGV: grace_ms -> {live node count, released node ids...}
 RELEASE_NODES = r"""
@@ -247,6 +248,7 @@ for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
         if rec.n == node and rec.h == 0 then
           rec.h = now + grace
           rec.r = 'node_lost'
+          rec.o = 1  -- what the dead node had sent was never confirmed: recovered false
           redis.call('HSET', mkey, all[i], cjson.encode(rec))
           redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. all[i])
         end
