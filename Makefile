@@ -12,17 +12,17 @@ NETNS := unshare $(if $(filter 0,$(shell id -u)),-n,-rn) -- sh -c
 IN_NETNS = $(NETNS) 'ip link set lo up && exec $(1)' 
 # command:Debian package, installed only when the command is missing (node and
 # npm may come from elsewhere; Debian's npm would conflict with them).
-SYSTEM_COMMANDS := redis-server:redis-server chromium:chromium ip:iproute2 unshare:util-linux haproxy:haproxy \
-	node:nodejs npm:npm nginx:nginx systemd-analyze:systemd
+SYSTEM_COMMANDS := redis-server:redis-server redis-sentinel:redis-sentinel chromium:chromium ip:iproute2 \
+	unshare:util-linux haproxy:haproxy node:nodejs npm:npm nginx:nginx systemd-analyze:systemd
 
-.PHONY: run test lint bench screenshot system-deps bench-deps clean
+.PHONY: run run-cluster test lint bench screenshot system-deps bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall when the package metadata changes.
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[speed]'
+	$(BIN)/pip install -q -e '.[speed,cluster]'
 	touch $@
 
 $(VENV)/.installed-dev: setup.cfg pyproject.toml | $(BIN)/python
@@ -32,6 +32,10 @@ $(VENV)/.installed-dev: setup.cfg pyproject.toml | $(BIN)/python
 ## run: a dev server on 127.0.0.1:8080 (override with SIGNAL_* variables)
 run: $(VENV)/.installed-run
 	exec $(BIN)/signal-server
+
+## run-cluster: redis-server, three nodes and nginx round-robin on 127.0.0.1:8080 (PORT=...)
+run-cluster: $(VENV)/.installed-run system-deps
+	exec $(BIN)/python -m tools.run_cluster
 
 ## system-deps: Debian packages the tests drive (installed only when missing)
 system-deps:
@@ -54,11 +58,12 @@ test: $(VENV)/.installed-dev $(VENV)/.installed-run system-deps
 screenshot: $(VENV)/.installed-dev system-deps
 	$(call IN_NETNS,$(BIN)/python -m tests.screenshot)
 
-## bench: every scenario 3 times against PeerJS and the aiohttp floor (about 20 minutes),
+## bench: every scenario 3 times against PeerJS and the aiohttp floor, and the cluster ones (about 25 minutes),
 ## then docs/benchmarks.md and docs/benchmarks.png
 bench: $(VENV)/.installed-bench bench-deps
 	cd bench && npm install --no-audit --no-fund --loglevel=error
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/report.py
 

@@ -3,6 +3,8 @@
 // Usage: node loadgen.mjs '<json config>'
 //   {"target": "signal" | "floor" | "floor-jwt" | "peerjs", "port": 8080, "scenario": "S1".."S5",
 //    "secret": "...", "seconds": 10, "warmup": 1, ...scenario parameters}
+//   "ports": [p1, p2] instead of "port" spreads each room's members over nodes (signal only);
+//   "drain_ms" (default 3000): how long to wait for in-flight messages at the end.
 //
 // Prints JSON lines on stdout: {"phase": "window_start"}, {"phase": "window_end"}
 // (so the orchestrator can read the server's CPU and memory at those moments),
@@ -42,9 +44,14 @@ function jwt(sub) {
 // Each target says how to connect, how to recognise "joined", and how to
 // write a targeted or room-wide message in its own protocol.
 
+// "ports" (the cluster benchmarks): member m of every room connects to
+// ports[m % ports.length], so the two sides of a pair sit on different nodes.
+const portFor = (user) =>
+  config.ports ? config.ports[Number(user.slice(user.indexOf("x") + 1)) % config.ports.length] : config.port;
+
 const TARGETS = {
   signal: {
-    url: (room, user) => `ws://127.0.0.1:${config.port}/webrtc/ws/${room}?token=${jwt(user)}`,
+    url: (room, user) => `ws://127.0.0.1:${portFor(user)}/webrtc/ws/${room}?token=${jwt(user)}`,
     joined: (text) => text.startsWith('{"type":"room_state"'),
     message: (to, fields) =>
       `{"type":"offer","payload":{"type":"offer","sdp":"${SDP}"${to ? `,"target_user_id":"${to}"` : ""},${fields}}}`,
@@ -293,7 +300,7 @@ async function measuredWindow() {
 
 async function drain(expected) {
   stopping = true;
-  const deadline = now() + 3000;
+  const deadline = now() + (config.drain_ms ?? 3000);
   while (stats.delivered < expected() && now() < deadline) await sleep(20);
 }
 

@@ -74,6 +74,9 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     )
     cors.add(config_route)
     cors.add(module_route)  # module scripts are fetched with CORS
+    node = sig.hub.node
+    if node is not None:  # clustered: say which node answered (to see where a tab landed)
+        app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
     app.on_response_prepare.append(_close_after_plain_http)
@@ -106,6 +109,13 @@ async def _loopback_host_only(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+def _node_header(node: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Signal-Node"] = node
+
+    return add
+
+
 def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         return await view(sig)
@@ -115,18 +125,20 @@ def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], A
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     sig = app[SIGNALING]
+    await sig.hub.start()
     keepalive = asyncio.create_task(keep_alive(sig.peers, sig.settings.heartbeat))
-    sig.ready = True
+    sig.started = True
     yield
-    sig.ready = False
+    sig.started = False
     keepalive.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await keepalive
     sig.hub.cancel_timers()
+    await sig.hub.stop()
 
 
 async def _close_connections(app: web.Application) -> None:
     """On shutdown every client gets close 1001; their slots stay held (not a leave)."""
     sig = app[SIGNALING]
-    sig.ready = False
+    sig.started = False
     sig.hub.close_all(CloseCode.GOING_AWAY)

@@ -25,6 +25,7 @@ from aiohttp.web_log import AccessLogger
 
 from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token
+from .errors import StartupError
 from .logs import configure_logging
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
@@ -144,6 +145,8 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     _raise_file_limit()
     try:
         _run(serve(settings, tls))
+    except StartupError as exc:
+        return _fail(str(exc))
     except OSError as exc:
         return _fail(f"--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
     return 0

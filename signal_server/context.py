@@ -31,7 +31,7 @@ class Signaling:
     admission: Admission = field(init=False)
     client_address: ClientAddress = field(init=False)
     peers: set[WebSocketPeer] = field(default_factory=set)  # live connections, for keepalive
-    ready: bool = False
+    started: bool = False  # between start-up and shutdown
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -41,18 +41,27 @@ class Signaling:
         self.admission = Admission(settings)
         self.client_address = ClientAddress(settings.trusted_proxies)
         self.metrics = Metrics(lambda: (self.admission.open, len(self.hub.rooms)))
-        self.hub = Hub(
-            HubLimits(
-                max_participants=settings.max_participants,
-                reconnect_grace=settings.reconnect_grace,
-                kept_messages=settings.kept_messages,
-                kept_bytes=settings.kept_bytes,
-                max_rooms_per_user=settings.max_rooms_per_user,
-                max_slots=settings.max_connections,
-                max_kept_total=settings.max_kept_bytes,
-            ),
-            self.metrics,
+        limits = HubLimits(
+            max_participants=settings.max_participants,
+            reconnect_grace=settings.reconnect_grace,
+            kept_messages=settings.kept_messages,
+            kept_bytes=settings.kept_bytes,
+            max_rooms_per_user=settings.max_rooms_per_user,
+            max_slots=settings.max_connections,
+            max_kept_total=settings.max_kept_bytes,
         )
+        if settings.clustered:
+            # Imported here: the single-node server never loads redis-py.
+            from .cluster import ClusterHub
+
+            self.hub = ClusterHub(limits, self.metrics, settings)
+        else:
+            self.hub = Hub(limits, self.metrics)
+
+    @property
+    def ready(self) -> bool:
+        """Takes clients: started, not shutting down, and (clustered) Redis answering."""
+        return self.started and self.hub.available
 
 
 SIGNALING = web.AppKey("SIGNALING", Signaling)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["CloseCode", "SignalError", "FATAL_CLOSE_CODES"]
+__all__ = ["CloseCode", "SignalError", "FATAL_CLOSE_CODES", "StartupError"]
 
 
 class CloseCode(IntEnum):
@@ -45,6 +45,9 @@ FATAL_CLOSE_CODES: dict[str, CloseCode] = {
     "TOO_MANY_CONNECTIONS": CloseCode.TOO_MANY_CONNECTIONS,
     "TOO_MANY_ROOMS": CloseCode.TOO_MANY_ROOMS,
     "SERVER_BUSY": CloseCode.TRY_AGAIN_LATER,
+    # Fatal for a join (the registry is unreachable); a relayed message that
+    # cannot cross nodes gets it with fatal=False.
+    "UNAVAILABLE": CloseCode.TRY_AGAIN_LATER,
     "SLOW_CONSUMER": CloseCode.SLOW_CONSUMER,
 }
 
@@ -65,3 +68,7 @@ class SignalError(Exception):
             self.close_code = None
         elif fatal is True and self.close_code is None:
             raise ValueError(f"{code} has no close code")
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (one line for the command to print)."""

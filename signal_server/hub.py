@@ -103,6 +103,8 @@ class Room:
 class Hub:
     """Single-node rooms. One instance per app, behind an ``AppKey``."""
 
+    node: str | None = None  # this node's id in a cluster; None alone
+
     def __init__(self, limits: HubLimits, metrics: Metrics) -> None:
         self.limits = limits
         self.metrics = metrics
@@ -190,8 +192,14 @@ class Hub:
             peer.notify(state)
 
     def _room_state(self, slot: Slot, members: list[Slot], *, resumed: bool, recovered: bool = True) -> bytes:
+        return self._state_frame(slot, [s.describe() for s in members], resumed=resumed, recovered=recovered)
+
+    def _state_frame(
+        self, slot: Slot, participants: list[dict[str, str]], *, resumed: bool, recovered: bool = True
+    ) -> bytes:
+        """The ``room_state`` message (a cluster hub lists participants from Redis)."""
         payload: dict[str, Any] = {
-            "participants": [s.describe() for s in members],
+            "participants": participants,
             "self": slot.describe(),
             "max_participants": self.limits.max_participants,
             "reconnect_grace": self.limits.reconnect_grace,
@@ -309,6 +317,17 @@ class Hub:
         self.kept_total += size
 
     # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect what the hub needs before the first join (nothing here; Redis in a cluster)."""
+
+    async def stop(self) -> None:
+        """Let go of what :meth:`start` took (after every connection was closed)."""
+
+    @property
+    def available(self) -> bool:
+        """False while the hub cannot admit joins (a cluster hub without Redis)."""
+        return True
 
     def close_all(self, code: CloseCode) -> None:
         """Close every live connection (shutdown). Slots stay held: not a leave."""

@@ -10,6 +10,7 @@ drift apart. Precedence: flag, then environment, then file, then default.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from typing import Any
 
 __all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
 
+NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
 LOG_FORMATS = ("text", "json")
@@ -50,6 +52,10 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "info"
     redis_url: str | None = None
+    redis_sentinels: tuple[str, ...] = ()
+    redis_master: str | None = None
+    node_id: str | None = None  # None: a random one per process
+    node_ttl: float = 10.0
     reconnect_grace: float = 20.0
     kept_messages: int = 256
     kept_bytes: int = 1024 * 1024
@@ -72,6 +78,11 @@ class Settings:
     tls_watch_interval: float = 5.0
     log_format: str = "text"
     dev_mode: bool = field(default=False, compare=False)
+
+    @property
+    def clustered(self) -> bool:
+        """True when a Redis registry is configured (many nodes as one server)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     @property
     def auth_configured(self) -> bool:
@@ -158,6 +169,19 @@ def _network(text: str) -> str:
     return text
 
 
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    return text
+
+
+def _node_id(text: str) -> str:
+    if not NODE_ID.match(text):
+        raise ValueError(f"must be 1-64 characters of A-Z a-z 0-9 . _ -, got {text!r}")
+    return text
+
+
 def _pem_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -219,7 +243,17 @@ OPTIONS: tuple[Option, ...] = (
         "browser Origin allowed for CORS and WebSocket; none = all (dev)", repeat=True,
     ),
     Option("log-level", "log_level", _choice(LOG_LEVELS, str.lower), "debug, info, warning or error"),
-    Option("redis-url", "redis_url", _url(("redis", "rediss", "unix")), "Redis URL for many nodes"),
+    Option("redis-url", "redis_url", _url(("redis", "rediss", "unix")), "Redis URL: many nodes as one server"),
+    Option(
+        "redis-sentinel", "redis_sentinels", _host_port,
+        "Redis Sentinel HOST:PORT (with --redis-master)", repeat=True, metavar="HOST:PORT",
+    ),
+    Option("redis-master", "redis_master", _text, "master name the sentinels watch"),
+    Option("node-id", "node_id", _node_id, "this node's id in the cluster (default: random)"),
+    Option(
+        "node-ttl", "node_ttl", _float(0.5, 3600),
+        "seconds without a heartbeat before a node is dead and its slots are held (default 10)",
+    ),
     Option(
         "reconnect-grace", "reconnect_grace", _float(0, 3600),
         "seconds a dropped participant's slot is held for a resume (default 20)",
@@ -366,8 +400,7 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(
             f"--kept-bytes: {settings.kept_bytes} is more than --max-send-buffer ({settings.max_send_buffer})"
         )
-    if settings.redis_url:
-        raise SettingsError(
-            "--redis-url: the multi-node Redis relay is not part of this release yet; "
-            "run one node without it"
-        )
+    if settings.redis_url and settings.redis_sentinels:
+        raise SettingsError("--redis-sentinel: give either --redis-url or sentinels, not both")
+    if bool(settings.redis_sentinels) != bool(settings.redis_master):
+        raise SettingsError("--redis-master: sentinels need a master name and a master name needs sentinels")

@@ -81,10 +81,12 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         ([], {"SIGNAL_HEARTBEAT": "fast"}, "SIGNAL_HEARTBEAT"),
         (["--config", "/nonexistent.toml"], {}, "--config"),
         (["--host", "0.0.0.0"], {}, "--jwt-secret: dev mode"),
-        (["--redis-url", "redis://127.0.0.1:1"], {}, "--redis-url"),
         (["--jwt-secret", "a"], {}, "--jwt-secret: must be at least 32 bytes"),
         ([], {"SIGNAL_JWT_SECRET": "x" * 31}, "SIGNAL_JWT_SECRET: must be at least 32 bytes"),
         (["--kept-bytes", "2000000"], {}, "--kept-bytes"),
+        (["--redis-sentinel", "127.0.0.1:26379"], {}, "--redis-master"),
+        (["--redis-url", "http://x"], {}, "--redis-url"),
+        (["--node-id", "a b"], {}, "--node-id"),
     ],
 )
 def test_command_errors_are_one_line_exit_2(args, env, flag) -> None:

@@ -1,0 +1,654 @@
+"""The hub of a node in a cluster: local rooms as before, Redis as the registry.
+
+:class:`ClusterHub` keeps the hub's interface (``join``/``leave``/``drop``/
+``route``) and its local rooms; each local room also mirrors the room's
+members on other nodes (``remote``: user -> username and node). ``route``
+delivers to local recipients exactly as the single-node hub does, then queues
+one publish per other node that has recipients: it never awaits Redis.
+Membership changes go through the Lua scripts in :mod:`.scripts` and come
+back to the other nodes as events on their channels (see docs/scaling.md).
+
+Slots of this node are its own truth: a held slot stays in the local room
+(without a peer) with its kept frames in Redis, so a resume through any node
+replays them; the reaper's ``user_left`` event removes it when the grace ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from ..auth import Identity
+from ..errors import CloseCode, SignalError
+from ..hub import Hub, HubLimits, Peer, Room, Slot
+from ..metrics import Metrics
+from ..protocol import encode_envelope, encode_server_message
+from ..settings import Settings
+from .link import TICK, LinkDown, RedisLink
+
+__all__ = ["ClusterHub"]
+
+logger = logging.getLogger("signal_server.cluster")
+
+UNAVAILABLE_EVERY = 1.0  # seconds between UNAVAILABLE reports to one connection
+
+
+@dataclass(slots=True)
+class Remote:
+    """A member of a room on another node, as this node mirrors it."""
+
+    username: str
+    node: str
+    seq: int
+
+
+class ClusterSlot(Slot):
+    """A local slot, plus what the registry knows of it."""
+
+    __slots__ = ("epoch", "seq", "unavailable_at", "fallback")
+
+    def __init__(self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int) -> None:
+        super().__init__(user_id, username, room, peer)
+        self.epoch = epoch
+        self.seq = seq
+        self.unavailable_at = -UNAVAILABLE_EVERY
+        self.fallback: asyncio.TimerHandle | None = None
+
+
+class ClusterRoom(Room):
+    """A local room with the mirror of its members on other nodes."""
+
+    __slots__ = ("remote", "version", "pending", "joining")
+
+    def __init__(self, room_id: str) -> None:
+        super().__init__(room_id)
+        self.remote: dict[str, Remote] = {}
+        self.version = 0
+        # Events that arrive before the first membership list was read are
+        # kept here and applied after it (None once the room is established).
+        self.pending: list[tuple[bytes, dict[str, Any]]] | None = []
+        self.joining = 0
+
+
+def unavailable(detail: str, *, fatal: bool) -> SignalError:
+    return SignalError("UNAVAILABLE", detail, fatal=fatal)
+
+
+class ClusterHub(Hub):
+    """Rooms that span every node sharing one Redis."""
+
+    def __init__(self, limits: HubLimits, metrics: Metrics, settings: Settings) -> None:
+        super().__init__(limits, metrics)
+        self.node: str = settings.node_id or secrets.token_hex(4)
+        self.link = RedisLink(settings, self.node, self._on_message, self._on_state, self._on_registered)
+        self.published = 0
+        self.received = 0
+        self._restore: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
+        # right again from the local slots as soon as Redis answers.
+        self._dirty: set[str] = set()
+        # Who left those rooms meanwhile (user -> username, reason): announced by
+        # the re-registration even if Redis lost their records.
+        self._gone: dict[str, dict[str, tuple[str, str]]] = {}
+        metrics.registry.register(_ClusterCollector(self))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.link.start()
+        logger.info("cluster: node %s registered", self.node)
+
+    async def stop(self) -> None:
+        """Hold every live slot in Redis (clients resume on another node), then deregister."""
+        self._stopping = True
+        for room in list(self.rooms.values()):
+            for slot in list(room.slots.values()):
+                if isinstance(slot, ClusterSlot) and slot.peer is not None:
+                    if slot.peer.lost:
+                        slot.incomplete = True
+                    slot.peer = None
+                    self._hold(slot)
+        self.cancel_timers()  # expiry is the registry's now
+        if self._restore is not None:
+            self._restore.cancel()
+        await self.link.stop()
+
+    @property
+    def available(self) -> bool:
+        return self.link.up
+
+    def cancel_timers(self) -> None:
+        for room in self.rooms.values():
+            for slot in room.slots.values():
+                if isinstance(slot, ClusterSlot) and slot.fallback is not None:
+                    slot.fallback.cancel()
+                    slot.fallback = None
+
+    # ------------------------------------------------------------ membership
+
+    async def join(self, room_id: str, identity: Identity, peer: Peer) -> Slot:
+        """Admit through the registry (atomic cluster-wide), then attach locally.
+
+        Raises:
+            SignalError: ``ROOM_FULL``, ``TOO_MANY_ROOMS``, or ``UNAVAILABLE`` (close 1013)
+            when Redis cannot be reached.
+        """
+        if not self.link.up:
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True)
+        user = identity.user_id
+        room = self.rooms.get(room_id)
+        if not isinstance(room, ClusterRoom):
+            room = ClusterRoom(room_id)
+            self.rooms[room_id] = room
+        if user not in room.slots and self._user_rooms[user] >= self.limits.max_rooms_per_user:
+            self._discard_if_empty(room)
+            self.metrics.refused["rooms_per_user"] += 1
+            raise SignalError("TOO_MANY_ROOMS", f"a user may be in at most {self.limits.max_rooms_per_user} rooms")
+        if user not in room.slots and self.slot_count >= self.limits.max_slots:
+            self._discard_if_empty(room)
+            self.metrics.refused["server_slots"] += 1
+            raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
+        room.joining += 1  # keeps the room (mirror and pending events) until this join is done
+        try:
+            return await self._join_through_registry(room, identity, peer)
+        finally:
+            room.joining -= 1
+            self._discard_if_empty(room)  # only if this join failed and nobody else is here
+
+    async def _join_through_registry(self, room: ClusterRoom, identity: Identity, peer: Peer) -> Slot:
+        room_id, user = room.room_id, identity.user_id
+        call = asyncio.ensure_future(
+            self.link.call("JOIN", room_id, user, identity.username, self.node, self.limits.max_participants)
+        )
+        try:
+            # Shielded: if this task is cancelled (shutdown), the script may still
+            # run, and an admitted slot with no connection must be given back.
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._give_back(room_id, user, done))
+            raise
+        except (LinkDown, RedisError, OSError):
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+        if int(reply[0]) == 0:
+            raise SignalError(
+                "ROOM_FULL", f"room {room_id!r} is full ({int(reply[1])} of {self.limits.max_participants})"
+            )
+        version, resumed, held, overflowed, epoch = (int(value) for value in reply[1:6])
+        try:
+            return self._admitted(room, identity, peer, reply, version, epoch, resumed, held, overflowed)
+        except BaseException:
+            # All or nothing: Redis admitted us, so undo that before giving up.
+            self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
+            raise
+
+    def _give_back(self, room_id: str, user: str, done: asyncio.Future[Any]) -> None:
+        room = self.rooms.get(room_id)
+        if isinstance(room, ClusterRoom):
+            self._discard_if_empty(room)
+        if done.cancelled() or done.exception() is not None or int(done.result()[0]) == 0:
+            return
+        self.link.send_script("LEAVE", room_id, user, self.node, int(done.result()[5]), "left")
+
+    def _admitted(
+        self, room: ClusterRoom, identity: Identity, peer: Peer, reply: list[Any], version: int, epoch: int,
+        resumed: int, held: int, overflowed: int,
+    ) -> Slot:
+        """Attach ``peer`` after the registry admitted it: state first, then kept frames, then live."""
+        user = identity.user_id
+        members = _members(reply[6])
+        kept: list[bytes] = reply[7:]
+        self._sync(room, members, version)
+        slot = room.slots.get(user)
+        if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
+            old = slot.peer
+            recovered = bool(held) and not overflowed and not slot.incomplete and old is None
+            state = self._state(slot, members, resumed=True, recovered=recovered)
+            self.metrics.joins += 1
+            self.metrics.resumes += 1
+            self._attach(slot, peer, epoch)
+            if old is not None:
+                old.close(
+                    CloseCode.SESSION_REPLACED,
+                    SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
+                )
+            peer.notify(state)
+            for frame in kept:
+                peer.send(frame)
+            return slot
+        seq = next((int(m[3]) for m in members if m[0] == user), 0)
+        slot = ClusterSlot(user, identity.username, room, peer, epoch, seq)
+        state = self._state(
+            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed
+        )
+        joined = encode_server_message("user_joined", slot.describe(), room.room_id)
+        room.remote.pop(user, None)
+        room.slots[user] = slot
+        self._user_rooms[user] += 1
+        self.slot_count += 1
+        self.metrics.joins += 1
+        peer.notify(state)
+        if resumed:  # resumed through this node a slot another node held
+            self.metrics.resumes += 1
+            for frame in kept:
+                peer.send(frame)
+        else:
+            for other in room.slots.values():
+                if other is not slot:
+                    self._deliver(other, joined)
+        return slot
+
+    def _attach(self, slot: ClusterSlot, peer: Peer, epoch: int) -> None:
+        slot.peer = peer
+        slot.epoch = epoch
+        slot.incomplete = False
+        if slot.fallback is not None:
+            slot.fallback.cancel()
+            slot.fallback = None
+
+    def _state(self, slot: ClusterSlot, members: list[list[Any]], *, resumed: bool, recovered: bool = True) -> bytes:
+        participants = [{"user_id": m[0], "username": m[1]} for m in members]
+        return self._state_frame(slot, participants, resumed=resumed, recovered=recovered)
+
+    async def leave(self, slot: Slot, peer: Peer, reason: str = "left") -> None:
+        if slot.peer is not peer or not isinstance(slot, ClusterSlot):
+            return
+        room = slot.room
+        self._remove_local(slot, reason, notify=True)
+        if isinstance(room, ClusterRoom):
+            self._discard_if_empty(room)
+        # Fire and forget: if it fails, the room is reconciled when Redis is back.
+        self.link.send_script(
+            "LEAVE", room.room_id, slot.user_id, self.node, slot.epoch, reason,
+            on_result=self._dirty_on_failure(room.room_id, (slot.user_id, slot.username, reason)),
+        )
+
+    async def drop(self, slot: Slot, peer: Peer) -> None:
+        if slot.peer is not peer or not isinstance(slot, ClusterSlot):
+            return
+        if peer.lost:  # frames sent to it may never have been read: the resume must say so
+            slot.incomplete = True
+        if self.limits.reconnect_grace <= 0:
+            await self.leave(slot, peer, "timeout")
+            return
+        slot.peer = None
+        self._hold(slot)
+
+    def _hold(self, slot: ClusterSlot) -> None:
+        """Held in Redis for the grace; the reaper's event ends it. A local timer
+        ends it instead if Redis is still unreachable when the grace is over."""
+        grace = self.limits.reconnect_grace
+        if not self.link.send_script(
+            "HOLD", slot.room.room_id, slot.user_id, self.node, slot.epoch, int(grace * 1000),
+            int(slot.incomplete), on_result=self._dirty_on_failure(slot.room.room_id),
+        ):
+            slot.incomplete = True
+        slot.expiry = None
+        loop = asyncio.get_running_loop()
+        slot.fallback = loop.call_later(grace + 4 * TICK, self._fallback_expire, slot)
+
+    def _dirty_on_failure(self, room_id: str, gone: tuple[str, str, str] | None = None) -> Callable[[Any], None]:
+        """A LEAVE or HOLD that failed, or found no record (Redis restarted empty
+        meanwhile): the room is re-registered, at once if Redis is up."""
+
+        def check(result: Any) -> None:
+            if isinstance(result, BaseException) or result == 0:
+                self._mark_dirty(room_id, gone)
+                if self.link.up:
+                    self._on_state(True)
+
+        return check
+
+    def _mark_dirty(self, room_id: str, gone: tuple[str, str, str] | None) -> None:
+        self._dirty.add(room_id)
+        if gone is not None:
+            user, username, reason = gone
+            self._gone.setdefault(room_id, {})[user] = (username, reason)
+
+    def _fallback_expire(self, slot: ClusterSlot) -> None:
+        slot.fallback = None
+        if slot.peer is not None or slot.room.slots.get(slot.user_id) is not slot:
+            return
+        if self.link.up:  # the reaper is on it; look again shortly
+            slot.fallback = asyncio.get_running_loop().call_later(2 * TICK, self._fallback_expire, slot)
+            return
+        self._mark_dirty(slot.room.room_id, (slot.user_id, slot.username, "timeout"))
+        self._remove_local(slot, "timeout", notify=True)
+        if isinstance(slot.room, ClusterRoom):
+            self._discard_if_empty(slot.room)
+
+    def _remove_local(self, slot: Slot, reason: str, *, notify: bool) -> None:
+        room = slot.room
+        if room.slots.get(slot.user_id) is not slot:
+            return
+        del room.slots[slot.user_id]
+        if isinstance(slot, ClusterSlot) and slot.fallback is not None:
+            slot.fallback.cancel()
+            slot.fallback = None
+        slot.peer = None
+        self.slot_count -= 1
+        user = slot.user_id
+        self._user_rooms[user] -= 1
+        if self._user_rooms[user] <= 0:
+            del self._user_rooms[user]
+        if notify:
+            self.metrics.leaves[reason] += 1
+            left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
+            for other in room.slots.values():
+                self._deliver(other, left)
+
+    def _discard_if_empty(self, room: ClusterRoom) -> None:
+        if not room.slots and room.joining == 0 and self.rooms.get(room.room_id) is room:
+            del self.rooms[room.room_id]
+
+    # -------------------------------------------------------------- delivery
+
+    def route(
+        self, slot: Slot, kind: str, payload: dict[str, Any], target: str | None
+    ) -> SignalError | None:
+        """Deliver locally at once; queue one publish per other node with recipients."""
+        room: ClusterRoom = slot.room  # type: ignore[assignment]  # every room here is one (hot path: no check)
+        payload["sender_id"] = slot.user_id
+        if target is None:
+            frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
+            for other in room.slots.values():
+                if other is not slot:
+                    self._deliver(other, frame)
+            if room.remote:
+                if not self.link.up:
+                    self.metrics.relayed[kind] += 1
+                    return self._unavailable(slot)
+                by_node: dict[str, list[str]] = {}
+                for user, remote in room.remote.items():
+                    by_node.setdefault(remote.node, []).append(user)
+                header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": None}) + b"\n"
+                queued = True
+                for node, users in by_node.items():
+                    queued = self._publish(room.room_id, node, users, header + frame, frame) and queued
+                if not queued:
+                    self.metrics.relayed[kind] += 1
+                    return self._unavailable(slot)
+        else:
+            recipient = room.slots.get(target)
+            if recipient is not None:
+                if recipient is slot:
+                    return SignalError("INVALID_MESSAGE", "a message cannot target its own sender")
+                self._deliver(recipient, encode_envelope(kind, payload, slot.user_id, room.room_id))
+            else:
+                found = room.remote.get(target)
+                if found is None:
+                    return SignalError("TARGET_NOT_FOUND", f"user {target[:64]!r} is not in this room")
+                if not self.link.up:
+                    return self._unavailable(slot)
+                frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
+                header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
+                if not self._publish(room.room_id, found.node, [target], header + frame, frame):
+                    return self._unavailable(slot)
+        self.metrics.relayed[kind] += 1
+        return None
+
+    def _publish(self, room_id: str, node: str, users: list[str], data: bytes, frame: bytes) -> bool:
+        """One publish to ``node``; if nobody listens there (a dead or drained node),
+        the frames go to the registry's keep instead, so nothing is lost silently.
+        False when Redis is so slow that the queue is full (the sender is told)."""
+
+        def check(receivers: Any) -> None:
+            if receivers == 0:
+                limits = self.limits
+                for user in users:
+                    self.link.send_script_next(
+                        "KEEP", room_id, user, node, frame, limits.kept_messages, limits.kept_bytes
+                    )
+
+        self.published += 1
+        return self.link.publish(node, data, check)
+
+    def _unavailable(self, slot: Slot) -> SignalError | None:
+        """UNAVAILABLE (non-fatal), at most once a second per connection."""
+        assert isinstance(slot, ClusterSlot)  # off the hot path: only during an outage
+        now = time.monotonic()
+        if now - slot.unavailable_at < UNAVAILABLE_EVERY:
+            return None
+        slot.unavailable_at = now
+        return unavailable("the cluster relay is unreachable; message not delivered", fatal=False)
+
+    def _deliver(self, slot: Slot, frame: bytes) -> None:
+        """To the live peer (counted, see Hub), or kept in Redis for a held slot."""
+        peer = slot.peer
+        if peer is not None:
+            peer.send(frame)
+            return
+        self._keep(slot, frame)
+
+    def _keep(self, slot: Slot, frame: bytes) -> None:
+        """A frame for a held slot of this node: kept in Redis (bounded there), so a
+        resume through any node replays it. If it cannot be, the resume says so."""
+        if slot.incomplete:
+            return
+        limits = self.limits
+        if not self.link.up or not self.link.send_script(
+            "KEEP", slot.room.room_id, slot.user_id, self.node, frame, limits.kept_messages, limits.kept_bytes
+        ):
+            slot.incomplete = True
+
+    # ---------------------------------------------------------------- events
+
+    def _on_message(self, data: bytes) -> None:
+        kind = data[:1]
+        end = data.index(b"\n")
+        header: dict[str, Any] = orjson.loads(data[1:end])
+        if kind == b"m":
+            self.received += 1
+            self._relay_in(header, data[end + 1:])
+            return
+        room = self.rooms.get(header["r"])
+        if not isinstance(room, ClusterRoom):
+            return
+        if room.pending is not None:
+            room.pending.append((kind, header))
+            return
+        self._apply(room, kind, header)
+
+    def _relay_in(self, header: dict[str, Any], frame: bytes) -> None:
+        room = self.rooms.get(header["r"])
+        targets: list[str] | None = header["t"]
+        if targets is None:
+            if room is not None:
+                sender = header["s"]
+                for slot in room.slots.values():
+                    if slot.user_id != sender:
+                        self._deliver(slot, frame)
+            return
+        for user in targets:
+            local = room.slots.get(user) if room is not None else None
+            if local is not None:
+                self._deliver(local, frame)
+            else:  # moved on meanwhile: the registry forwards it, or keeps it
+                self.link.send_script(
+                    "KEEP", header["r"], user, self.node, frame, self.limits.kept_messages, self.limits.kept_bytes
+                )
+
+    def _apply(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
+        version = int(header["v"])
+        if version <= room.version:
+            return  # already part of the membership list this node read
+        room.version = version
+        user: str = header["u"]
+        if kind == b"j":
+            if header["n"] == self.node or user in room.slots:
+                return
+            known = room.remote.get(user)
+            room.remote[user] = Remote(header["name"], header["n"], int(header["s"]))
+            if known is None:
+                self._notify(room, "user_joined", {"user_id": user, "username": header["name"]})
+        elif kind == b"l":
+            local = room.slots.get(user)
+            if local is not None:
+                peer = local.peer
+                self._remove_local(local, header["why"], notify=True)
+                if peer is not None:  # the registry let it go (it should have been held): start over
+                    peer.close(CloseCode.GOING_AWAY)
+            elif room.remote.pop(user, None) is not None:
+                self._notify(
+                    room, "user_left", {"user_id": user, "username": header["name"], "reason": header["why"]}
+                )
+            self._discard_if_empty(room)
+        elif kind == b"t":
+            node: str = header["n"]
+            local = room.slots.get(user)
+            if isinstance(local, ClusterSlot) and node != self.node and local.epoch < int(header["c"]):
+                self._moved_away(room, local, node)
+            elif user in room.remote:
+                room.remote[user].node = node
+
+    def _moved_away(self, room: ClusterRoom, slot: ClusterSlot, node: str) -> None:
+        """The user took the slot over (or resumed it) through another node."""
+        old = slot.peer
+        self._remove_local(slot, "moved", notify=False)
+        room.remote[slot.user_id] = Remote(slot.username, node, slot.seq)
+        if old is not None:
+            old.close(
+                CloseCode.SESSION_REPLACED,
+                SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
+            )
+        self._discard_if_empty(room)
+
+    def _notify(self, room: ClusterRoom, kind: str, payload: dict[str, Any]) -> None:
+        frame = encode_server_message(kind, payload, room.room_id)
+        for slot in room.slots.values():
+            self._deliver(slot, frame)
+
+    def _sync(self, room: ClusterRoom, members: list[list[Any]], version: int, *, prune: bool = True) -> None:
+        """Bring the mirror up to a membership list read at ``version``.
+
+        Local members are told of the differences (so an event this list
+        already covers, arriving later, is ignored without anyone missing a
+        join or a leave); events held back while the room was new are applied.
+        """
+        pending = room.pending
+        if pending is None and version <= room.version:
+            return
+        seen: set[str] = set()
+        for user, username, node, seq, epoch in members:
+            seen.add(user)
+            if node == self.node:
+                continue  # this node's slots are its own truth (a join in flight adds it)
+            local = room.slots.get(user)
+            if isinstance(local, ClusterSlot):
+                if local.epoch < int(epoch):
+                    self._moved_away(room, local, node)
+                continue
+            known = room.remote.get(user)
+            room.remote[user] = Remote(username, node, int(seq))
+            if known is None:
+                self._notify(room, "user_joined", {"user_id": user, "username": username})
+        if prune:
+            for user in [u for u in room.remote if u not in seen]:
+                gone = room.remote.pop(user)
+                self._notify(room, "user_left", {"user_id": user, "username": gone.username, "reason": "left"})
+        room.version = max(room.version, version)
+        room.pending = None
+        for kind, header in pending or ():
+            self._apply(room, kind, header)
+
+    # ---------------------------------------------------------- link events
+
+    def _on_state(self, up: bool) -> None:
+        """Back up: reconcile the rooms where a change of ours did not reach Redis."""
+        if up and self._dirty:
+            self._on_registered(only=set(self._dirty))
+
+    def _on_registered(self, only: set[str] | None = None) -> None:
+        """Redis does not know this node (restarted empty, or it found us dead): re-register."""
+        if self._stopping:
+            return
+        if self._restore is None or self._restore.done():
+            self._restore = asyncio.get_running_loop().create_task(self._reregister(only))
+
+    async def _reregister(self, only: set[str] | None = None) -> None:
+        now = asyncio.get_running_loop().time()
+        names = set(self.rooms) if only is None else only
+        if only is None:
+            names |= self._dirty
+        self._dirty -= names
+        rooms = [self.rooms.get(name) or ClusterRoom(name) for name in sorted(names)]
+        restored = 0
+        for room in rooms:
+            assert isinstance(room, ClusterRoom)
+            mine: list[list[Any]] = []
+            for slot in list(room.slots.values()):
+                assert isinstance(slot, ClusterSlot)
+                held_ms = 0
+                if slot.peer is None:
+                    remaining = (slot.fallback.when() - 4 * TICK - now) if slot.fallback else 0
+                    if remaining <= 0:  # its grace ran out while Redis was away
+                        self._gone.setdefault(room.room_id, {})[slot.user_id] = (slot.username, "timeout")
+                        self._remove_local(slot, "timeout", notify=True)
+                        continue
+                    held_ms = max(1, int(remaining * 1000))
+                mine.append([slot.user_id, slot.username, slot.epoch, held_ms, int(slot.incomplete)])
+            gone = self._gone.pop(room.room_id, {})
+            left = [[user, username, reason] for user, (username, reason) in gone.items()]
+            try:
+                reply = await self.link.call(
+                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left)
+                )
+            except (LinkDown, RedisError, OSError):
+                self._gone.setdefault(room.room_id, {}).update(gone)
+                self._dirty |= {r.room_id for r in rooms}
+                return  # the next registration (or the next time Redis is up) starts over
+            if self.rooms.get(room.room_id) is room:
+                room.version = 0
+                members = _members(reply[1])
+                self._sync(room, members, int(reply[0]), prune=False)
+                present = {member[0] for member in members}
+                tombstones = reply[2]
+                for user_raw, info in zip(tombstones[::2], tombstones[1::2], strict=True):
+                    user = user_raw.decode()
+                    if user not in present and room.remote.pop(user, None) is not None:
+                        username, reason = orjson.loads(info)
+                        self._notify(room, "user_left", {"user_id": user, "username": username, "reason": reason})
+                self._discard_if_empty(room)
+            restored += len(mine)
+        logger.info("cluster: re-registered %d slots in %d rooms (node %s)", restored, len(rooms), self.node)
+        if self._dirty and self.link.up:  # marked while this ran: once more, after this task ends
+            asyncio.get_running_loop().call_soon(self._on_state, True)
+
+
+def _members(raw: bytes) -> list[list[Any]]:
+    """The scripts' member list, in join order (cjson writes an empty list as ``{}``)."""
+    value = orjson.loads(raw)
+    members = value if isinstance(value, list) else []
+    members.sort(key=lambda member: member[3])
+    return members
+
+
+class _ClusterCollector(Collector):
+    """signal_redis_up, signal_cluster_nodes and the cross-node message counters."""
+
+    def __init__(self, hub: ClusterHub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self._hub
+        yield GaugeMetricFamily("signal_redis_up", "1 while Redis answers through pub/sub", value=int(hub.link.up))
+        yield GaugeMetricFamily(
+            "signal_cluster_nodes", "Live nodes seen in the registry", value=hub.link.nodes_seen
+        )
+        yield CounterMetricFamily(
+            "signal_cluster_messages_published", "Relayed messages published to other nodes", value=hub.published
+        )
+        yield CounterMetricFamily(
+            "signal_cluster_messages_received", "Relayed messages received from other nodes", value=hub.received
+        )
+

@@ -1,0 +1,426 @@
+"""The node's connections to Redis: one ordered command stream, one subscriber.
+
+Every command this node sends (publishes, scripts, heartbeats) goes through
+one FIFO queue drained by one writer task into pipelines. One queue means one
+order: a slot's hold is applied before the frames kept for it, and two
+messages from one sender to one node are published in the order sent.
+``publish`` and ``keep`` only append to the queue, so the relay path never
+awaits Redis; ``call`` awaits its own reply.
+
+The subscriber listens on this node's channel. Liveness is a real round trip
+through it: every tick publishes a ping to our own channel, and the link is
+``up`` while pings keep coming back. When the link breaks, both tasks back off
+(capped, jittered) and retry; the owner is told of every up/down change so it
+can log one line and re-register its slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import secrets
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..errors import StartupError
+from ..settings import Settings
+from . import scripts
+
+__all__ = ["RedisLink", "Backoff", "channel_of", "LinkDown"]
+
+logger = logging.getLogger("signal_server.cluster")
+
+TICK = 0.5  # seconds between readiness pings and reaper runs
+PING_WINDOW = 1.5  # the link is down when no ping came back for this long
+MAX_QUEUE = 10_000  # queued commands while Redis is slow; beyond, frames are lost
+NAMES = ("JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE")
+
+
+def channel_of(node: str) -> str:
+    return "sig:ch:" + node
+
+
+class LinkDown(Exception):
+    """Redis is unreachable, or too slow for the queue: the caller reports UNAVAILABLE."""
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: 0.1 s doubling to ``cap``, times 0.5-1.0."""
+
+    def __init__(self, base: float = 0.1, cap: float = 2.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay: float = min(self.cap, self.base * 2.0**self.attempt)
+        self.attempt = min(self.attempt + 1, 32)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(eq=False)
+class _Command:
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any] | None = None
+    on_result: Callable[[Any], None] | None = None
+    script: str | None = None
+
+
+SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAMES}
+SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
+
+
+def make_client(settings: Settings) -> Redis:
+    """A client for the URL, or for the master the sentinels name (followed across failovers)."""
+    options: dict[str, Any] = {
+        # Failures surface at once; this module retries with its own backoff.
+        "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+        "health_check_interval": 0,
+    }
+    if settings.redis_sentinels:
+        hosts = []
+        for spec in settings.redis_sentinels:
+            host, _, port = spec.rpartition(":")
+            hosts.append((host.strip("[]"), int(port)))
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, socket_timeout=1.0, sentinel_kwargs={"socket_timeout": 1.0})
+        master: Redis = sentinel.master_for(settings.redis_master or "", **options)
+        return master
+    assert settings.redis_url is not None
+    client: Redis = Redis.from_url(settings.redis_url, **options)
+    return client
+
+
+class RedisLink:
+    """Owns the Redis client, the command queue, the subscriber and the ticker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        node: str,
+        on_message: Callable[[bytes], None],
+        on_state: Callable[[bool], None],
+        on_registered: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.boot = secrets.token_hex(8)  # this process: tells a restarted or twin node from us
+        self.channel = channel_of(node)
+        self.redis = make_client(settings)
+        self.up = False
+        self.nodes_seen = 0
+        self._on_message = on_message
+        self._on_state = on_state
+        self._on_registered = on_registered
+        self._queue: list[_Command] = []
+        self._next: list[_Command] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_pong = 0.0
+        self._scripts_loaded = False
+        self._ttl_ms = int(settings.node_ttl * 1000)
+        self._grace_ms = int(settings.reconnect_grace * 1000)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Register this node (refusing an id another live node holds), then run.
+
+        Raises:
+            StartupError: the node id is in use by another live process.
+        """
+        try:
+            await self._load_scripts()
+            result = await self.redis.evalsha(SCRIPT_SHAS["NODE_UP"], 0, self.node, self.boot, self._ttl_ms)
+        except (RedisError, OSError) as exc:
+            # Start anyway, not ready: the tasks below keep trying with backoff.
+            logger.warning("cluster: Redis unreachable at start-up (%s); retrying", exc)
+            result = 2
+        if int(result) == 0:
+            raise StartupError(
+                f"--node-id: {self.node!r} is in use by another live node; "
+                f"pick another id or wait {self.settings.node_ttl:g} s for its key to expire"
+            )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._write_loop()),
+            loop.create_task(self._subscribe_loop()),
+            loop.create_task(self._tick_loop()),
+            loop.create_task(self._watch_loop()),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the tasks, deregister (slots stay held in Redis), close the client."""
+        await self.flush()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await asyncio.wait_for(
+                self.redis.evalsha(SCRIPT_SHAS["NODE_DOWN"], 0, self.node, self.boot), 2.0
+            )
+        except (RedisError, OSError, TimeoutError):
+            pass
+        await self.redis.aclose()
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait until every command queued so far has been sent (bounded)."""
+        if not self._tasks or not self.up:
+            return
+        try:
+            await asyncio.wait_for(self.call("NODE_UP", self.node, self.boot, self._ttl_ms), timeout)
+        except (LinkDown, TimeoutError, RedisError):
+            pass
+
+    # ------------------------------------------------------------ commands
+
+    def publish(self, node: str, data: bytes, on_result: Callable[[Any], None] | None = None) -> bool:
+        """Queue a publish to ``node``'s channel; False when the queue is full."""
+        return self._enqueue(_Command(("PUBLISH", channel_of(node), data), on_result=on_result))
+
+    def send_script(self, name: str, *args: Any, on_result: Callable[[Any], None] | None = None) -> bool:
+        """Queue a script without waiting for it."""
+        return self._enqueue(_Command(args, on_result=on_result, script=name))
+
+    def send_script_next(self, name: str, *args: Any) -> None:
+        """From a result callback: run the script before anything queued after that
+        command (a publish's fallback belongs to the publish's place in the order)."""
+        self._next.append(_Command(args, script=name))
+
+    async def call(self, name: str, *args: Any) -> Any:
+        """Run a script in queue order and return its reply.
+
+        Raises:
+            LinkDown: Redis is unreachable or too slow.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._enqueue(_Command(args, future=future, script=name)):
+            raise LinkDown("the Redis queue is full")
+        return await future
+
+    def _enqueue(self, command: _Command) -> bool:
+        if len(self._queue) >= MAX_QUEUE:
+            return False
+        self._queue.append(command)
+        self._wake.set()
+        return True
+
+    async def _load_scripts(self) -> None:
+        for source in SCRIPT_SOURCES.values():
+            await self.redis.script_load(source)
+        self._scripts_loaded = True
+
+    async def _write_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    if not self._scripts_loaded:
+                        await self._load_scripts()
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        groups = _pipeline(pipe, batch)
+                        results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError) as exc:
+                    self._scripts_loaded = False
+                    self._link_failed(exc)
+                    for command in batch:
+                        _settle(command, LinkDown(str(exc)))
+                    await asyncio.sleep(backoff.next())
+                    continue
+                backoff.reset()
+                for group, result in zip(groups, results, strict=True):
+                    if isinstance(result, RedisError) and "NOSCRIPT" in str(result):
+                        self._scripts_loaded = False
+                    for command in group:
+                        _settle(command, result)
+                if self._next:
+                    self._queue[:0] = self._next
+                    self._next = []
+
+    # ---------------------------------------------------------- subscriber
+
+    async def _subscribe_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff.reset()
+                read = pubsub.parse_response
+                while True:
+                    # Blocking read of raw replies: no per-message timeout context or
+                    # dict (a dead connection still raises); liveness is the ping.
+                    reply = await read(block=True)
+                    if not reply or reply[0] != b"message":
+                        continue
+                    for data in unpack_messages(reply[2]):
+                        self._dispatch(data)
+            except (RedisError, OSError) as exc:
+                self._link_failed(exc)
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(backoff.next())
+
+    def _dispatch(self, data: bytes) -> None:
+        if data[:1] == b"p":
+            if data[1:] == self.boot.encode():
+                self._last_pong = time.monotonic()
+                self._set_up(True)
+            return
+        try:
+            self._on_message(data)
+        except Exception:  # a bad message must not stop the subscriber
+            logger.exception("cluster: could not handle a message from Redis")
+
+    # --------------------------------------------------------------- ticker
+
+    async def _tick_loop(self) -> None:
+        """Every tick: ping through pub/sub, refresh the node key, reap, find dead nodes."""
+        refresh_every = max(TICK, self.settings.node_ttl / 3)
+        last_refresh = 0.0
+        backoff = Backoff()
+        while True:
+            now = time.monotonic()
+            try:
+                self.publish(self.node, b"p" + self.boot.encode())
+                if now - last_refresh >= refresh_every or not self.up:
+                    registered = await self.call("NODE_UP", self.node, self.boot, self._ttl_ms)
+                    last_refresh = now
+                    if int(registered) == 2:
+                        self._on_registered()
+                    elif int(registered) == 0:
+                        logger.error("cluster: node id %r is now held by another process", self.node)
+                released = await self.call("RELEASE_NODES", self._grace_ms)
+                if isinstance(released, list):
+                    self.nodes_seen = int(released[0])
+                    for node in released[1:]:
+                        logger.warning("cluster: node %s is gone; its participants are held", _text(node))
+                await self.call("REAP")
+                backoff.reset()
+                await asyncio.sleep(TICK)
+            except (LinkDown, RedisError, OSError) as exc:
+                self._link_failed(exc)
+                await asyncio.sleep(backoff.next())
+
+    async def _watch_loop(self) -> None:
+        """Down as soon as pings stop coming back, even while a command hangs."""
+        while True:
+            await asyncio.sleep(TICK / 2)
+            if self.up and time.monotonic() - self._last_pong > PING_WINDOW:
+                self._set_up(False)
+
+    # ---------------------------------------------------------------- state
+
+    def _link_failed(self, exc: BaseException) -> None:
+        if self.up:
+            logger.debug("cluster: Redis error: %s", exc)
+        self._set_up(False)
+
+    def _set_up(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if up:
+            logger.info("cluster: Redis reachable (node %s)", self.node)
+        else:
+            logger.warning("cluster: Redis unreachable; cross-node relay and joins paused (node %s)", self.node)
+        self._on_state(up)
+
+
+def _pipeline(pipe: Any, batch: list[_Command]) -> list[list[_Command]]:
+    """Queue ``batch`` on ``pipe``; return the commands behind each pipelined reply.
+
+    A run of publishes with no script between them becomes one publish per
+    channel (a container of the messages, in order): under load a node sends
+    one message to each other node per loop turn instead of one per frame.
+    Only channels are regrouped, never a publish across a script, so every
+    order that matters (one channel's messages; a script before or after a
+    publish) stays as queued.
+    """
+    groups: list[list[_Command]] = []
+    run: dict[str, list[_Command]] = {}
+
+    def flush() -> None:
+        for channel, commands in run.items():
+            if len(commands) == 1:
+                pipe.execute_command(*commands[0].args)
+            else:
+                pipe.execute_command("PUBLISH", channel, pack_messages([c.args[2] for c in commands]))
+            groups.append(commands)
+        run.clear()
+
+    for command in batch:
+        if command.script is None:
+            run.setdefault(command.args[1], []).append(command)
+        else:
+            flush()
+            pipe.evalsha(SCRIPT_SHAS[command.script], 0, *command.args)
+            groups.append([command])
+    flush()
+    return groups
+
+
+_LENGTH = struct.Struct("!I")
+
+
+def pack_messages(messages: list[bytes]) -> bytes:
+    """``b`` then each message with a 4-byte length: many messages in one publish."""
+    return b"b" + b"".join(_LENGTH.pack(len(m)) + m for m in messages)
+
+
+def unpack_messages(data: bytes) -> Iterator[bytes]:
+    """The messages of a container (or the message itself, when it is not one)."""
+    if data[:1] != b"b":
+        yield data
+        return
+    view = memoryview(data)
+    offset = 1
+    while offset < len(data):
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        yield data[offset:offset + length]
+        offset += length
+
+
+def _settle(command: _Command, result: Any) -> None:
+    failed = isinstance(result, BaseException)
+    if command.future is not None and not command.future.done():
+        if isinstance(result, RedisError) and not isinstance(result, LinkDown):
+            command.future.set_exception(LinkDown(str(result)) if "NOSCRIPT" in str(result) else result)
+        elif failed:
+            command.future.set_exception(result)
+        else:
+            command.future.set_result(result)
+    if command.on_result is not None:
+        command.on_result(result)  # an exception object when the command failed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+

@@ -1,0 +1,326 @@
+"""The Lua scripts that are the only writers of the cluster registry in Redis.
+
+Each script runs atomically in Redis, so admission, takeover, holding,
+keeping and reaping never race between nodes: Redis is the arbiter, not a
+home-made protocol. Every membership change bumps the room's version and
+publishes an event to each *other* node with members in the room, inside the
+same script, so nodes see changes in the order Redis applied them. Every
+deadline comes from Redis ``TIME``: node clocks are never compared.
+
+Key layout (docs/scaling.md): ``sig:{R}:m`` member hash, ``sig:{R}:v`` room
+version, ``sig:{R}:k:U`` kept frames of a held slot, ``sig:held`` deadlines,
+``sig:nodes`` registered nodes, ``sig:node:N`` liveness key, ``sig:n:N:r``
+rooms where node N has members, ``sig:ch:N`` node N's channel.
+
+Member record (JSON): ``u`` username, ``n`` node, ``s`` join order, ``c``
+epoch (bumped by every takeover or resume), ``h`` held deadline in ms (0 when
+live), ``o`` 1 when kept frames were lost (resume says recovered false),
+``b`` kept bytes, ``r`` the leave reason when the hold expires.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PRELUDE", "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE"]
+
+# Shared helpers, prepended to every script.
+PRELUDE = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function room_keys(R)
+  return 'sig:{' .. R .. '}:m', 'sig:{' .. R .. '}:v'
+end
+local function kept_key(R, U)
+  return 'sig:{' .. R .. '}:k:' .. U
+end
+local function nodes_of(mkey)
+  local seen = {}
+  local vals = redis.call('HVALS', mkey)
+  for i = 1, #vals do seen[cjson.decode(vals[i]).n] = true end
+  return seen
+end
+local function emit(mkey, except, also, kind, header)
+  local targets = nodes_of(mkey)
+  if also ~= '' then targets[also] = true end
+  local msg = kind .. cjson.encode(header) .. '\n'
+  for node, _ in pairs(targets) do
+    if node ~= except then redis.call('PUBLISH', 'sig:ch:' .. node, msg) end
+  end
+end
+local function members(mkey)
+  local out = {}
+  local all = redis.call('HGETALL', mkey)
+  for i = 1, #all, 2 do
+    local rec = cjson.decode(all[i + 1])
+    out[#out + 1] = {all[i], rec.u, rec.n, rec.s, rec.c}
+  end
+  return cjson.encode(out)
+end
+local function forget_node_room(mkey, vkey, node, R)
+  if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
+  if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey) end
+end
+"""
+
+# ARGV: room, user, username, node, max_participants
+# -> {0, count} when full; else {1, version, resumed, held, overflowed, epoch, members-json, kept frames...}
+JOIN = r"""
+local R, U, name, node, maxp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local mkey, vkey = room_keys(R)
+local kkey = kept_key(R, U)
+local raw = redis.call('HGET', mkey, U)
+local rec
+local old = ''
+local resumed, held, overflowed = 0, 0, 0
+local kept = {}
+if raw then
+  rec = cjson.decode(raw)
+  resumed = 1
+  old = rec.n
+  if rec.h > 0 then
+    held = 1
+    overflowed = rec.o
+    kept = redis.call('LRANGE', kkey, 0, -1)
+    redis.call('ZREM', 'sig:held', R .. '\0' .. U)
+  end
+  redis.call('DEL', kkey)
+  rec.n = node
+  rec.h = 0
+  rec.o = 0
+  rec.b = 0
+  rec.c = rec.c + 1
+else
+  local count = redis.call('HLEN', mkey)
+  if count >= maxp then return {0, count} end
+  rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout'}
+end
+redis.call('HSET', mkey, U, cjson.encode(rec))
+redis.call('SADD', 'sig:n:' .. node .. ':r', R)
+local ver = redis.call('INCR', vkey)
+if resumed == 1 then
+  emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
+else
+  emit(mkey, node, '', 'j', {r = R, u = U, name = name, n = node, v = ver, s = rec.s})
+end
+local reply = {1, ver, resumed, held, overflowed, rec.c, members(mkey)}
+for i = 1, #kept do reply[#reply + 1] = kept[i] end
+return reply
+"""
+
+# ARGV: room, user, node, epoch, reason -> 1 when this node's slot was removed
+LEAVE = r"""
+local R, U, node, epoch, reason = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local mkey, vkey = room_keys(R)
+local raw = redis.call('HGET', mkey, U)
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if rec.n ~= node or rec.c ~= epoch then return 0 end
+redis.call('HDEL', mkey, U)
+redis.call('DEL', kept_key(R, U))
+redis.call('ZREM', 'sig:held', R .. '\0' .. U)
+local ver = redis.call('INCR', vkey)
+emit(mkey, node, '', 'l', {r = R, u = U, name = rec.u, why = reason, v = ver})
+forget_node_room(mkey, vkey, node, R)
+return 1
+"""
+
+# ARGV: room, user, node, epoch, grace_ms, incomplete (1: frames were lost on the way) -> 1 when held
+HOLD = r"""
+local R, U, node, epoch, grace = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local mkey = room_keys(R)
+local raw = redis.call('HGET', mkey, U)
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if rec.n ~= node or rec.c ~= epoch or rec.h > 0 then return 0 end
+rec.h = now_ms() + grace
+rec.r = 'timeout'
+if ARGV[6] == '1' then rec.o = 1 end
+redis.call('HSET', mkey, U, cjson.encode(rec))
+redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. U)
+return 1
+"""
+
+# Keep a frame for a held slot (bounded; past the bound keep nothing), or
+# forward it to the node the slot moved to, or mark it lost when the node
+# the sender believed in is dead.
+# ARGV: room, user, node the frame was meant for, frame, max count, max bytes
+# -> 0 dropped, 1 kept, 2 forwarded, 3 overflowed
+KEEP = r"""
+local R, U, node, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local mkey = room_keys(R)
+local raw = redis.call('HGET', mkey, U)
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if rec.h == 0 then
+  if rec.n ~= node then
+    local header = cjson.encode({r = R, s = '', t = {U}})
+    if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
+  end
+  rec.o = 1
+  redis.call('HSET', mkey, U, cjson.encode(rec))
+  return 0
+end
+if rec.o == 1 then return 0 end
+local kkey = kept_key(R, U)
+if redis.call('LLEN', kkey) >= tonumber(ARGV[5]) or rec.b + #frame > tonumber(ARGV[6]) then
+  rec.o = 1
+  rec.b = 0
+  redis.call('DEL', kkey)
+  redis.call('HSET', mkey, U, cjson.encode(rec))
+  return 3
+end
+redis.call('RPUSH', kkey, frame)
+redis.call('PEXPIREAT', kkey, rec.h + 5000)
+rec.b = rec.b + #frame
+redis.call('HSET', mkey, U, cjson.encode(rec))
+return 1
+"""
+
+# Remove every held slot whose deadline has passed; each removal is one
+# atomic step, so its user_left is published exactly once cluster-wide.
+# -> number reaped
+REAP = r"""
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', 'sig:held', '-inf', now, 'LIMIT', 0, 200)
+local reaped = 0
+for _, item in ipairs(due) do
+  redis.call('ZREM', 'sig:held', item)
+  local sep = string.find(item, '\0', 1, true)
+  local R, U = string.sub(item, 1, sep - 1), string.sub(item, sep + 1)
+  local mkey, vkey = room_keys(R)
+  local raw = redis.call('HGET', mkey, U)
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.h > 0 and rec.h <= now then
+      redis.call('HDEL', mkey, U)
+      redis.call('DEL', kept_key(R, U))
+      local ver = redis.call('INCR', vkey)
+      emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = rec.r, v = ver})
+      forget_node_room(mkey, vkey, rec.n, R)
+      reaped = reaped + 1
+    end
+  end
+end
+return reaped
+"""
+
+# Announce this node. ARGV: node, boot id, ttl_ms
+# -> 0 the id is held by another live process; 1 refreshed; 2 (re)registered
+# (first start, or Redis lost us: the caller re-registers its slots)
+NODE_UP = r"""
+local node, boot, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key = 'sig:node:' .. node
+local current = redis.call('GET', key)
+if current and current ~= boot then return 0 end
+redis.call('SET', key, boot, 'PX', ttl)
+local known = redis.call('HGET', 'sig:nodes', node)
+redis.call('HSET', 'sig:nodes', node, boot)
+if known == boot then return 1 end
+return 2
+"""
+
+# ARGV: node, boot id
+NODE_DOWN = r"""
+if redis.call('GET', 'sig:node:' .. ARGV[1]) == ARGV[2] then redis.call('DEL', 'sig:node:' .. ARGV[1]) end
+if redis.call('HGET', 'sig:nodes', ARGV[1]) == ARGV[2] then redis.call('HDEL', 'sig:nodes', ARGV[1]) end
+return redis.call('HLEN', 'sig:nodes')
+"""
+
+# Find registered nodes whose liveness key expired and hold their live slots
+# for the grace with reason node_lost (and marked incomplete: nobody can say
+# what the dead node's clients had read). Removing the node from sig:nodes in the
+# same step makes the release happen exactly once.
+# ARGV: grace_ms -> {live node count, released node ids...}
+RELEASE_NODES = r"""
+local grace = tonumber(ARGV[1])
+local released = {}
+local now = now_ms()
+for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
+  if redis.call('EXISTS', 'sig:node:' .. node) == 0 then
+    redis.call('HDEL', 'sig:nodes', node)
+    released[#released + 1] = node
+    for _, R in ipairs(redis.call('SMEMBERS', 'sig:n:' .. node .. ':r')) do
+      local mkey = room_keys(R)
+      local all = redis.call('HGETALL', mkey)
+      for i = 1, #all, 2 do
+        local rec = cjson.decode(all[i + 1])
+        if rec.n == node and rec.h == 0 then
+          rec.h = now + grace
+          rec.r = 'node_lost'
+          rec.o = 1  -- what the dead node had sent was never confirmed: recovered false
+          redis.call('HSET', mkey, all[i], cjson.encode(rec))
+          redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. all[i])
+        end
+      end
+    end
+  end
+end
+local reply = {redis.call('HLEN', 'sig:nodes')}
+for i = 1, #released do reply[#reply + 1] = released[i] end
+return reply
+"""
+
+# Re-register this node's slots in one room after Redis lost them (restarted
+# empty) or after this node was wrongly found dead. The node's own view is the
+# truth for its own slots: missing ones are added (live, or held with what
+# remains of their grace), records of this node that it no longer has are
+# removed. Users that left this node while Redis was away (``gone``) are
+# announced to the other nodes even when Redis lost their record.
+# ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...],
+# gone-json [[user, username, reason], ...]
+# -> {version, members-json, [user, [username, reason]-json, ...] of who left during the outage}
+RESTORE = r"""
+local R, node = ARGV[1], ARGV[2]
+local mkey, vkey = room_keys(R)
+local gkey = 'sig:{' .. R .. '}:g'
+
+local mine = {}
+local now = now_ms()
+for _, s in ipairs(cjson.decode(ARGV[3])) do
+  local U = s[1]
+  mine[U] = true
+  local raw = redis.call('HGET', mkey, U)
+  local rec = raw and cjson.decode(raw)
+  if not rec or (rec.n == node and rec.c <= s[3]) then
+    local seq = rec and rec.s or redis.call('INCR', vkey)
+    rec = {u = s[2], n = node, s = seq, c = s[3], h = 0, o = s[5], b = 0, r = 'timeout'}
+    if s[4] > 0 then
+      rec.h = now + s[4]
+      redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. U)
+    end
+    redis.call('HSET', mkey, U, cjson.encode(rec))
+    if not raw then
+      local ver = redis.call('INCR', vkey)
+      emit(mkey, node, '', 'j', {r = R, u = U, name = s[2], n = node, v = ver, s = seq, q = 1})
+    end
+  end
+end
+local why = {}
+for _, g in ipairs(cjson.decode(ARGV[4])) do
+  if not mine[g[1]] then
+    why[g[1]] = g[3]
+    if not redis.call('HGET', mkey, g[1]) then
+      local ver = redis.call('INCR', vkey)
+      emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
+      -- Nodes that re-register after this one learn it from the reply instead.
+      redis.call('HSET', gkey, g[1], cjson.encode({g[2], g[3]}))
+      redis.call('PEXPIRE', gkey, 60000)
+    end
+  end
+end
+local all = redis.call('HGETALL', mkey)
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.n == node and not mine[all[i]] then
+    redis.call('HDEL', mkey, all[i])
+    redis.call('DEL', kept_key(R, all[i]))
+    redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
+    local ver = redis.call('INCR', vkey)
+    emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = why[all[i]] or 'left', v = ver})
+  end
+end
+redis.call('SADD', 'sig:n:' .. node .. ':r', R)
+forget_node_room(mkey, vkey, node, R)
+return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGETALL', gkey)}
+"""

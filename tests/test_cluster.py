@@ -1,0 +1,567 @@
+"""Three real nodes on one real redis-server act as one signaling server.
+
+Each test starts its own redis-server (no persistence) and node processes on
+free loopback ports, with short node TTL and grace so that dead-node and
+expiry paths finish in seconds. Every wait is on a message, a log line or an
+HTTP answer, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+
+from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
+from .conftest import COMMAND, SECRET, TIMEOUT, Member, make_token
+from .rawws import RawWebSocket
+
+GRACE = 2.0
+NODE_TTL = 2.0
+
+StartNodes = Callable[..., Awaitable[list[Node]]]
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def start_nodes(redis: RedisServer) -> AsyncIterator[StartNodes]:
+    started: list[Node] = []
+
+    async def start(
+        count: int = 3, *extra: str, grace: float = GRACE, ttl: float = NODE_TTL, prefix: str = "n"
+    ) -> list[Node]:
+        args = [
+            "--redis-url", redis.url, "--node-ttl", str(ttl), "--reconnect-grace", str(grace),
+            "--heartbeat", "30", *extra,
+        ]
+        nodes = [Node(f"{prefix}{len(started) + i + 1}", args) for i in range(count)]
+        started.extend(nodes)
+        await asyncio.gather(*(node.start() for node in nodes))
+        return nodes
+
+    yield start
+    for node in started:
+        await node.kill()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    async with ClientSession() as session:
+        yield Clients(session)
+
+
+def users(state: dict[str, object]) -> list[str]:
+    payload = state["payload"]
+    assert isinstance(payload, dict)
+    return [p["user_id"] for p in payload["participants"]]
+
+
+async def relay_ids(member: Member, count: int) -> list[int]:
+    ids = []
+    for _ in range(count):
+        message = await member.expect("offer")
+        ids.append(int(message["payload"]["sdp"]))
+    return ids
+
+
+async def test_rooms_span_nodes_with_relay_in_order(start_nodes: StartNodes, clients: Clients) -> None:
+    """room_state lists every node's participants; joins, targeted and broadcast relay, leaves cross nodes."""
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    bob_ws = await clients.connect(n2, "bob", join=False)
+    state = await bob_ws.expect("room_state")
+    assert users(state) == ["alice", "bob"]
+    assert (await alice.expect("user_joined"))["payload"]["user_id"] == "bob"
+    carol = await clients.connect(n3, "carol", join=False)
+    assert users(await carol.expect("room_state")) == ["alice", "bob", "carol"]
+    for member in (alice, bob_ws):
+        assert (await member.expect("user_joined"))["payload"]["user_id"] == "carol"
+
+    # Targeted, across nodes, in order.
+    for i in range(50):
+        await alice.offer(sdp=str(i), target_user_id="carol")
+    assert await relay_ids(carol, 50) == list(range(50))
+    # Broadcast: each other participant gets it once, in order; never the sender.
+    for i in range(30):
+        await bob_ws.offer(sdp=str(i))
+    assert await relay_ids(alice, 30) == list(range(30))
+    assert await relay_ids(carol, 30) == list(range(30))
+    # Payload stamping survives the hop.
+    await carol.send("ice_candidate", candidate="c", sdp_mid="0", sdp_m_line_index=0, target_user_id="alice")
+    relayed = await alice.expect("ice_candidate")
+    assert relayed["sender_id"] == "carol" and relayed["payload"]["sender_id"] == "carol"
+    assert relayed["room_id"] == "room-1"
+    # Unknown targets are still refused; known remote ones are not.
+    await alice.offer(target_user_id="nobody")
+    await alice.expect_error("TARGET_NOT_FOUND")
+
+    await bob_ws.ws.close()
+    for member in (alice, carol):
+        left = await member.expect("user_left")
+        assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
+    await alice.offer(sdp="after", target_user_id="bob")
+    await alice.expect_error("TARGET_NOT_FOUND")
+
+    async def three_nodes() -> bool:
+        return await n1.metric("signal_cluster_nodes") == 3
+
+    await wait_until(three_nodes)
+    assert await n1.metric("signal_redis_up") == 1
+    assert await n1.metric("signal_cluster_messages_published_total") >= 50
+    assert await n3.metric("signal_cluster_messages_received_total") >= 80
+
+
+async def test_capacity_is_exact_across_nodes(start_nodes: StartNodes, clients: Clients) -> None:
+    """Twelve users joining one room of 4 through three nodes at once: exactly 4 get in."""
+    nodes = await start_nodes(3, "--max-participants", "4")
+
+    async def attempt(i: int) -> bool:
+        member = await clients.connect(nodes[i % 3], f"user{i}", join=False)
+        first = await member.recv()
+        if first["type"] == "room_state":
+            return True
+        assert first["payload"]["code"] == "ROOM_FULL", first
+        await member.expect_close(4409)
+        return False
+
+    results = await asyncio.gather(*(attempt(i) for i in range(12)))
+    assert sum(results) == 4
+
+
+async def test_takeover_across_nodes(start_nodes: StartNodes, clients: Clients) -> None:
+    """The same user joining through another node takes the slot over; others see nothing."""
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n3, "bob")
+    await alice.expect("user_joined")
+    again = await clients.connect(n2, "alice", join=False)
+    state = await again.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    assert users(state) == ["alice", "bob"]
+    await alice.expect_error("SESSION_REPLACED")
+    await alice.expect_close(4410)
+    # bob saw neither a leave nor a join, and reaches alice on her new node.
+    await bob.offer(sdp="hello", target_user_id="alice")
+    assert (await again.expect("offer"))["payload"]["sdp"] == "hello"
+    await again.offer(sdp="back", target_user_id="bob")
+    assert (await bob.expect("offer"))["payload"]["sdp"] == "back"
+
+
+async def raw_client(node: Node, user: str, room: str = "room-1") -> RawWebSocket:
+    """A client that can vanish without a close frame (its slot is then held)."""
+    raw = await RawWebSocket.connect("127.0.0.1", node.port, f"/webrtc/ws/{room}?token={make_token(user)}")
+    await raw.expect("room_state")
+    return raw
+
+
+async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNodes, clients: Clients) -> None:
+    n1, n2, n3 = await start_nodes(3, grace=10.0)
+    bob = await clients.connect(n2, "bob")
+    carol = await clients.connect(n1, "carol")
+    await bob.expect("user_joined")
+    # alice joins last, so nothing was sent to her that she had not confirmed
+    # reading when she vanishes: her resume can be complete (recovered true).
+    alice = await raw_client(n1, "alice")
+    for member in (bob, carol):
+        await member.expect("user_joined")
+    alice.abort()
+    await n1.line_matching(r"close room=room-1 user=alice clean=False")
+    for i in range(10):
+        await bob.offer(sdp=f"b{i}", target_user_id="alice")  # from another node
+        await carol.offer(sdp=f"c{i}", target_user_id="alice")  # from alice's old node
+    await bob.send("ping")
+    await bob.expect("pong")
+    resumed = await clients.connect(n3, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert users(state) == ["bob", "carol", "alice"]
+    got = [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(20)]
+    assert [s for s in got if s[0] == "b"] == [f"b{i}" for i in range(10)]
+    assert [s for s in got if s[0] == "c"] == [f"c{i}" for i in range(10)]
+    # Live traffic after the replay, and nothing duplicated.
+    await bob.offer(sdp="live", target_user_id="alice")
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "live"
+    await carol.offer(sdp="live2", target_user_id="alice")
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "live2"
+
+
+
+async def kept_count(redis: RedisServer, room: str, user: str) -> int:
+    return int(await redis.command("LLEN", f"sig:{{{room}}}:k:{user}"))
+
+
+async def quiet(member: Member) -> None:
+    """Nothing else is queued for ``member``: a ping's pong comes next."""
+    await member.send("ping")
+    await member.expect("pong")
+
+
+async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """A connection that vanished with a frame it never confirmed reading resumes, on any
+    node, with recovered false: the hold carries that into Redis."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    alice = await raw_client(n1, "alice")
+    await clients.connect(n2, "bob")
+    await alice.expect("user_joined")  # read, but not confirmed (no keepalive ping yet)
+    alice.abort()
+
+    async def held_incomplete() -> bool:
+        record = await redis.command("HGET", "sig:{room-1}:m", "alice")
+        return bool(record) and json.loads(record)["h"] > 0 and json.loads(record)["o"] == 1
+
+    await wait_until(held_incomplete)
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+
+
+async def test_resume_after_the_holding_node_is_killed(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Kept messages live in Redis: they replay after the node that held the slot died."""
+    n1, n2, n3 = await start_nodes(3, grace=10.0)
+    bob = await clients.connect(n2, "bob")
+    alice = await raw_client(n1, "alice")  # last: nothing unconfirmed when she vanishes
+    await bob.expect("user_joined")
+    alice.abort()
+    await n1.line_matching(r"close room=room-1 user=alice clean=False")
+    for i in range(5):
+        await bob.offer(sdp=f"b{i}", target_user_id="alice")
+
+    async def all_kept() -> bool:
+        return await kept_count(redis, "room-1", "alice") == 5
+
+    await wait_until(all_kept)
+    await n1.kill()
+    resumed = await clients.connect(n3, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(5)] == [f"b{i}" for i in range(5)]
+    await bob.offer(sdp="live", target_user_id="alice")
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "live"
+    await quiet(bob)  # bob saw no leave and no join
+
+
+async def test_dead_node_release_says_node_lost_once(start_nodes: StartNodes, clients: Clients) -> None:
+    """A killed node's participants are held; those not back get user_left node_lost once, in TTL + grace."""
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    dave = await clients.connect(n1, "dave")
+    bob = await clients.connect(n2, "bob")
+    carol = await clients.connect(n3, "carol")
+    for member, count in ((alice, 3), (dave, 2), (bob, 1)):
+        for _ in range(count):
+            await member.expect("user_joined")
+    loop = asyncio.get_running_loop()
+    killed = loop.time()
+    await n1.kill()
+    # Found dead (by exactly one of the others), its participants held...
+    found = [asyncio.ensure_future(node.line_matching(r"node n1 is gone", timeout=NODE_TTL + TIMEOUT))
+             for node in (n2, n3)]
+    _, pending = await asyncio.wait(found, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    assert loop.time() - killed <= NODE_TTL + 1.5
+    # ...so dave resumes through another node within the grace: not a leave. What
+    # the dead node had sent him was never confirmed, so it is not a complete resume.
+    back = await clients.connect(n2, "dave", join=False)
+    state = await back.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    for member in (bob, carol, back):
+        left = await member.expect("user_left")
+        assert left["payload"] == {"user_id": "alice", "username": "alice", "reason": "node_lost"}
+    assert loop.time() - killed <= NODE_TTL + GRACE + 2.0
+    for member in (bob, carol, back):
+        await quiet(member)
+    assert n2.count(r"node n1 is gone") + n3.count(r"node n1 is gone") == 1
+
+
+async def expect_relay_back(sender: Member, receiver: Member, timeout: float = 5.0) -> None:
+    """Cross-node relay works again: one of a bounded series of offers arrives, then one in order."""
+    async with asyncio.timeout(timeout):
+        for i in range(int(timeout / 0.2)):
+            await sender.offer(sdp=f"probe{i}", target_user_id=receiver.user)
+            try:
+                message = await receiver.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            if message["type"] == "offer":
+                break
+        else:
+            raise AssertionError("relay did not come back")
+    await sender.offer(sdp="after", target_user_id=receiver.user)
+    while (message := await receiver.expect("offer"))["payload"]["sdp"] != "after":
+        assert message["payload"]["sdp"].startswith("probe")
+
+
+async def test_redis_outage_and_empty_restart(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Redis down: same-node relay goes on, cross-node gets UNAVAILABLE, joins 1013, /readyz 503.
+    Redis back empty: membership and capacity re-registered, relay back within 5 s."""
+    n1, n2, n3 = await start_nodes(3, "--max-participants", "4", grace=30.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n1, "bob")
+    carol = await clients.connect(n2, "carol")
+    await alice.expect("user_joined")
+    for _ in range(2):
+        await (alice if _ else bob).expect("user_joined")
+    loop = asyncio.get_running_loop()
+    stopped = loop.time()
+    await redis.stop()
+    await asyncio.gather(*(node.wait_ready(False, timeout=2.5) for node in (n1, n2, n3)))
+    assert loop.time() - stopped <= 2.5
+    assert await n1.metric("signal_redis_up") == 0
+    # Same node: unaffected.
+    await alice.offer(sdp="local", target_user_id="bob")
+    assert (await bob.expect("offer"))["payload"]["sdp"] == "local"
+    # Cross node: UNAVAILABLE, non-fatal, at most once a second.
+    await alice.offer(sdp="x1", target_user_id="carol")
+    await alice.offer(sdp="x2", target_user_id="carol")
+    error = await alice.expect_error("UNAVAILABLE")
+    await quiet(alice)
+    # A broadcast still reaches the same node, and reports the rest once.
+    await bob.offer(sdp="all")
+    assert (await alice.expect("offer"))["payload"]["sdp"] == "all"
+    await bob.expect_error("UNAVAILABLE")
+    assert error["payload"]["message"].startswith("UNAVAILABLE")
+    # New joins: UNAVAILABLE and 1013.
+    refused = await clients.connect(n3, "dave", join=False)
+    await refused.expect_error("UNAVAILABLE")
+    await refused.expect_close(1013)
+    # A clean leave during the outage: the same node hears it now, the others once Redis is back.
+    await bob.ws.close()
+    assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+    # The outage lasts 5 s (the scenario, not a synchronisation).
+    await asyncio.sleep(max(0.0, 5.0 - (loop.time() - stopped)))
+    await redis.start()  # empty: no persistence
+    restarted = loop.time()
+    try:
+        await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
+    except TimeoutError:
+        for node in (n1, n2, n3):
+            print(node.name, "".join(line for line in node.lines if "access" not in line)[-3000:])
+        raise
+    left = await carol.expect("user_left")
+    assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
+    await expect_relay_back(alice, carol)
+    await expect_relay_back(carol, alice)
+    assert loop.time() - restarted <= 5.0 + 1.0
+    # Membership and capacity as before: two more get in and see everyone, the next is refused.
+    # (Join order after an empty restart is the order in which nodes re-registered.)
+    dave = await clients.connect(n3, "dave", join=False)
+    assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
+    await clients.connect(n1, "erin")
+    frank = await clients.connect(n2, "frank", join=False)
+    await frank.expect_error("ROOM_FULL")
+    for line in ("Redis unreachable", "Redis reachable"):
+        assert 1 <= n1.count(line) <= 2, n1.lines[-30:]
+
+
+async def test_leave_during_an_outage_reaches_redis_when_it_returns(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """A clean leave while Redis is away is reconciled when Redis comes back with its data."""
+    n1, n2 = await start_nodes(2, ttl=10.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n1, "bob")
+    carol = await clients.connect(n2, "carol")
+    await alice.expect("user_joined")
+    for member in (alice, bob):
+        await member.expect("user_joined")
+    await redis.command("SAVE")  # the restart below loads this: Redis returns with its data
+    await redis.stop()
+    await n1.wait_ready(False, timeout=2.5)
+    await bob.ws.close()
+    assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+    await redis.start()
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+    left = await carol.expect("user_left")
+    assert left["payload"]["user_id"] == "bob"
+    dave = await clients.connect(n2, "dave", join=False)
+    assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
+
+
+async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
+    """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
+    n1, n2 = await start_nodes(2)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    killed = await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert int(killed) >= 2
+    await expect_relay_back(alice, bob)
+    await expect_relay_back(bob, alice)
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+
+
+async def test_sigterm_drains_to_another_node(start_nodes: StartNodes, clients: Clients) -> None:
+    """SIGTERM: clients get 1001, slots stay held in Redis, and resume elsewhere with what was kept."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    bob = await clients.connect(n2, "bob")
+    alice = await clients.connect(n1, "alice")  # last: nothing unconfirmed at the drain
+    await bob.expect("user_joined")
+    n1.signal(signal.SIGTERM)
+    await alice.expect_close(1001)
+    assert await n1.wait() == 0
+    await bob.offer(sdp="while-away", target_user_id="alice")
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert (await resumed.expect("offer"))["payload"]["sdp"] == "while-away"
+    await quiet(bob)  # no user_left, no user_joined
+
+
+async def test_slow_redis_is_not_ready_then_recovers(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """DEBUG SLEEP stalls Redis: /readyz says 503 within 2 s, then 200 and relay in order again."""
+    n1, n2 = await start_nodes(2, ttl=6.0)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    loop = asyncio.get_running_loop()
+    sleeper = loop.create_task(redis.command("DEBUG", "SLEEP", "3"))
+    started = loop.time()
+    await n1.wait_ready(False, timeout=2.5)
+    assert loop.time() - started <= 2.5
+    await sleeper
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+    for i in range(20):
+        await alice.offer(sdp=str(i), target_user_id="bob")
+    assert await relay_ids(bob, 20) == list(range(20))
+
+
+async def test_node_id_collision_is_refused(redis: RedisServer, start_nodes: StartNodes) -> None:
+    """A second live node with the same --node-id refuses to start, in one line."""
+    await start_nodes(1)
+    twin = Node("n1", ["--redis-url", redis.url])
+    await twin._spawn(*COMMAND, "--port", "0", "--node-id", "n1", "--redis-url", redis.url,
+                      env={"SIGNAL_JWT_SECRET": SECRET})
+    assert await twin.wait() == 2
+    assert any("--node-id: 'n1' is in use by another live node" in line for line in twin.lines), twin.lines
+
+
+async def test_sentinel_failover(tmp_path: Path, clients: Clients) -> None:
+    """Nodes find the master through a real redis-sentinel and follow it across a failover."""
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    master = RedisServer(tmp_path / "master")
+    await master.start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port))
+    sentinel = Sentinel(tmp_path, master.port, "signal")
+    nodes: list[Node] = []
+    try:
+        await replica.start()
+        await sentinel.start()
+
+        async def replica_known() -> bool:
+            replicas = await sentinel_command(sentinel, "SENTINEL", "REPLICAS", "signal")
+            return bool(replicas)
+
+        await wait_until(replica_known, timeout=15)
+        args = ["--redis-sentinel", f"127.0.0.1:{sentinel.port}", "--redis-master", "signal",
+                "--node-ttl", "5", "--reconnect-grace", "10", "--heartbeat", "30"]
+        nodes = [Node("s1", args), Node("s2", args)]
+        await asyncio.gather(*(node.start() for node in nodes))
+        alice = await clients.connect(nodes[0], "alice")
+        bob = await clients.connect(nodes[1], "bob")
+        await alice.expect("user_joined")
+        await expect_relay_back(alice, bob)
+
+        async def replicated() -> bool:
+            return int(await replica.command("HLEN", "sig:{room-1}:m")) == 2
+
+        await wait_until(replicated)
+        await master.stop()
+        await sentinel.line_matching(r"\+switch-master signal", timeout=20)
+        await asyncio.gather(*(node.wait_ready(timeout=10) for node in nodes))
+        await expect_relay_back(alice, bob, timeout=10)
+        await expect_relay_back(bob, alice)
+        carol = await clients.connect(nodes[0], "carol", join=False)
+        assert users(await carol.expect("room_state")) == ["alice", "bob", "carol"]
+    finally:
+        for process in (*nodes, sentinel, replica, master):
+            await process.kill()
+
+
+async def sentinel_command(sentinel: Sentinel, *args: str) -> object:
+    from redis.asyncio import Redis
+
+    client = Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=TIMEOUT)
+    try:
+        return await client.execute_command(*args)
+    finally:
+        await client.aclose()
+
+
+def test_single_node_never_imports_redis() -> None:
+    """Without --redis-url the server (app, hub, handlers) runs without loading redis-py."""
+    code = (
+        "import sys\n"
+        "from signal_server import create_standalone_app\n"
+        "from tests.conftest import make_settings\n"
+        "create_standalone_app(make_settings())\n"
+        "assert not any(name == 'redis' or name.startswith('redis.') for name in sys.modules), 'redis imported'\n"
+        "assert 'signal_server.cluster' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    from signal_server.cluster.link import Backoff
+
+    backoff = Backoff(base=0.1, cap=2.0)
+    delays = [backoff.next() for _ in range(100)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(delay <= 2.0 for delay in delays) and max(delays[10:]) > 1.0
+    assert len(set(delays[10:])) > 1  # jittered: nodes do not retry in lockstep
+    backoff.reset()
+    assert backoff.next() <= 0.1
+
+
+def test_publishes_share_a_container_but_never_cross_a_script() -> None:
+    """One publish per channel per run of publishes; scripts stay where they were queued."""
+    from signal_server.cluster.link import _Command, _pipeline, pack_messages, unpack_messages
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.calls: list[tuple[object, ...]] = []
+
+        def execute_command(self, *args: object) -> None:
+            self.calls.append(args)
+
+        def evalsha(self, sha: str, keys: int, *args: object) -> None:
+            self.calls.append(("EVALSHA", *args))
+
+    def pub(node: str, data: bytes) -> _Command:
+        return _Command(("PUBLISH", f"sig:ch:{node}", data))
+
+    batch = [pub("a", b"1"), pub("b", b"x"), pub("a", b"2"), _Command(("r",), script="KEEP"), pub("a", b"3")]
+    pipe = Pipe()
+    groups = _pipeline(pipe, batch)
+    assert [len(group) for group in groups] == [2, 1, 1, 1]
+    assert pipe.calls[0] == ("PUBLISH", "sig:ch:a", pack_messages([b"1", b"2"]))
+    assert pipe.calls[1] == ("PUBLISH", "sig:ch:b", b"x")
+    assert pipe.calls[2][0] == "EVALSHA" and pipe.calls[3] == ("PUBLISH", "sig:ch:a", b"3")
+    assert list(unpack_messages(pack_messages([b"m{}\n" + b"\x00" * 300, b"p"]))) == [b"m{}\n" + b"\x00" * 300, b"p"]
+    assert list(unpack_messages(b"m{}\nframe")) == [b"m{}\nframe"]
