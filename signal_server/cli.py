@@ -27,7 +27,8 @@ from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token
 from .errors import StartupError
 from .logs import configure_logging
-from .settings import OPTIONS, Settings, SettingsError, load_settings
+from . import __version__
+from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings
 from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
 __all__ = ["main"]
@@ -43,6 +44,10 @@ DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # No prefixes of long flags: --max-participant must be an error, as it is in TOML.
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -121,6 +126,7 @@ def _is_loopback(host: str) -> bool:
 
 def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     parser = _settings_parser(PROG, "WebRTC signaling server (aiohttp).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     namespace = parser.parse_args(args)
     try:
         settings = load_settings(vars(namespace), env, namespace.config)
@@ -133,6 +139,11 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
                 f"set a secret to listen on {settings.host}"
             )
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
+    if settings.jwt_secret in EXAMPLE_SECRETS and not _is_loopback(settings.host):
+        return _fail(
+            "--jwt-secret: this is an example secret from the documentation, fine on loopback only; "
+            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     try:
         TokenVerifier(settings)  # a key that cannot verify stops here, not as a 5xx later
     except KeyConfigError as exc:
@@ -142,13 +153,21 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     except TLSError as exc:
         return _fail(str(exc))
     configure_logging(settings.log_level, settings.log_format)
+    if not settings.dev_mode and not settings.allowed_origins:
+        logger.warning(
+            "no --allowed-origin: a page on any site may open a WebSocket with a token it holds; "
+            "list your app's origins in production"
+        )
     _raise_file_limit()
     try:
         _run(serve(settings, tls))
     except StartupError as exc:
         return _fail(str(exc))
     except OSError as exc:
-        return _fail(f"--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+        return _fail(
+            f"--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror} "
+            "(another server there? choose another port, e.g. SIGNAL_PORT=8090 make run, or --port 0)"
+        )
     return 0
 
 

@@ -16,11 +16,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings"]
+__all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings", "EXAMPLE_SECRETS"]
 
 NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+# The secrets our own documentation shows: printed for all to read, so they
+# serve loopback only (the command refuses them on any other address).
+EXAMPLE_SECRETS = frozenset({
+    "change-me-to-32-or-more-random-bytes",
+    "replace-me-with-32-or-more-random-bytes-from-your-vault",
+    "replace-with-the-output-of-secrets.token_urlsafe(32)",
+})
 LOG_FORMATS = ("text", "json")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 

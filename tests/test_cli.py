@@ -98,6 +98,40 @@ def test_command_errors_are_one_line_exit_2(args, env, flag) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_the_documentations_example_secrets_serve_loopback_only(tmp_path: Path) -> None:
+    """A secret printed in the README is no secret: pasted into production, it is refused."""
+    config = tmp_path / "signal.toml"
+    config.write_text('jwt_secret = "replace-with-the-output-of-secrets.token_urlsafe(32)"\nhost = "0.0.0.0"\n')
+    result = run("--config", str(config), "--port", "0")
+    assert result.returncode == 2 and "example secret" in result.stderr, result
+    result = run("--host", "::", "--port", "0", env={"SIGNAL_JWT_SECRET": "change-me-to-32-or-more-random-bytes"})
+    assert result.returncode == 2 and "example secret" in result.stderr, result
+
+
+def test_prefixes_of_flags_are_not_flags() -> None:
+    """argparse would take --max-participant for --max-participants; TOML refuses the same typo."""
+    result = run("--max-participant", "3")
+    assert result.returncode == 2 and "unrecognized arguments: --max-participant" in result.stderr
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("signal-server 0."), result
+
+
+async def test_a_busy_port_says_what_to_do(start_server, unused_tcp_port: int) -> None:
+    first = await start_server("--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
+    await first.line_matching("listening on")
+    result = await asyncio.to_thread(run, "--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
+    assert result.returncode == 2 and "--port 0" in result.stderr and "SIGNAL_PORT" in result.stderr, result
+
+
+async def test_production_without_an_origin_allow_list_is_warned_about(start_server) -> None:
+    server = await start_server("--port", "0", env={"SIGNAL_JWT_SECRET": SECRET})
+    await server.line_matching("no --allowed-origin")
+    await server.line_matching("listening on")
+
+
 def test_a_short_secret_in_the_config_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "signal.toml"
     config.write_text('jwt_secret = "change-me"\n')
