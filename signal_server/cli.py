@@ -23,11 +23,11 @@ from typing import Any, NoReturn
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
+from . import __version__
 from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token
 from .errors import StartupError
 from .logs import configure_logging
-from . import __version__
 from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings
 from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
