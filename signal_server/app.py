@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
@@ -92,9 +93,6 @@ async def _close_after_plain_http(request: web.Request, response: web.StreamResp
         response.headers["Connection"] = "close"  # the headers are already made when this hook runs
 
 
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
 @web.middleware
 async def _loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Dev mode: refuse any Host that is not a loopback name (DNS rebinding).
@@ -103,10 +101,25 @@ async def _loopback_host_only(request: web.Request, handler: Handler) -> web.Str
     with this server in the browser's eyes, and could fetch /dev/token and
     join the developer's rooms; its requests still say ``Host: evil.example``.
     """
-    host = URL(f"http://{request.host}").host if request.host else None
-    if host not in _LOOPBACK_NAMES and not (host or "").startswith("127."):
+    if not _is_loopback_host(request.host):
         raise web.HTTPMisdirectedRequest(text="dev mode answers only to localhost, 127.0.0.1 and [::1]\n")
     return await handler(request)
+
+
+def _is_loopback_host(host_header: str | None) -> bool:
+    """``localhost`` or a loopback IP address, parsed (``127.evil.example`` is a name, not an address)."""
+    try:
+        host = URL(f"http://{host_header}").host if host_header else None
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _node_header(node: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

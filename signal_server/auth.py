@@ -34,11 +34,14 @@ __all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "clean_t
 MAX_TOKEN_LENGTH = 8 * 1024
 MAX_ROOMS_CLAIM = 1000
 _NAME_CLAIMS = ("username", "name", "preferred_username")
-# C0 and C1 controls (newlines would forge log lines) and lone surrogates
-# (no encoder can write them: orjson refuses, so does UTF-8).
-_UNCLEAN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# C0 and C1 controls and line separators (they would forge log lines),
+# bidirectional overrides and isolates (they would make "Bob" read as
+# another name on a page) and lone surrogates (no encoder can write them:
+# orjson refuses, so does UTF-8).
+_CONTROLS = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069"
+_UNCLEAN = re.compile(f"[{_CONTROLS}\\ud800-\\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_CONTROL = re.compile(f"[{_CONTROLS}]+")
 
 
 def clean_text(text: str) -> str:

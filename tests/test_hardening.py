@@ -596,8 +596,9 @@ async def test_a_swallowed_user_left_makes_the_resume_unrecovered(app_client, mo
 async def test_dev_mode_answers_only_to_loopback_names(app_client):
     """DNS rebinding: a page on evil.example rebound to 127.0.0.1 must not fetch dev tokens."""
     client = await app_client(dev_mode=True)
-    rebound = await client.get("/dev/token?user=eve", headers={"Host": "evil.example"})
-    assert rebound.status == 421
+    for name in ("evil.example", "127.evil.example", "127.0.0.1.nip.io", "localhost.evil.example"):
+        rebound = await client.get("/dev/token?user=eve", headers={"Host": f"{name}:{client.server.port}"})
+        assert rebound.status == 421, name
     for host in (f"127.0.0.1:{client.server.port}", f"localhost:{client.server.port}", "[::1]"):
         response = await client.get("/dev/token?user=alice", headers={"Host": host})
         assert response.status == 200, host

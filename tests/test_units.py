@@ -110,6 +110,7 @@ def test_not_before_is_honoured() -> None:
         {"sub": "nul\x00"},
         {"sub": "line\u2028separator"},
         {"sub": "next\x85line"},
+        {"sub": "bob\u202e"},
     ],
 )
 def test_bad_claims_are_unauthorized(claims: dict[str, Any]) -> None:
@@ -127,6 +128,8 @@ def test_display_names_that_cannot_be_encoded_are_cleaned() -> None:
     assert verifier.verify(make_token("bob", name="Bo\nb\x00\x07")).username == "Bo b"
     assert verifier.verify(make_token("carol", username="\x00\x01")).username == "carol"  # nothing left: sub
     assert clean_text("plain 😀") == "plain 😀"
+    # Direction overrides would make a name read as another on a page.
+    assert verifier.verify(make_token("dave", name="Bob\u202egnp.exe")).username == "Bob gnp.exe"
 
 
 @pytest.mark.parametrize(
