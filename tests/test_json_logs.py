@@ -29,7 +29,7 @@ async def record_matching(server: Server, **wanted: Any) -> dict[str, Any]:
 async def test_records_are_json_with_fields_and_no_token(start_server) -> None:
     """Start-up, join, close and the access line: JSON records, fields set, the query token redacted."""
     server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
-    started = await record_matching(server, logger="signal_server")
+    started = await record_matching(server, logger="signal_server", level="info")
     url = started["url"]
     assert started["message"] == f"signal-server listening on {url}" and started["level"] == "info"
     assert started["time"].endswith("+00:00")
@@ -111,7 +111,7 @@ async def send_raw_request(url: str, request: bytes) -> bytes:
 async def test_header_bytes_that_are_not_utf8_are_logged_escaped_not_dropped(start_server) -> None:
     """A User-Agent of invalid UTF-8 used to fail the JSON encoder: the request went unlogged."""
     server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
-    url = (await record_matching(server, logger="signal_server"))["url"]
+    url = (await record_matching(server, logger="signal_server", level="info"))["url"]
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: evil\xff\xfe\r\nConnection: close\r\n\r\n"
     assert (await send_raw_request(url, request)).startswith(b"HTTP/1.1 200")
     access = await record_matching(server, logger="aiohttp.access")
@@ -122,7 +122,7 @@ async def test_header_bytes_that_are_not_utf8_are_logged_escaped_not_dropped(sta
 async def test_a_malformed_request_is_one_info_line_without_a_traceback(start_server) -> None:
     """aiohttp logs a traceback at ERROR for each malformed request: 30 bytes in, 2 KiB of log out."""
     server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
-    url = (await record_matching(server, logger="signal_server"))["url"]
+    url = (await record_matching(server, logger="signal_server", level="info"))["url"]
     token = make_token("alice")
     request = f"GET /webrtc/ws/x?token={token}&a=".encode() + b"\xff HTTP/1.1\r\nHost: x\r\n\r\n"
     assert (await send_raw_request(url, request)).startswith(b"HTTP/1.0 400")
