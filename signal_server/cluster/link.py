@@ -166,8 +166,21 @@ class RedisLink:
         ]
 
     async def stop(self) -> None:
-        """Stop the tasks, deregister (slots stay held in Redis), close the client."""
+        """Stop the tasks, deregister (slots stay held in Redis), close the client.
+
+        Frames that reach this node until it stops listening are queued for Redis
+        (kept for its held slots): listening stops first, then the queue is flushed,
+        so none is left unsent while a resume elsewhere would say recovered.
+        """
         await self.flush()
+        if self._tasks:
+            subscriber = self._tasks[1]
+            subscriber.cancel()
+            try:
+                await subscriber
+            except asyncio.CancelledError:
+                pass
+            await self.flush()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
