@@ -662,20 +662,22 @@ class ClusterHub(Hub):
     def _on_state(self, up: bool) -> None:
         """Back up: reconcile the rooms where a change of ours did not reach Redis."""
         if up and self._dirty:
-            self._on_registered(only=self._dirty)
+            self._start_restore()
 
-    def _on_registered(self, only: set[str] | None = None) -> None:
+    def _on_registered(self) -> None:
         """Redis does not know this node (restarted empty, or it found us dead): re-register."""
+        # Whatever Redis kept for this node's held slots may be gone with it: their
+        # resumes must say recovered false.
+        for room in self.rooms.values():
+            for slot in room.slots.values():
+                if slot.peer is None:
+                    slot.incomplete = True
+        self._dirty |= set(self.rooms)
+        self._start_restore()
+
+    def _start_restore(self) -> None:
         if self._stopping:
             return
-        if only is None:
-            # Whatever Redis kept for this node's held slots is gone with it: their
-            # resumes must say recovered false.
-            for room in self.rooms.values():
-                for slot in room.slots.values():
-                    if slot.peer is None:
-                        slot.incomplete = True
-            self._dirty |= set(self.rooms)
         if self._restore is None or self._restore.done():
             self._restore = asyncio.get_running_loop().create_task(self._reregister())
 
