@@ -211,6 +211,13 @@ async def quiet(member: Member) -> None:
     await member.expect("pong")
 
 
+async def resume_incomplete(clients: Clients, node: Node, user: str = "alice") -> None:
+    """``user`` resumes through ``node``: resumed, and told that messages were lost."""
+    resumed = await clients.connect(node, user, join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+
+
 async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
@@ -227,9 +234,7 @@ async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
         return bool(record) and json.loads(record)["h"] > 0 and json.loads(record)["o"] == 1
 
     await wait_until(held_incomplete)
-    resumed = await clients.connect(n2, "alice", join=False)
-    state = await resumed.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    await resume_incomplete(clients, n2)
 
 
 async def test_resume_after_the_holding_node_is_killed(
@@ -689,9 +694,7 @@ async def test_a_frame_lost_while_the_home_node_was_cut_off_makes_a_resume_elsew
         return found is not None and found["o"] == 1
 
     await wait_until(marked_lost)
-    resumed = await clients.connect(n2, "alice", join=False)
-    state = await resumed.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    await resume_incomplete(clients, n2)
 
 
 async def test_redis_restarting_empty_makes_held_resumes_incomplete(
@@ -714,9 +717,7 @@ async def test_redis_restarting_empty_makes_held_resumes_incomplete(
     await redis.start()  # empty
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
     await held_on(redis, "room-1", "alice")  # re-registered by n1
-    resumed = await clients.connect(n2, "alice", join=False)
-    state = await resumed.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    await resume_incomplete(clients, n2)
 
 
 async def test_a_join_that_timed_out_but_ran_later_leaves_no_ghost(
