@@ -765,3 +765,27 @@ async def test_node_room_sets_shrink_on_takeover_and_go_with_a_dead_node(
     found = await record(redis, "room-1", "alice")
     assert found is not None and found["h"] > 0 and found["r"] == "node_lost"
     del second  # open until here: its node died under it
+
+
+async def test_a_frame_reaching_a_draining_node_is_kept(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """SIGTERM while Redis is stalled: bob's frame for alice reaches her node's channel as its
+    drain flushes. The node stops listening before its last flush, so the frame is kept in
+    Redis (or kept by bob's node when nobody listens): the resume replays it, or says it lost
+    something; never recovered with the frame missing."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    bob = await clients.connect(n2, "bob")
+    alice = await clients.connect(n1, "alice")  # last: nothing unconfirmed at the drain
+    await bob.expect("user_joined")
+    sleeping = await stall(redis, 1.0)
+    n1.signal(signal.SIGTERM)
+    await alice.expect_close(1001)
+    await bob.offer(sdp="during-drain", target_user_id="alice")
+    await sleeping
+    assert await n1.wait() == 0
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True
+    if state["payload"]["recovered"]:
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "during-drain"
