@@ -247,7 +247,12 @@ def _reload(tls: CertificateReloader | None) -> None:
     if tls is None:
         logger.info("SIGHUP: nothing to reload (no --tls-cert)")
     else:
-        tls.reload()
+        task = asyncio.get_running_loop().create_task(tls.reload_async())
+        _reloads.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(_reloads.discard)
+
+
+_reloads: set[asyncio.Task[bool]] = set()
 
 
 def _announce(settings: Settings, host: str, port: int, secure: bool = False) -> None:

@@ -13,6 +13,11 @@ checked on a scratch context, and only then loaded into the live one from
 that same snapshot: a half-renewed pair (certbot replaces the certificate
 and the key one after the other) is refused and the old pair kept, and the
 live context is never left holding a certificate without its key.
+
+A pair outside its validity window is refused too (an expired renewal
+would make every new handshake fail while the old pair still works), and
+only regular files of at most 1 MiB are read, in a worker thread while
+serving: a FIFO or a huge file in their place cannot freeze the server.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import contextlib
 import logging
 import os
 import ssl
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiohttp import web
 from cryptography import x509
@@ -38,6 +45,7 @@ __all__ = ["TLSError", "CertificateReloader", "TLSSite", "tls_from_settings"]
 logger = logging.getLogger(__name__)
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+MAX_FILE = 1 << 20  # bytes: far above any real chain or key
 
 
 class TLSError(ValueError):
@@ -58,11 +66,25 @@ class _Pair:
 
 
 def _read(path: str, flag: str) -> bytes:
+    """A regular file's bytes (bounded). Opened without blocking, so a FIFO in its
+    place is refused instead of waiting for a writer forever."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise TLSError(f"--{flag}: cannot read {path!r}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TLSError(f"--{flag}: {path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise TLSError(f"--{flag}: cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        raise TLSError(f"--{flag}: {path!r} is larger than {MAX_FILE // 1024} KiB")
+    return data
 
 
 def _private_key(pem: bytes, path: str) -> PrivateKeyTypes:
@@ -90,6 +112,13 @@ def _read_pair(cert_path: str, key_path: str) -> _Pair:
         raise TLSError(f"--tls-cert: {cert_path!r} has a public key of an unsupported type") from None
     if leaf_spki != key.public_key().public_bytes(*_SPKI):
         raise TLSError(f"--tls-key: {key_path!r} does not match the certificate in --tls-cert {cert_path!r}")
+    now = datetime.now(UTC)
+    if now > leaf.not_valid_after_utc:
+        raise TLSError(f"--tls-cert: {cert_path!r} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if now < leaf.not_valid_before_utc:
+        raise TLSError(
+            f"--tls-cert: {cert_path!r} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )
     return _Pair(cert_pem, key_pem, leaf)
 
 
@@ -164,13 +193,33 @@ class CertificateReloader:
         self._seen = self._signatures()
         try:
             pair = _read_pair(self.cert_path, self.key_path)
+        except TLSError as exc:
+            return self._failed(exc)
+        return self._install(pair)
+
+    async def reload_async(self) -> bool:
+        """:meth:`reload`, with the files read and parsed in a worker thread (a slow
+        disk or a hostile file never stalls the connections this loop serves)."""
+        self._seen = self._signatures()
+        try:
+            pair = await asyncio.to_thread(_read_pair, self.cert_path, self.key_path)
+        except TLSError as exc:
+            return self._failed(exc)
+        return self._install(pair)
+
+    def _install(self, pair: _Pair) -> bool:
+        try:
             _load(self.context, pair, self.cert_path, self.key_path)
         except TLSError as exc:
-            logger.error("TLS reload failed, still serving the previous certificate: %s", exc)
-            return False
+            return self._failed(exc)
         self.description = pair.describe()
         logger.info("TLS certificate reloaded: %s", self.description)
         return True
+
+    @staticmethod
+    def _failed(exc: TLSError) -> bool:
+        logger.error("TLS reload failed, still serving the previous certificate: %s", exc)
+        return False
 
     def check(self) -> bool:
         """Reload when either file changed since the last attempt (each change is tried once)."""
@@ -178,12 +227,18 @@ class CertificateReloader:
             return False
         return self.reload()
 
+    async def check_async(self) -> bool:
+        """:meth:`check` for the event loop: the reload reads in a worker thread."""
+        if self._signatures() == self._seen:
+            return False
+        return await self.reload_async()
+
     async def watch(self, interval: float) -> None:
         """Check the files every ``interval`` seconds, forever (a stat each: cheap)."""
         while True:
             await asyncio.sleep(interval)
             try:
-                self.check()
+                await self.check_async()
             except Exception:  # keep watching: the next renewal must still be picked up
                 logger.exception("TLS reload check failed, still serving the previous certificate")
 

@@ -81,9 +81,13 @@ class Authority:
         )
         self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str = "localhost", key: CertificateIssuerPrivateKeyTypes | None = None) -> Leaf:
+    def issue(
+        self, common_name: str = "localhost", key: CertificateIssuerPrivateKeyTypes | None = None,
+        shift: datetime.timedelta = datetime.timedelta(0),
+    ) -> Leaf:
+        """A leaf valid from a day before to a day after now + ``shift``."""
         key = key or ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC) + shift
         serial = x509.random_serial_number()
         names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (

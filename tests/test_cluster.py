@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -210,6 +211,13 @@ async def quiet(member: Member) -> None:
     await member.expect("pong")
 
 
+async def resume_incomplete(clients: Clients, node: Node, user: str = "alice") -> None:
+    """``user`` resumes through ``node``: resumed, and told that messages were lost."""
+    resumed = await clients.connect(node, user, join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+
+
 async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
@@ -226,9 +234,7 @@ async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
         return bool(record) and json.loads(record)["h"] > 0 and json.loads(record)["o"] == 1
 
     await wait_until(held_incomplete)
-    resumed = await clients.connect(n2, "alice", join=False)
-    state = await resumed.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    await resume_incomplete(clients, n2)
 
 
 async def test_resume_after_the_holding_node_is_killed(
@@ -565,3 +571,221 @@ def test_publishes_share_a_container_but_never_cross_a_script() -> None:
     assert pipe.calls[2][0] == "EVALSHA" and pipe.calls[3] == ("PUBLISH", "sig:ch:a", b"3")
     assert list(unpack_messages(pack_messages([b"m{}\n" + b"\x00" * 300, b"p"]))) == [b"m{}\n" + b"\x00" * 300, b"p"]
     assert list(unpack_messages(b"m{}\nframe")) == [b"m{}\nframe"]
+
+
+# ---------------------------------------------------------------- races and losses
+
+
+async def record(redis: RedisServer, room: str, user: str) -> dict[str, Any] | None:
+    raw = await redis.command("HGET", f"sig:{{{room}}}:m", user)
+    return json.loads(raw) if raw else None
+
+
+async def held_on(redis: RedisServer, room: str, user: str) -> None:
+    """Wait until ``user``'s record in ``room`` is held (its connection vanished)."""
+
+    async def held() -> bool:
+        found = await record(redis, room, user)
+        return found is not None and found["h"] > 0
+
+    await wait_until(held)
+
+
+async def stall(redis: RedisServer, seconds: float) -> asyncio.Task[bytes]:
+    """Block Redis for ``seconds`` (DEBUG SLEEP). Returns once the command is in Redis's
+    socket (an idle Redis starts it at once); the task ends with its reply when Redis wakes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
+    arguments = [b"DEBUG", b"SLEEP", str(seconds).encode()]
+    writer.write(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in arguments))
+    await writer.drain()
+
+    async def reply() -> bytes:
+        try:
+            return await asyncio.wait_for(reader.readline(), seconds + TIMEOUT)
+        finally:
+            writer.close()
+
+    return asyncio.create_task(reply())
+
+
+async def events_about(member: Member, user: str, until: str) -> list[str]:
+    """The user_joined/user_left kinds ``member`` gets about ``user``, up to the first ``until``."""
+    kinds: list[str] = []
+    while True:
+        message = await member.recv()
+        if message["type"] in ("user_joined", "user_left") and message["payload"]["user_id"] == user:
+            kinds.append(message["type"])
+            if message["type"] == until:
+                return kinds
+
+
+async def test_simultaneous_joins_through_several_nodes_leave_one_connection(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """One user joining through three nodes at once: Redis orders the JOINs, the last one
+    wins and the others are closed with SESSION_REPLACED, even when a takeover event reaches
+    a node before that node's own JOIN reply (room new there, or already there). Residents
+    see user_joined before user_left. A race: bounded trials, each one a fresh room."""
+    nodes = await start_nodes(3)
+    for trial in range(8):
+        room = f"race-{trial}"
+        # Residents on the first two nodes; the room is new on the third.
+        residents = [await clients.connect(node, f"resident{i}", room) for i, node in enumerate(nodes[:2])]
+        await residents[0].expect("user_joined")
+        user = f"user{trial}"
+        connections = await asyncio.gather(*(clients.connect(node, user, room) for node in nodes))
+        owner = await record(redis, room, user)
+        assert owner is not None
+        for node, member in zip(nodes, connections, strict=True):
+            if node.node_id != owner["n"]:
+                await member.expect_close(4410)
+        survivor = connections[[node.node_id for node in nodes].index(owner["n"])]
+        await quiet(survivor)
+        assert not survivor.ws.closed
+        await survivor.ws.close()
+        for resident in residents:
+            assert await events_about(resident, user, "user_left") == ["user_joined", "user_left"]
+            await resident.ws.close()
+
+
+async def test_a_message_during_a_resume_in_flight_is_delivered(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """alice's resume JOIN is held in Redis (DEBUG SLEEP) while bob sends to her: the frame
+    reaches the resumed connection, through her old node and through another one."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    for via, room in ((n1, "local"), (n2, "remote")):
+        bob = await clients.connect(n1, "bob", room)
+        alice = await raw_client(n1, "alice", room)
+        await bob.expect("user_joined")
+        alice.abort()
+        await held_on(redis, room, "alice")
+        sleeping = await stall(redis, 1.0)
+        resumed = await clients.connect(via, "alice", room, join=False)  # its JOIN waits behind the sleep
+        await bob.offer(sdp="must-arrive", target_user_id="alice")
+        await sleeping
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "must-arrive", room
+        await quiet(resumed)
+        await resumed.ws.close()
+        await bob.ws.close()
+
+
+async def test_a_frame_lost_while_the_home_node_was_cut_off_makes_a_resume_elsewhere_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """bob sends to alice's held slot while her node cannot reach Redis: the loss is written to
+    her record when Redis answers again, so her resume through another node says recovered false."""
+    n1, n2 = await start_nodes(2, grace=15.0, ttl=10.0)
+    bob = await clients.connect(n1, "bob")
+    alice = await raw_client(n1, "alice")
+    await bob.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    sleeping = await stall(redis, 2.5)
+    await n1.wait_ready(False, timeout=2.5)
+    await bob.offer(sdp="lost", target_user_id="alice")
+    await quiet(bob)
+    await sleeping
+
+    async def marked_lost() -> bool:
+        found = await record(redis, "room-1", "alice")
+        return found is not None and found["o"] == 1
+
+    await wait_until(marked_lost)
+    await resume_incomplete(clients, n2)
+
+
+async def test_redis_restarting_empty_makes_held_resumes_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Kept frames live only in Redis: after it restarts empty, the re-registered hold says so."""
+    n1, n2 = await start_nodes(2, grace=15.0)
+    bob = await clients.connect(n2, "bob")
+    alice = await raw_client(n1, "alice")
+    await bob.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    await bob.offer(sdp="kept", target_user_id="alice")
+
+    async def kept() -> bool:
+        return await kept_count(redis, "room-1", "alice") == 1
+
+    await wait_until(kept)
+    await redis.stop()
+    await redis.start()  # empty
+    await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+    await held_on(redis, "room-1", "alice")  # re-registered by n1
+    await resume_incomplete(clients, n2)
+
+
+async def test_a_join_that_timed_out_but_ran_later_leaves_no_ghost(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """A JOIN the node gave up on (Redis stalled past the 5 s socket timeout) still runs when
+    Redis wakes: the node reconciles the room, so the record goes and others see user_left."""
+    n1, n2 = await start_nodes(2, "--max-participants", "2", ttl=10.0)
+    bob = await clients.connect(n2, "bob")
+    for _ in range(3):  # the JOIN may queue behind a tick caught by the sleep, and then succeed
+        sleeping = await stall(redis, 6.0)
+        ghost = await clients.connect(n1, "ghost", join=False)
+        answer = await ghost.recv(timeout=TIMEOUT * 3)  # after the node's 5 s socket timeout
+        assert await sleeping == b"+OK\r\n"
+        if answer["type"] == "error":
+            break
+        await ghost.ws.close()
+        assert await events_about(bob, "ghost", "user_left") == ["user_joined", "user_left"]
+    assert answer["payload"]["code"] == "UNAVAILABLE", answer
+    await ghost.expect_close(1013)
+    assert await events_about(bob, "ghost", "user_left") == ["user_joined", "user_left"]
+    assert await record(redis, "room-1", "ghost") is None
+    carol = await clients.connect(n1, "carol", join=False)
+    assert users(await carol.expect("room_state")) == ["bob", "carol"]
+
+
+async def test_node_room_sets_shrink_on_takeover_and_go_with_a_dead_node(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """sig:n:<node>:r lists only rooms where the node has members: a takeover removes the room
+    from the old node's set, and a dead node's set is deleted once its slots are released."""
+    n1, n2 = await start_nodes(2)
+    first = await clients.connect(n1, "alice")
+    assert await redis.command("SISMEMBER", "sig:n:n1:r", "room-1") == 1
+    second = await clients.connect(n2, "alice")
+    await first.expect_close(4410)
+    assert await redis.command("SISMEMBER", "sig:n:n1:r", "room-1") == 0
+    assert await redis.command("SISMEMBER", "sig:n:n2:r", "room-1") == 1
+    await n2.kill()
+
+    async def set_gone() -> bool:
+        return int(await redis.command("EXISTS", "sig:n:n2:r")) == 0
+
+    await wait_until(set_gone)
+    found = await record(redis, "room-1", "alice")
+    assert found is not None and found["h"] > 0 and found["r"] == "node_lost"
+    del second  # open until here: its node died under it
+
+
+async def test_a_frame_reaching_a_draining_node_is_kept(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """SIGTERM while Redis is stalled: bob's frame for alice reaches her node's channel as its
+    drain flushes. The node stops listening before its last flush, so the frame is kept in
+    Redis (or kept by bob's node when nobody listens): the resume replays it, or says it lost
+    something; never recovered with the frame missing."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    bob = await clients.connect(n2, "bob")
+    alice = await clients.connect(n1, "alice")  # last: nothing unconfirmed at the drain
+    await bob.expect("user_joined")
+    sleeping = await stall(redis, 1.0)
+    n1.signal(signal.SIGTERM)
+    await alice.expect_close(1001)
+    await bob.offer(sdp="during-drain", target_user_id="alice")
+    await sleeping
+    assert await n1.wait() == 0
+    resumed = await clients.connect(n2, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True
+    if state["payload"]["recovered"]:
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "during-drain"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from signal_server.tls import CertificateReloader, TLSError
 from .certs import Authority, Leaf, peer_serial
 from .conftest import COMMAND, SECRET, TIMEOUT, Server, make_token
 
+DAY = datetime.timedelta(days=1)
 LISTENING = r"listening on https://127\.0\.0\.1:(\d+)"
 
 
@@ -146,6 +148,34 @@ async def test_a_bad_renewal_keeps_the_old_certificate_and_says_why(start_server
     assert (await next_json(ws))["type"] == "user_joined"
 
 
+async def test_an_expired_renewal_is_refused_and_the_old_certificate_kept(start_server, tls, session) -> None:
+    """A renewal outside its validity window would fail every new handshake: refused, logged as an error."""
+    server, port = await start_tls_server(start_server, tls, "--tls-watch-interval", "0.1")
+    old = tls.current
+    tls.authority.issue("expired.example", shift=-3 * DAY).install(tls.cert, tls.key)
+    line = (await server.line_matching(r"TLS reload failed.*")).group(0)
+    assert "--tls-cert" in line and "expired on" in line, line
+    tls.authority.issue("early.example", shift=3 * DAY).install(tls.cert, tls.key)
+    line = (await server.line_matching(r"TLS reload failed.*not valid before.*")).group(0)
+    assert serial_of(await join(session, port, "alice")) == old.serial
+
+
+async def test_a_fifo_or_huge_file_is_refused_without_blocking(tls, caplog) -> None:
+    """A FIFO in the certificate's place would block a plain read forever; a huge file is not read whole."""
+    reloader = CertificateReloader(str(tls.cert), str(tls.key))
+    tls.cert.unlink()
+    os.mkfifo(tls.cert)
+    with caplog.at_level(logging.ERROR, logger="signal_server.tls"):
+        assert not await asyncio.wait_for(reloader.check_async(), TIMEOUT)
+        assert "is not a regular file" in caplog.text
+        tls.cert.unlink()
+        tls.cert.write_bytes(tls.current.cert_pem + b"#" * (1 << 20))
+        assert not await asyncio.wait_for(reloader.check_async(), TIMEOUT)
+        assert "larger than 1024 KiB" in caplog.text
+    tls.renew()
+    assert await reloader.check_async()
+
+
 async def test_a_stalled_tls_handshake_is_dropped_within_the_handshake_timeout(start_server, tls) -> None:
     """A client that connects and never says hello is cut off by --handshake-timeout, not after 60 s."""
     server, port = await start_tls_server(start_server, tls, "--handshake-timeout", "0.5")
@@ -182,14 +212,14 @@ async def test_the_watch_survives_an_unexpected_error(tls, caplog) -> None:
     calls: list[int] = []
     second = asyncio.Event()
 
-    def check() -> bool:
+    async def check() -> bool:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("disk on fire")
         second.set()
         return False
 
-    reloader.check = check  # type: ignore[method-assign]
+    reloader.check_async = check  # type: ignore[method-assign]
     watcher = asyncio.create_task(reloader.watch(0.01))
     try:
         await asyncio.wait_for(second.wait(), TIMEOUT)
@@ -226,6 +256,12 @@ BAD_FILES = {
     "missing certificate": (lambda tls: tls.cert.unlink(), "--tls-cert", "cannot read"),
     "missing key": (lambda tls: tls.key.unlink(), "--tls-key", "cannot read"),
     "key too weak for OpenSSL": (_write_rsa_1024, "--tls-cert", "refused by OpenSSL"),
+    "expired certificate": (
+        lambda tls: tls.authority.issue(shift=-3 * DAY).install(tls.cert, tls.key), "--tls-cert", "expired on"
+    ),
+    "certificate not yet valid": (
+        lambda tls: tls.authority.issue(shift=3 * DAY).install(tls.cert, tls.key), "--tls-cert", "not valid before"
+    ),
 }
 
 

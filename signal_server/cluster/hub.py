@@ -68,7 +68,7 @@ class ClusterSlot(Slot):
 class ClusterRoom(Room):
     """A local room with the mirror of its members on other nodes."""
 
-    __slots__ = ("remote", "version", "pending", "joining")
+    __slots__ = ("remote", "version", "pending", "joining", "missed", "inflight")
 
     def __init__(self, room_id: str) -> None:
         super().__init__(room_id)
@@ -78,6 +78,21 @@ class ClusterRoom(Room):
         # kept here and applied after it (None once the room is established).
         self.pending: list[tuple[bytes, dict[str, Any]]] | None = []
         self.joining = 0
+        # While joins are in flight: takeovers and leaves seen per user, so a
+        # join whose reply comes after them applies them to its new slot (an
+        # event newer than the join must win even though it arrived first).
+        self.missed: dict[str, list[tuple[bytes, dict[str, Any]]]] = {}
+        # Frames for a user whose join is in flight here, delivered once it is
+        # attached (Redis would find the slot live and drop them).
+        self.inflight: dict[str, Inflight] = {}
+
+
+@dataclass(slots=True)
+class Inflight:
+    """Frames that reached a user while its join was in flight on this node."""
+
+    frames: list[tuple[bytes, bool]]  # (frame, addressed to this user, not a broadcast)
+    lost: bool = False
 
 
 def unavailable(detail: str, *, fatal: bool) -> SignalError:
@@ -160,11 +175,31 @@ class ClusterHub(Hub):
             self.metrics.refused["server_slots"] += 1
             raise SignalError("SERVER_BUSY", "the server holds as many participants as it may")
         room.joining += 1  # keeps the room (mirror and pending events) until this join is done
+        room.inflight.setdefault(user, Inflight([]))
         try:
             return await self._join_through_registry(room, identity, peer)
         finally:
             room.joining -= 1
+            self._unbuffer(room, user)  # only if this join failed: the frames go to Redis
+            if room.joining == 0:
+                room.missed.clear()
+                if room_id in self._dirty and self.link.up:  # postponed while joins were in flight
+                    self._on_state(True)
             self._discard_if_empty(room)  # only if this join failed and nobody else is here
+
+    def _unbuffer(self, room: ClusterRoom, user: str) -> None:
+        """Frames buffered for a join that failed: kept in Redis as if it never started."""
+        buffered = room.inflight.pop(user, None)
+        if buffered is None:
+            return
+        local = room.slots.get(user)
+        for frame, _ in buffered.frames:
+            if local is not None:
+                self._keep(local, frame)
+            else:
+                self.link.send_script(
+                    "KEEP", room.room_id, user, self.node, frame, self.limits.kept_messages, self.limits.kept_bytes
+                )
 
     async def _join_through_registry(self, room: ClusterRoom, identity: Identity, peer: Peer) -> Slot:
         room_id, user = room.room_id, identity.user_id
@@ -179,6 +214,9 @@ class ClusterHub(Hub):
             call.add_done_callback(lambda done: self._give_back(room_id, user, done))
             raise
         except (LinkDown, RedisError, OSError):
+            # The script may still run in Redis (sent, then timed out): the room is
+            # reconciled from the local slots, which removes a record without one.
+            self._mark_dirty(room_id, None)
             raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
         if int(reply[0]) == 0:
             raise SignalError(
@@ -208,11 +246,14 @@ class ClusterHub(Hub):
         user = identity.user_id
         members = _members(reply[6])
         kept: list[bytes] = reply[7:]
+        buffered = room.inflight.pop(user, None) or Inflight([])
         self._sync(room, members, version)
         slot = room.slots.get(user)
         if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
             old = slot.peer
-            recovered = bool(held) and not overflowed and not slot.incomplete and old is None
+            recovered = (
+                bool(held) and not overflowed and not slot.incomplete and not buffered.lost and old is None
+            )
             state = self._state(slot, members, resumed=True, recovered=recovered)
             self.metrics.joins += 1
             self.metrics.resumes += 1
@@ -225,14 +266,15 @@ class ClusterHub(Hub):
             peer.notify(state)
             for frame in kept:
                 peer.send(frame)
+            self._after_attach(room, slot, version, buffered, resumed=True)
             return slot
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq)
         state = self._state(
-            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed
+            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed and not buffered.lost
         )
         joined = encode_server_message("user_joined", slot.describe(), room.room_id)
-        room.remote.pop(user, None)
+        known = room.remote.pop(user, None)
         room.slots[user] = slot
         self._user_rooms[user] += 1
         self.slot_count += 1
@@ -242,11 +284,26 @@ class ClusterHub(Hub):
             self.metrics.resumes += 1
             for frame in kept:
                 peer.send(frame)
-        else:
+        if known is None:  # this node's members never heard of the user (its join event lost a race)
             for other in room.slots.values():
                 if other is not slot:
                     self._deliver(other, joined)
+        self._after_attach(room, slot, version, buffered, resumed=bool(resumed))
         return slot
+
+    def _after_attach(
+        self, room: ClusterRoom, slot: ClusterSlot, version: int, buffered: Inflight, *, resumed: bool
+    ) -> None:
+        """Frames that came while the join was in flight, then the takeovers and
+        leaves of this user that Redis applied after the join but arrived before it."""
+        peer = slot.peer
+        assert peer is not None
+        for frame, addressed in buffered.frames:
+            if addressed or resumed:
+                peer.send(frame)
+        for kind, header in room.missed.pop(slot.user_id, ()):
+            if int(header["v"]) > version:
+                self._apply_event(room, kind, header)
 
     def _attach(self, slot: ClusterSlot, peer: Peer, epoch: int) -> None:
         slot.peer = peer
@@ -433,13 +490,42 @@ class ClusterHub(Hub):
     def _keep(self, slot: Slot, frame: bytes) -> None:
         """A frame for a held slot of this node: kept in Redis (bounded there), so a
         resume through any node replays it. If it cannot be, the resume says so."""
+        room: ClusterRoom = slot.room  # type: ignore[assignment]
+        if slot.user_id in room.inflight:  # its resume is in flight here: Redis would drop it
+            self._buffer(room, slot.user_id, frame, addressed=True)
+            return
         if slot.incomplete:
             return
         limits = self.limits
         if not self.link.up or not self.link.send_script(
-            "KEEP", slot.room.room_id, slot.user_id, self.node, frame, limits.kept_messages, limits.kept_bytes
+            "KEEP", room.room_id, slot.user_id, self.node, frame, limits.kept_messages, limits.kept_bytes,
+            on_result=self._keep_failed(slot),
         ):
-            slot.incomplete = True
+            self._lost(slot)
+
+    def _keep_failed(self, slot: Slot) -> Callable[[Any], None]:
+        def check(result: Any) -> None:
+            if isinstance(result, BaseException):
+                self._lost(slot)
+
+        return check
+
+    def _lost(self, slot: Slot) -> None:
+        """A frame for a held slot could not be kept: the record's lost flag must say
+        so, so a resume through any node reports recovered false (written when Redis
+        is back, by the room's re-registration)."""
+        slot.incomplete = True
+        if slot.room.slots.get(slot.user_id) is slot:
+            self._mark_dirty(slot.room.room_id, None)
+            if self.link.up:
+                self._on_state(True)
+
+    def _buffer(self, room: ClusterRoom, user: str, frame: bytes, *, addressed: bool) -> None:
+        buffered = room.inflight[user]
+        if len(buffered.frames) >= self.limits.kept_messages:
+            buffered.lost = True
+            return
+        buffered.frames.append((frame, addressed))
 
     # ---------------------------------------------------------------- events
 
@@ -463,16 +549,21 @@ class ClusterHub(Hub):
         room = self.rooms.get(header["r"])
         targets: list[str] | None = header["t"]
         if targets is None:
-            if room is not None:
+            if isinstance(room, ClusterRoom):
                 sender = header["s"]
                 for slot in room.slots.values():
                     if slot.user_id != sender:
                         self._deliver(slot, frame)
+                for user in room.inflight:  # a resume in flight here: delivered if it is one
+                    if user != sender and user not in room.slots:
+                        self._buffer(room, user, frame, addressed=False)
             return
         for user in targets:
             local = room.slots.get(user) if room is not None else None
             if local is not None:
                 self._deliver(local, frame)
+            elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
+                self._buffer(room, user, frame, addressed=True)
             else:  # moved on meanwhile: the registry forwards it, or keeps it
                 self.link.send_script(
                     "KEEP", header["r"], user, self.node, frame, self.limits.kept_messages, self.limits.kept_bytes
@@ -483,6 +574,11 @@ class ClusterHub(Hub):
         if version <= room.version:
             return  # already part of the membership list this node read
         room.version = version
+        if room.joining and kind != b"j":
+            room.missed.setdefault(header["u"], []).append((kind, header))
+        self._apply_event(room, kind, header)
+
+    def _apply_event(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
         user: str = header["u"]
         if kind == b"j":
             if header["n"] == self.node or user in room.slots:
@@ -566,20 +662,38 @@ class ClusterHub(Hub):
     def _on_state(self, up: bool) -> None:
         """Back up: reconcile the rooms where a change of ours did not reach Redis."""
         if up and self._dirty:
-            self._on_registered(only=set(self._dirty))
+            self._start_restore()
 
-    def _on_registered(self, only: set[str] | None = None) -> None:
+    def _on_registered(self) -> None:
         """Redis does not know this node (restarted empty, or it found us dead): re-register."""
+        # Whatever Redis kept for this node's held slots may be gone with it: their
+        # resumes must say recovered false.
+        for room in self.rooms.values():
+            for slot in room.slots.values():
+                if slot.peer is None:
+                    slot.incomplete = True
+        self._dirty |= set(self.rooms)
+        self._start_restore()
+
+    def _start_restore(self) -> None:
         if self._stopping:
             return
         if self._restore is None or self._restore.done():
-            self._restore = asyncio.get_running_loop().create_task(self._reregister(only))
+            self._restore = asyncio.get_running_loop().create_task(self._reregister())
 
-    async def _reregister(self, only: set[str] | None = None) -> None:
+    def _ready_dirty(self) -> set[str]:
+        ready = set()
+        for name in self._dirty:
+            room = self.rooms.get(name)
+            if not isinstance(room, ClusterRoom) or room.joining == 0:
+                ready.add(name)
+        return ready
+
+    async def _reregister(self) -> None:
+        """Re-register the dirty rooms, except those with a join in flight (the join
+        would look like a record this node has no slot for): they follow it."""
         now = asyncio.get_running_loop().time()
-        names = set(self.rooms) if only is None else only
-        if only is None:
-            names |= self._dirty
+        names = self._ready_dirty()
         self._dirty -= names
         rooms = [self.rooms.get(name) or ClusterRoom(name) for name in sorted(names)]
         restored = 0
@@ -621,7 +735,7 @@ class ClusterHub(Hub):
                 self._discard_if_empty(room)
             restored += len(mine)
         logger.info("cluster: re-registered %d slots in %d rooms (node %s)", restored, len(rooms), self.node)
-        if self._dirty and self.link.up:  # marked while this ran: once more, after this task ends
+        if self._ready_dirty() and self.link.up:  # marked while this ran: once more, after this task ends
             asyncio.get_running_loop().call_soon(self._on_state, True)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -133,6 +134,8 @@ class RedisLink:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pong = 0.0
+        self._pubsub: PubSub | None = None
+        self._closing = False
         self._scripts_loaded = False
         self._ttl_ms = int(settings.node_ttl * 1000)
         self._grace_ms = int(settings.reconnect_grace * 1000)
@@ -166,7 +169,14 @@ class RedisLink:
         ]
 
     async def stop(self) -> None:
-        """Stop the tasks, deregister (slots stay held in Redis), close the client."""
+        """Stop the tasks, deregister (slots stay held in Redis), close the client.
+
+        Frames that reach this node until it stops listening are queued for Redis
+        (kept for its held slots): listening stops first, then the queue is flushed,
+        so none is left unsent while a resume elsewhere would say recovered.
+        """
+        await self.flush()
+        await self._stop_listening()
         await self.flush()
         for task in self._tasks:
             task.cancel()
@@ -182,6 +192,26 @@ class RedisLink:
         except (RedisError, OSError, TimeoutError):
             pass
         await self.redis.aclose()
+
+    async def _stop_listening(self) -> None:
+        """UNSUBSCRIBE, and let the subscriber hand on every message Redis sent before
+        confirming it (bounded); later publishes find no receiver and are kept by
+        their senders."""
+        if not self._tasks:
+            return
+        subscriber = self._tasks[1]
+        self._closing = True
+        try:
+            if self._pubsub is not None and self.up:
+                await asyncio.wait_for(self._pubsub.unsubscribe(self.channel), 1.0)
+                await asyncio.wait_for(asyncio.shield(subscriber), 2.0)
+        except (RedisError, OSError, TimeoutError):
+            pass
+        subscriber.cancel()
+        try:
+            await subscriber
+        except asyncio.CancelledError:
+            pass
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait until every command queued so far has been sent (bounded)."""
@@ -266,6 +296,7 @@ class RedisLink:
         backoff = Backoff()
         while True:
             pubsub = self.redis.pubsub()
+            self._pubsub = pubsub
             try:
                 await pubsub.subscribe(self.channel)
                 backoff.reset()
@@ -275,6 +306,8 @@ class RedisLink:
                     # dict (a dead connection still raises); liveness is the ping.
                     reply = await read(block=True)
                     if not reply or reply[0] != b"message":
+                        if reply and reply[0] == b"unsubscribe" and self._closing:
+                            return  # stopping: everything sent before this was handed on
                         continue
                     for data in unpack_messages(reply[2]):
                         self._dispatch(data)

@@ -97,6 +97,7 @@ else
 end
 redis.call('HSET', mkey, U, cjson.encode(rec))
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
+if old ~= '' and old ~= node then forget_node_room(mkey, vkey, old, R) end
 local ver = redis.call('INCR', vkey)
 if resumed == 1 then
   emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
@@ -230,7 +231,9 @@ return redis.call('HLEN', 'sig:nodes')
 # Find registered nodes whose liveness key expired and hold their live slots
 # for the grace with reason node_lost (and marked incomplete: nobody can say
 # what the dead node's clients had read). Removing the node from sig:nodes in the
-# same step makes the release happen exactly once.
+# same step makes the release happen exactly once. The node's room set is
+# deleted once processed (its held records are reaped or resumed later, each
+# without it); its size is bounded by the rooms where that node had members.
 # ARGV: grace_ms -> {live node count, released node ids...}
 RELEASE_NODES = r"""
 local grace = tonumber(ARGV[1])
@@ -254,6 +257,7 @@ for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
         end
       end
     end
+    redis.call('DEL', 'sig:n:' .. node .. ':r')
   end
 end
 local reply = {redis.call('HLEN', 'sig:nodes')}
@@ -284,7 +288,10 @@ for _, s in ipairs(cjson.decode(ARGV[3])) do
   local rec = raw and cjson.decode(raw)
   if not rec or (rec.n == node and rec.c <= s[3]) then
     local seq = rec and rec.s or redis.call('INCR', vkey)
-    rec = {u = s[2], n = node, s = seq, c = s[3], h = 0, o = s[5], b = 0, r = 'timeout'}
+    -- A loss Redis already knows of stays known (KEEP may have marked it).
+    local lost = (rec and rec.c == s[3] and rec.o == 1) and 1 or s[5]
+    local bytes = (rec and rec.c == s[3]) and rec.b or 0
+    rec = {u = s[2], n = node, s = seq, c = s[3], h = 0, o = lost, b = bytes, r = 'timeout'}
     if s[4] > 0 then
       rec.h = now + s[4]
       redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. U)
