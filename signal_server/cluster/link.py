@@ -273,7 +273,9 @@ class RedisLink:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         groups = _pipeline(pipe, batch)
                         results = await pipe.execute(raise_on_error=False)
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # RedisError, OSError, or a client-library surprise
+                    if not isinstance(exc, (RedisError, OSError)):
+                        logger.exception("cluster: a write to Redis failed unexpectedly")
                     self._scripts_loaded = False
                     self._link_failed(exc)
                     for command in batch:
@@ -312,6 +314,11 @@ class RedisLink:
                     for data in unpack_messages(reply[2]):
                         self._dispatch(data)
             except (RedisError, OSError) as exc:
+                self._link_failed(exc)
+            except Exception as exc:
+                # Anything else from the client library must not end the
+                # subscriber for good (the node would never be ready again).
+                logger.exception("cluster: the subscriber failed; reconnecting")
                 self._link_failed(exc)
             finally:
                 try:
@@ -358,6 +365,10 @@ class RedisLink:
                 backoff.reset()
                 await asyncio.sleep(TICK)
             except (LinkDown, RedisError, OSError) as exc:
+                self._link_failed(exc)
+                await asyncio.sleep(backoff.next())
+            except Exception as exc:  # a surprise must not stop the node's heartbeat for good
+                logger.exception("cluster: the tick failed")
                 self._link_failed(exc)
                 await asyncio.sleep(backoff.next())
 
