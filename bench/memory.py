@@ -93,12 +93,16 @@ def per_connection(items: list[tuple[str, int]], connections: int, at_least: int
     return {name: round(size / connections) for name, size in items if abs(size) >= connections * at_least}
 
 
-def type_counts() -> Counter[str]:
+def type_counts() -> tuple[Counter[str], Counter[str]]:
+    """Bytes and numbers of the objects the collector tracks, by type."""
     gc.collect()
     sizes: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     for obj in gc.get_objects():
-        sizes[type(obj).__qualname__] += sys.getsizeof(obj)
-    return sizes
+        name = type(obj).__qualname__
+        sizes[name] += sys.getsizeof(obj)
+        counts[name] += 1
+    return sizes, counts
 
 
 async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> dict[str, Any]:
@@ -117,7 +121,7 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
         if traced:
             tracemalloc.start(25)
             before = tracemalloc.take_snapshot()
-            types_before = type_counts()
+            types_before, counts_before = type_counts()
         rss_before = rss_kib(os.getpid())
         config = {"target": "signal", "port": port, "scenario": "S4", "secret": SECRET,
                   "connections": connections, "hold": 30, "concurrency": 100}
@@ -137,7 +141,7 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
         result["rss_kib_per_connection"] = (rss_kib(os.getpid()) - rss_before) / connections
         if traced:
             after = tracemalloc.take_snapshot()
-            types_after = type_counts()
+            types_after, counts_after = type_counts()
             tracemalloc.stop()
             owners: Counter[str] = Counter()
             sites: Counter[str] = Counter()
@@ -148,6 +152,10 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
             result["by_owner"] = per_connection(owners.most_common(), connections, 8)
             result["by_site"] = per_connection(sites.most_common(40), connections, 16)
             result["by_type"] = per_connection((types_after - types_before).most_common(25), connections, 8)
+            result["objects_per_connection"] = {
+                name: round((counts_after[name] - counts_before[name]) / connections, 2)
+                for name in ("WebSocketPeer", "RequestHandler", "TCPTransport", "Task", "coroutine", "deque")
+            }
         generator.kill()
         await generator.wait()
     finally:
