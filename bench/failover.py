@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from cluster import SIGNAL, pinned, wait_ready
@@ -134,19 +135,30 @@ def section(results: list[dict[str, Any]], clients: int, interval_ms: int) -> st
                 cells.append("–" if value is None else fmt.format(value))
         lines.append(f"| {label} | {' | '.join(cells)} |")
     lines += ["", "| goal | SIGKILL | SIGTERM |", "| --- | --- | --- |"]
-    for label, check in [
+    goals: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
         ("every displaced client resumed and relays again (within 60 s)",
          lambda f: f.get("all_relaying_s") is not None),
         ("zero lost or duplicated messages for the rest of the room",
          lambda f: f.get("rest_lost") == 0 and f.get("rest_duplicated") == 0 and f.get("rest_expected", 0) > 0),
-    ]:
+    ]
+    for label, check in goals:
         lines.append(f"| {label} | " + " | ".join(verdict(check(by_variant.get(v, {}))) for v in ("kill", "term"))
                      + " |")
-    errors = [e for r in results for e in r.get("errors") or []]
-    if errors or any(r.get("fatal") for r in results):
-        lines += ["", f"Generator errors: {[r.get('fatal') for r in results if r.get('fatal')] + errors[:3]}"]
+    for result in results:
+        problems = [result["fatal"]] if result.get("fatal") else [_brief(e) for e in result.get("errors") or []]
+        if problems:
+            name = {"kill": "SIGKILL", "term": "SIGTERM"}[result["variant"]]
+            lines += ["", f"{name}: the clients were told (first {len(problems)}): {'; '.join(sorted(set(problems)))}."]
     lines += ["", "![failover chart](failover.png)"]
     return "\n".join(lines)
+
+
+def _brief(error: str) -> str:
+    """An error message the generator kept, as its code and text."""
+    try:
+        return str(json.loads(error)["payload"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return error[:120]
 
 
 def chart(results: list[dict[str, Any]]) -> None:
