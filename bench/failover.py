@@ -28,10 +28,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from cluster import SIGNAL, pinned, wait_ready
+from cluster import SIGNAL, pinned, replace_section, stop_all, wait_ready
 from run import BENCH, NO_LIMITS, ROOT, SECRET, free_port, raise_file_limit, wait_listening
 
-DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "failover.png"
 BEGIN, END = "<!-- failover:begin -->", "<!-- failover:end -->"
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
@@ -82,16 +81,7 @@ def run_once(variant: str, clients: int, interval_ms: int) -> dict[str, Any]:
         result["variant"] = variant
         return result
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+        stop_all(processes, directory)
 
 
 def verdict(ok: bool) -> str:
@@ -198,13 +188,8 @@ def main() -> None:
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "failover.json").write_text(json.dumps(results, indent=1))
     chart(results)
-    text = DOC.read_text()
-    body = f"{BEGIN}\n{section(results, args.clients, args.interval_ms)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-    else:
-        text += f"\n## Failover: a node dies, its clients reconnect\n\n{body}\n"
-    DOC.write_text(text)
+    replace_section(BEGIN, END, section(results, args.clients, args.interval_ms),
+                    "Failover: a node dies, its clients reconnect")
 
 
 if __name__ == "__main__":

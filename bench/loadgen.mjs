@@ -526,19 +526,10 @@ async function failover(total, interval) {
     }, Math.random() * ceiling);
   }
 
-  const join = await (async () => {
-    const started = now();
-    let next = 0;
-    const worker = async () => {
-      while (next < clients.length) {
-        const client = clients[next];
-        next += 1;
-        await connect(client, ports[client.node]);
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(200, clients.length) }, worker));
-    return { joinsPerSecond: clients.length / ((now() - started) / 1000), joinSeconds: (now() - started) / 1000 };
-  })();
+  const started = now();
+  await eachAtMost(200, clients, (client) => connect(client, ports[client.node]));
+  const seconds = (now() - started) / 1000;
+  const join = { joinsPerSecond: clients.length / seconds, joinSeconds: seconds };
 
   // Steady traffic, spread over the interval: a slice of the clients sends every 10 ms.
   let tick = 0;
@@ -617,6 +608,19 @@ async function failover(total, interval) {
   };
 }
 
+/** Run `task` for every item, at most `concurrency` at a time, in order. */
+async function eachAtMost(concurrency, items, task) {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const item = items[next];
+      next += 1;
+      await task(item);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
+}
+
 // S6: a resume storm. Every client joins (its token verified once), its socket is
 // dropped without a close (the slot is held), and the measured window is all of
 // them coming back at once with the same tokens: resumes served from the token cache.
@@ -629,15 +633,7 @@ async function resumeStorm(total, perRoom) {
   const cpuBefore = process.cpuUsage();
   emit({ phase: "window_start" });
   const started = now();
-  let next = 0;
-  const worker = async () => {
-    while (next < clients.length) {
-      const client = clients[next];
-      next += 1;
-      await client.openRaw();
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(concurrency, clients.length) }, worker));
+  await eachAtMost(concurrency, clients, (client) => client.openRaw());
   const seconds = (now() - started) / 1000;
   emit({ phase: "window_end" });
   const cpu = process.cpuUsage(cpuBefore);
