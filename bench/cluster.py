@@ -106,14 +106,20 @@ def run_once(scenario: str, nodes: int, redis: bool, params: dict[str, Any], sec
             result["server_cpu"] = (c1 - c0) / (t1 - t0)
         return result
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
+        stop_all(processes, directory)
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]], directory: str) -> None:
+    """Terminate the nodes and Redis (the last started first), kill what does not exit, remove the scratch dir."""
+    for process in reversed(processes):
+        process.terminate()  # a no-op for one already gone (a killed node)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def med(runs: list[dict[str, Any]], key: str) -> float:
@@ -163,12 +169,17 @@ def main() -> None:
             print(json.dumps({k: v for k, v in outcome.items() if k != "join"}), flush=True)
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "cluster.json").write_text(json.dumps(results, indent=1))
+    replace_section(BEGIN, END, table(results, args.runs, args.seconds), "Many nodes on Redis")
+
+
+def replace_section(begin: str, end: str, body: str, heading: str) -> None:
+    """Rewrite the part of docs/benchmarks.md between two markers (a new section under ``heading`` if absent)."""
     text = DOC.read_text()
-    section = f"{BEGIN}\n{table(results, args.runs, args.seconds)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
-        text += f"\n## Many nodes on Redis\n\n{section}\n"
+        text += f"\n## {heading}\n\n{section}\n"
     DOC.write_text(text)
 
 

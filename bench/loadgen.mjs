@@ -5,6 +5,8 @@
 //    "secret": "...", "seconds": 10, "warmup": 1, ...scenario parameters}
 //   "ports": [p1, p2] instead of "port" spreads each room's members over nodes (signal only);
 //   "drain_ms" (default 3000): how long to wait for in-flight messages at the end.
+//   Scenario "failover" (bench/failover.py): clients spread over "ports"; on "kill <node index>"
+//   on stdin, that node's clients reconnect to the others (see failover() below).
 //
 // Prints JSON lines on stdout: {"phase": "window_start"}, {"phase": "window_end"}
 // (so the orchestrator can read the server's CPU and memory at those moments),
@@ -414,6 +416,232 @@ async function connections(total, perRoom, hold) {
   return { join, rate: join.joinsPerSecond, lost: 0, generatorCpu: (cpu.user + cpu.system) / 1e6 / join.joinSeconds };
 }
 
+// Failover: `clients` in rooms of 4, member m of room r on node (r + m) % nodes,
+// each sending one room-wide message every `interval_ms`. The orchestrator kills
+// a node and writes "kill <index>" on stdin; that node's clients reconnect with the
+// browser module's back-off (full jitter, 250 ms doubling to 5 s, reset on join)
+// with the same token, through the other nodes (spread by client index), and
+// resume. Measured from the kill: when each displaced client got its resumed
+// room_state, and when it relays again (it received a message sent after its
+// resume, and its first message after the resume reached another member, who
+// answers at once);
+// resumes per 100 ms; recovered true/false; and for the clients that were never
+// displaced, every message between them exactly once and in order.
+async function failover(total, interval) {
+  const ports = config.ports;
+  const rooms = Math.ceil(total / 4);
+  clients = [];
+  for (let r = 0; r < rooms; r += 1) {
+    const members = [];
+    for (let m = 0; m < 4 && clients.length < total; m += 1) {
+      const client = new Client(clients.length, `room${r}`, `u${r}x${m}`);
+      client.node = (r + m) % ports.length;
+      client.token = jwt(client.name);
+      client.received = new Map(); // sender index -> [unique count, duplicates, last seq]
+      clients.push(client);
+      members.push(client);
+    }
+    for (const client of members) client.peers = members.filter((other) => other !== client);
+  }
+  let killAt = null;
+  let killed = -1;
+  const survivorsOf = () => ports.map((_, index) => index).filter((index) => index !== killed);
+  const storm = { attempts: 0, failedAttempts: 0, resumed: 0, recovered: 0, notRecovered: 0, fresh: 0, closes: 0 };
+
+  const onMessage = (client, data) => {
+    if (data.compare(RELAYED_PREFIX, 0, RELAYED_PREFIX.length, 0, RELAYED_PREFIX.length) !== 0) {
+      const text = data.toString();
+      if (text.startsWith('{"type":"room_state"') && client.connectedAt !== undefined && client.displaced) {
+        const state = JSON.parse(text).payload;
+        client.resumedAt = now();
+        storm.resumed += 1;
+        if (!state.resumed) storm.fresh += 1;
+        else if (state.recovered) storm.recovered += 1;
+        else storm.notRecovered += 1;
+        client.probeSeq = client.send(null); // its first message after the resume
+      } else if (text.includes('"type":"error"')) {
+        stats.errors.push(text.slice(0, 200));
+      }
+      return;
+    }
+    const senderIndex = tail(data, '"s":');
+    const seq = tail(data, '"seq":');
+    const sender = clients[senderIndex];
+    stats.delivered += 1;
+    const seen = client.received.get(senderIndex) ?? [0, 0, 0];
+    if (seq <= seen[2]) seen[1] += 1; // a duplicate (or reordered) delivery
+    else seen[0] += 1;
+    seen[2] = Math.max(seen[2], seq);
+    client.received.set(senderIndex, seen);
+    if (client.resumedAt !== undefined && client.relayInAt === undefined && tail(data, '"t":') >= client.resumedAt) {
+      client.relayInAt = now();
+    }
+    if (sender.probeSeq === seq && !client.displaced) {
+      sender.relayOutAt ??= now();
+      client.send(null); // an answer at once, so the resumed client's relay in is timed too
+    }
+  };
+
+  const connect = (client, port) =>
+    new Promise((resolve, reject) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/webrtc/ws/${client.room}?token=${client.token}`, {
+        perMessageDeflate: false, skipUTF8Validation: true, allowSynchronousEvents: true,
+      });
+      client.ws = ws;
+      let joined = false;
+      ws.on("message", (data) => {
+        if (!joined && data.toString().startsWith('{"type":"room_state"')) {
+          joined = true;
+          client.attempt = 0;
+          client.connectedAt ??= now();
+          resolve();
+        }
+        onMessage(client, data);
+      });
+      ws.on("error", () => {});
+      ws.on("close", () => {
+        if (!joined) reject(new Error("closed before joining"));
+        else if (!stopping && client.ws === ws) {
+          storm.closes += 1;
+          if (killAt === null || client.node !== killed) stats.errors.push(`client ${client.name} closed`);
+          client.displaced = true;
+          reconnect(client);
+        }
+      });
+    });
+
+  function reconnect(client) {
+    const ceiling = Math.min(5000, 250 * 2 ** (client.attempt ?? 0));
+    client.attempt = (client.attempt ?? 0) + 1;
+    setTimeout(async () => {
+      const survivors = survivorsOf();
+      const node = survivors[(client.index + client.attempt) % survivors.length];
+      storm.attempts += 1;
+      try {
+        await connect(client, ports[node]);
+      } catch {
+        storm.failedAttempts += 1;
+        if (!stopping) reconnect(client);
+      }
+    }, Math.random() * ceiling);
+  }
+
+  const started = now();
+  await eachAtMost(200, clients, (client) => connect(client, ports[client.node]));
+  const seconds = (now() - started) / 1000;
+  const join = { joinsPerSecond: clients.length / seconds, joinSeconds: seconds };
+
+  // Steady traffic, spread over the interval: a slice of the clients sends every 10 ms.
+  let tick = 0;
+  const slices = Math.max(1, Math.round(interval / 10));
+  const sender = setInterval(() => {
+    tick += 1;
+    for (let i = tick % slices; i < clients.length; i += slices) {
+      const client = clients[i];
+      if (!stopping && client.ws.readyState === WebSocket.OPEN && (!client.displaced || client.resumedAt)) {
+        client.send(null);
+      }
+    }
+  }, 10);
+  await sleep(1000);
+  emit({ phase: "ready", clients: clients.length });
+
+  // Wait for "kill <index>" from the orchestrator (sent right after the signal).
+  killed = await new Promise((resolve) => {
+    let buffered = "";
+    process.stdin.on("data", (chunk) => {
+      buffered += chunk;
+      const match = /kill (\d+)/.exec(buffered);
+      if (match) resolve(Number(match[1]));
+    });
+  });
+  killAt = now();
+  const displaced = clients.filter((client) => client.node === killed);
+  const deadline = killAt + (config.storm_ms ?? 60000);
+  const done = () => displaced.every((c) => c.relayInAt !== undefined && c.relayOutAt !== undefined);
+  while (!done() && now() < deadline) await sleep(20);
+  await sleep(1000); // traffic after everyone is back
+  stopping = true;
+  clearInterval(sender);
+  await sleep(config.drain_ms ?? 3000);
+
+  // The rest of every room: clients never displaced, pairwise exactly once.
+  let expected = 0;
+  let lost = 0;
+  let duplicated = 0;
+  for (const receiver of clients) {
+    if (receiver.displaced) continue;
+    for (const peer of receiver.peers) {
+      if (peer.displaced) continue;
+      const [unique, dups] = receiver.received.get(peer.index) ?? [0, 0, 0];
+      expected += peer.seq;
+      lost += peer.seq - unique;
+      duplicated += dups;
+    }
+  }
+  let displacedDuplicates = 0;
+  for (const receiver of clients) {
+    if (!receiver.displaced) continue;
+    for (const [, [, dups]] of receiver.received) displacedDuplicates += dups;
+  }
+  const since = (value) => (value === undefined ? null : (value - killAt) / 1000);
+  const resumedTimes = displaced.map((c) => since(c.resumedAt)).filter((t) => t !== null).sort((a, b) => a - b);
+  const relayTimes = displaced
+    .map((c) => (c.relayInAt === undefined || c.relayOutAt === undefined ? null : since(Math.max(c.relayInAt, c.relayOutAt))))
+    .filter((t) => t !== null)
+    .sort((a, b) => a - b);
+  const buckets = new Map();
+  for (const t of resumedTimes) buckets.set(Math.floor(t * 10), (buckets.get(Math.floor(t * 10)) ?? 0) + 1);
+  const timeline = Array.from({ length: resumedTimes.length ? Math.floor(resumedTimes.at(-1) * 10) + 1 : 0 },
+    (_, i) => buckets.get(i) ?? 0);
+  return {
+    join,
+    rate: null,
+    lost,
+    failover: {
+      clients: clients.length, displaced: displaced.length, ...storm,
+      all_resumed_s: resumedTimes.at(-1) ?? null, all_relaying_s: relayTimes.length === displaced.length ? relayTimes.at(-1) : null,
+      relaying: relayTimes.length, median_resumed_s: percentile(resumedTimes, 50),
+      peak_resumes_per_s: Math.max(0, ...timeline) * 10, resumes_per_100ms: timeline,
+      rest_expected: expected, rest_lost: lost, rest_duplicated: duplicated, displaced_duplicates: displacedDuplicates,
+    },
+  };
+}
+
+/** Run `task` for every item, at most `concurrency` at a time, in order. */
+async function eachAtMost(concurrency, items, task) {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const item = items[next];
+      next += 1;
+      await task(item);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
+}
+
+// S6: a resume storm. Every client joins (its token verified once), its socket is
+// dropped without a close (the slot is held), and the measured window is all of
+// them coming back at once with the same tokens: resumes served from the token cache.
+async function resumeStorm(total, perRoom) {
+  const concurrency = config.concurrency ?? 200;
+  const first = await connectAll(Math.ceil(total / perRoom), perRoom, () => {}, concurrency, true);
+  for (const client of clients) client.socket.destroy();
+  await sleep(1000); // the server sees every connection end and holds the slots
+  for (const client of clients) client.joined = false;
+  const cpuBefore = process.cpuUsage();
+  emit({ phase: "window_start" });
+  const started = now();
+  await eachAtMost(concurrency, clients, (client) => client.openRaw());
+  const seconds = (now() - started) / 1000;
+  emit({ phase: "window_end" });
+  const cpu = process.cpuUsage(cpuBefore);
+  stopping = true;
+  const join = { joinsPerSecond: clients.length / seconds, joinSeconds: seconds, joinTimes: [], firstPass: first.joinsPerSecond };
+  return { join, rate: join.joinsPerSecond, lost: 0, generatorCpu: (cpu.user + cpu.system) / 1e6 / seconds };
+}
+
 function percentile(sorted, p) {
   if (!sorted.length) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -440,11 +668,17 @@ async function main() {
     case "count":
       outcome = await fixedCount(config.rooms ?? 10, config.messages ?? 0);
       break;
+    case "S6":
+      outcome = await resumeStorm(config.connections ?? 2000, 4);
+      break;
+    case "failover":
+      outcome = await failover(config.clients ?? 5000, config.interval_ms ?? 1000);
+      break;
     default:
       throw new Error(`unknown scenario ${config.scenario}`);
   }
   const sorted = stats.latencies.sort((a, b) => a - b);
-  const { joinTimes, ...join } = outcome.join;
+  const { joinTimes, firstPass, ...join } = outcome.join;
   emit({
     phase: "result",
     scenario: config.scenario,
@@ -462,6 +696,7 @@ async function main() {
     errors: stats.errors.slice(0, 5),
     generator_cpu: outcome.generatorCpu,
     join,
+    failover: outcome.failover,
   });
   for (const client of clients) {
     if (client.ws) client.ws.terminate();

@@ -149,6 +149,12 @@ def ratios(grouped: dict[tuple[str, str, str], list[Result]]) -> list[str]:
     add("S5 joins: signal-server / floor + same JWT",
         ratio(value("S5", SIGNAL, "rate", "connections=2000"), value("S5", FLOOR_JWT, "rate", "connections=2000")),
         "≥ 0.9", lambda v: v >= 0.9)
+    add("S5 joins with fresh tokens: signal-server / PeerJS",
+        ratio(value("S5", SIGNAL, "rate", "connections=2000"), value("S5", PEERJS, "rate", "connections=2000")),
+        "≥ 0.8", lambda v: v >= 0.8)
+    add("S6 resumes with tokens seen before: signal-server / PeerJS S5 joins",
+        ratio(value("S6", SIGNAL, "rate", "connections=2000"), value("S5", PEERJS, "rate", "connections=2000")),
+        "≥ 1.0", lambda v: v >= 1.0)
     return lines
 
 

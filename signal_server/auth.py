@@ -28,6 +28,7 @@ from jwt.algorithms import get_default_algorithms
 from .errors import SignalError
 from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
+from .tokencache import VerifiedTokenCache
 
 __all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "clean_text", "MAX_TOKEN_LENGTH"]
 
@@ -72,17 +73,36 @@ def _unauthorized(detail: str) -> SignalError:
 
 
 class TokenVerifier:
-    """Turns a bearer token into an :class:`Identity` or raises UNAUTHORIZED."""
+    """Turns a bearer token into an :class:`Identity` or raises UNAUTHORIZED.
 
-    def __init__(self, settings: Settings, leeway: float = 5.0) -> None:
+    Tokens it accepted are remembered in a :class:`VerifiedTokenCache` (by
+    their SHA-256, until their ``exp``), so a reconnect or a resume storm
+    does not decode every JWT again; :meth:`reconfigure` (a new key, audience
+    or issuer) empties it.
+    """
+
+    def __init__(self, settings: Settings, leeway: float = 5.0, cache: VerifiedTokenCache | None = None) -> None:
+        self._leeway = leeway
+        self.cache = VerifiedTokenCache() if cache is None else cache
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Verify with the key, algorithm, audience and issuer of ``settings`` from now on.
+
+        The new key is prepared first: one that does not fit raises
+        :class:`KeyConfigError` and the verifier keeps the old configuration.
+        Otherwise every cached token is forgotten, so none verified under the
+        old configuration is accepted without being verified again.
+        """
         key = settings.jwt_public_key or settings.jwt_secret
         if not key:
             raise ValueError("no JWT secret or public key configured")
-        self._key = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
+        prepared = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
+        self.cache.clear()
+        self._key = prepared
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
-        self._leeway = leeway
         self._options: Any = {
             "require": ["exp", "sub"],
             "verify_aud": settings.jwt_audience is not None,
@@ -90,7 +110,7 @@ class TokenVerifier:
         }
 
     def verify(self, token: str | None) -> Identity:
-        """Verify ``token`` and read its claims.
+        """Verify ``token`` and read its claims (from the cache when it was verified recently).
 
         Raises:
             SignalError: ``UNAUTHORIZED`` with a client-safe reason.
@@ -99,6 +119,11 @@ class TokenVerifier:
             raise _unauthorized("a token is required")
         if len(token) > MAX_TOKEN_LENGTH:
             raise _unauthorized("token is too long")
+        now = time.time()  # the wall clock PyJWT checks exp, nbf and iat against
+        cache = self.cache
+        identity = cache.get(token, now)
+        if identity is not None:
+            return identity
         try:
             claims = jwt.decode(
                 token,
@@ -117,7 +142,11 @@ class TokenVerifier:
             # The key was checked at start-up, so this is a token PyJWT could
             # not handle; the client still gets 401, never a 500.
             raise _unauthorized(f"invalid token ({type(exc).__name__})") from None
-        return _identity(claims)
+        identity = _identity(claims)
+        # PyJWT has checked that these convert with int(); compare as it does.
+        not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
+        cache.put(token, identity, not_before, int(claims["exp"]), now)
+        return identity
 
 
 def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:

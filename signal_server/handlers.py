@@ -176,9 +176,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     room_id = request.match_info["room_id"]
     peer = WebSocketPeer(
         ws, transport, room_id if ROOM_ID.match(room_id) else None,
-        settings.max_send_buffer, on_slow=lambda: _count_slow(sig),
+        settings.max_send_buffer, on_limit=sig.metrics.limit_close,
     )
-    if not meter_intake(request, settings.receive_rate, settings.receive_burst, lambda: _flooded(sig, peer)):
+    if not meter_intake(request, settings.receive_rate, settings.receive_burst, peer.flooded):
         _warn_unmetered()
     address = sig.client_address(request.remote, request.headers)
     # Counted from here to the end, refused or not: a refused socket is open
@@ -199,19 +199,41 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 async def _serve(
     sig: Signaling, request: web.Request, ws: web.WebSocketResponse, peer: WebSocketPeer, room_id: str
 ) -> None:
-    """Admit the participant and relay; refuse in-band; never let a bug take the socket silently."""
+    """Admit, join, relay until the connection ends, then leave or hold the slot.
+
+    Refuses in-band; never lets a bug take the socket silently. One coroutine
+    for all of it (not one per step): every idle connection keeps each
+    coroutine of its handler's chain, a few hundred bytes apiece.
+    """
     try:
         identity = _admit(sig, request, room_id)
-        user_refusal = sig.admission.admit_user(identity.user_id)
+        user = identity.user_id
+        user_refusal = sig.admission.admit_user(user)
         if user_refusal is not None:
             sig.metrics.refused["user_concurrent"] += 1
             raise user_refusal
         sig.peers.add(peer)
         try:
-            await _participate(sig, ws, peer, room_id, identity)
+            hub = sig.hub
+            slot = await hub.join(room_id, identity, peer)
+            # JSON logs carry room and user as fields.
+            logger.info("join room=%s user=%s", room_id, user, extra={"room": room_id, "user": user})
+            clean = False
+            try:
+                clean = await _relay(sig, ws, peer, slot)
+            finally:
+                if clean:
+                    await hub.leave(slot, peer, "left")
+                else:
+                    await hub.drop(slot, peer)
+                logger.info(
+                    "close room=%s user=%s clean=%s code=%s", room_id, user, clean, ws.close_code,
+                    extra={"room": room_id, "user": user, "clean": clean, "code": ws.close_code},
+                )
+            await peer.wait_closed()
         finally:
             sig.peers.discard(peer)
-            sig.admission.release_user(identity.user_id)
+            sig.admission.release_user(user)
     except SignalError as error:
         await _refuse(ws, peer, sig, error)
     except Exception:
@@ -220,17 +242,6 @@ async def _serve(
         logger.exception("internal error on a connection to room %r", peer.room_id)
         sig.metrics.errors["INTERNAL_ERROR"] += 1
         await close_bounded(ws, peer.transport, CloseCode.INTERNAL_ERROR, b"INTERNAL_ERROR")
-
-
-def _count_slow(sig: Signaling) -> None:
-    sig.metrics.limit_closes["slow_consumer"] += 1
-
-
-def _flooded(sig: Signaling, peer: WebSocketPeer) -> None:
-    """Past --receive-rate: cut off at once (nothing more it sends is parsed)."""
-    sig.metrics.limit_closes["byte_rate"] += 1
-    sig.metrics.errors["RATE_LIMITED"] += 1
-    peer.cut_off(CloseCode.RATE_LIMITED, SignalError("RATE_LIMITED", "too many bytes sent; connection closed"))
 
 
 @functools.cache
@@ -249,29 +260,6 @@ def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     if not identity.may_join(room_id):
         raise SignalError("FORBIDDEN", f"this token may not join room {room_id!r}")
     return identity
-
-
-async def _participate(
-    sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer, room_id: str, identity: Identity
-) -> None:
-    """Join, relay until the connection ends, then leave or hold the slot."""
-    hub = sig.hub
-    slot = await hub.join(room_id, identity, peer)
-    fields = {"room": room_id, "user": identity.user_id}  # JSON logs carry them as fields
-    logger.info("join room=%s user=%s", room_id, identity.user_id, extra=fields)
-    clean = False
-    try:
-        clean = await _relay(sig, ws, peer, slot)
-    finally:
-        if clean:
-            await hub.leave(slot, peer, "left")
-        else:
-            await hub.drop(slot, peer)
-        logger.info(
-            "close room=%s user=%s clean=%s code=%s", room_id, identity.user_id, clean, ws.close_code,
-            extra={**fields, "clean": clean, "code": ws.close_code},
-        )
-    await peer.wait_closed()
 
 
 async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer, slot: Slot) -> bool:

@@ -38,6 +38,12 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
+    def limit_close(self, reason: str) -> None:
+        """A connection closed by a limit (the peer's ``on_limit``); a byte-rate cut-off is also an error sent."""
+        self.limit_closes[reason] += 1
+        if reason == "byte_rate":
+            self.errors["RATE_LIMITED"] += 1
+
     def collect(self) -> Iterator[Metric]:
         connections, rooms = self._gauges()
         yield GaugeMetricFamily("signal_connections", "Open signaling WebSockets", value=connections)

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import struct
 import time
-from collections import deque
 from collections.abc import Callable
 
 from aiohttp import web
@@ -64,7 +63,7 @@ class WebSocketPeer:
 
     __slots__ = (
         "ws", "room_id", "last_seen", "relayed", "_acked", "_pings_out", "_dropped",
-        "_transport", "_limit", "_closing", "_on_slow", "_tasks",
+        "_transport", "_limit", "_closing", "_on_limit", "_tasks",
     )
 
     def __init__(
@@ -73,19 +72,23 @@ class WebSocketPeer:
         transport: asyncio.Transport,
         room_id: str | None,
         max_send_buffer: int,
-        on_slow: Callable[[], None] | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_limit`` is told the name of a limit that closes this peer (one callable per app:
+        a closure per connection would cost memory on every idle one)."""
         self.ws = ws
         self.room_id = room_id
         self._transport = transport
         self._limit = max_send_buffer
         self._closing = False
-        self._on_slow = on_slow
+        self._on_limit = on_limit
         self._tasks: set[asyncio.Task[None]] | None = None  # a close in progress, if any
         self.last_seen = time.monotonic()  # stamped by the handler on every frame
         self.relayed = 0  # relayed frames handed to this peer
         self._acked = 0  # of which the client confirmed reading this many
-        self._pings_out: deque[bytes] | None = None  # payloads of pings not answered yet, oldest first
+        # Payloads of pings not answered yet, oldest first. A list, made at the
+        # first ping: an empty deque costs 600 bytes, a list of a few 100.
+        self._pings_out: list[bytes] | None = None
         self._dropped = False  # a frame was discarded
 
     @property
@@ -125,9 +128,11 @@ class WebSocketPeer:
         """A keepalive ping carrying the relayed count; its pong confirms those frames."""
         pings = self._pings_out
         if pings is None:
-            pings = self._pings_out = deque(maxlen=_MAX_PINGS_OUT)
+            pings = self._pings_out = []
         payload = _COUNT.pack(self.relayed)
         if self._write_control(_PING_HEADER + payload):
+            if len(pings) >= _MAX_PINGS_OUT:
+                del pings[0]  # the oldest is given up on: a later pong confirms more anyway
             pings.append(payload)
 
     def take_pong(self, data: bytes) -> bool:
@@ -139,7 +144,7 @@ class WebSocketPeer:
         pings = self._pings_out
         if not pings or data not in pings:
             return False
-        while pings.popleft() != data:
+        while pings.pop(0) != data:
             pass  # pings the client skipped (RFC 6455 lets it answer only the latest)
         (count,) = _COUNT.unpack(data)
         if count > self._acked:
@@ -189,9 +194,15 @@ class WebSocketPeer:
 
     def _close_slow_consumer(self) -> None:
         """Over the send bound: stop writing, send a close frame, abort if unread."""
-        if self._on_slow is not None:
-            self._on_slow()
+        if self._on_limit is not None:
+            self._on_limit("slow_consumer")
         self.cut_off(CloseCode.SLOW_CONSUMER)
+
+    def flooded(self) -> None:
+        """Past --receive-rate: cut off at once (nothing more it sends is parsed)."""
+        if self._on_limit is not None:
+            self._on_limit("byte_rate")
+        self.cut_off(CloseCode.RATE_LIMITED, SignalError("RATE_LIMITED", "too many bytes sent; connection closed"))
 
     def cut_off(self, code: CloseCode, error: SignalError | None = None) -> None:
         """End the connection now, without a closing handshake: ``error`` and a close frame, then a reset.
