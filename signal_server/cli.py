@@ -92,6 +92,9 @@ def _token_command(args: list[str], env: Mapping[str, str]) -> int:
     parser.add_argument("--name", help="display name")
     parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     parser.add_argument("--room", action="append", help="restrict the token to this room (repeatable)")
+    parser.add_argument(
+        "--admin", action="store_true", help="add the admin grant (the room service API; keep it on the backend)"
+    )
     namespace = parser.parse_args(args)
     try:
         settings = load_settings(vars(namespace), env, namespace.config)
@@ -106,7 +109,7 @@ def _token_command(args: list[str], env: Mapping[str, str]) -> int:
     print(
         mint_token(
             settings.jwt_secret, namespace.sub, name=namespace.name, ttl=namespace.ttl,
-            rooms=namespace.room, algorithm=settings.jwt_algorithm,
+            rooms=namespace.room, algorithm=settings.jwt_algorithm, admin=namespace.admin,
         )
     )
     return 0

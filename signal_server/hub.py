@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,7 +77,9 @@ class HubLimits:
 class Slot:
     """A participant's place in a room, live (``peer`` set) or held."""
 
-    __slots__ = ("user_id", "username", "room", "peer", "kept", "kept_bytes", "incomplete", "expiry")
+    __slots__ = (
+        "user_id", "username", "room", "peer", "kept", "kept_bytes", "incomplete", "expiry", "joined_at",
+    )
 
     def __init__(self, user_id: str, username: str, room: Room, peer: Peer) -> None:
         self.user_id = user_id
@@ -87,17 +90,19 @@ class Slot:
         self.kept_bytes = 0
         self.incomplete = False  # a frame for this slot was dropped since its last resume
         self.expiry: asyncio.TimerHandle | None = None
+        self.joined_at = time.time()  # for the room service API
 
     def describe(self) -> dict[str, str]:
         return {"user_id": self.user_id, "username": self.username}
 
 
 class Room:
-    __slots__ = ("room_id", "slots")
+    __slots__ = ("room_id", "slots", "created_at")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
         self.slots: dict[str, Slot] = {}
+        self.created_at = time.time()  # for the room service API
 
 
 class Hub:
@@ -112,6 +117,8 @@ class Hub:
         self._user_rooms: Counter[str] = Counter()
         self.slot_count = 0
         self.kept_total = 0  # bytes kept for held slots, all together
+        # Bans of the room service API: (room, user or None for the whole room) -> monotonic end.
+        self._bans: dict[tuple[str, str | None], float] = {}
 
     # ------------------------------------------------------------ membership
 
@@ -122,8 +129,10 @@ class Hub:
         message in order, then live traffic.
 
         Raises:
-            SignalError: ``ROOM_FULL`` or ``TOO_MANY_ROOMS``.
+            SignalError: ``ROOM_FULL``, ``TOO_MANY_ROOMS``, or ``FORBIDDEN`` (banned).
         """
+        if self._bans:
+            self._check_ban(room_id, identity.user_id)
         room = self.rooms.get(room_id)
         slot = room.slots.get(identity.user_id) if room is not None else None
         if slot is not None:
@@ -343,3 +352,91 @@ class Hub:
                 if slot.expiry is not None:
                     slot.expiry.cancel()
                     slot.expiry = None
+
+    # ------------------------------------------------- room service (admin API)
+    # Called by admin.py for the app's backend; never on the relay path.
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        """Every room: id, participant count (live and held), creation time."""
+        return [
+            {"room_id": room.room_id, "participants": len(room.slots), "created_at": round(room.created_at, 3)}
+            for room in self.rooms.values()
+        ]
+
+    async def describe_room(self, room_id: str) -> list[dict[str, Any]] | None:
+        """The room's participants, or None when there is no such room."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return None
+        return [
+            {
+                "user_id": slot.user_id,
+                "username": slot.username,
+                "joined_at": round(slot.joined_at, 3),
+                "state": "live" if slot.peer is not None else "held",
+                "node": self.node,
+            }
+            for slot in room.slots.values()
+        ]
+
+    async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
+        """Remove a participant now (no grace): ``KICKED`` and close 4411 to it,
+        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out.
+        False when the participant is not in the room."""
+        room = self.rooms.get(room_id)
+        slot = room.slots.get(user_id) if room is not None else None
+        if slot is None:
+            return False
+        if ban > 0:
+            self._ban(room_id, user_id, ban)
+        peer = slot.peer
+        self._remove(slot, "kicked")  # slot.peer is None now: the handler's leave or drop is a no-op
+        if peer is not None:
+            peer.close(CloseCode.KICKED, SignalError("KICKED", "removed from the room by the server"))
+        return True
+
+    async def close_room(self, room_id: str, ban: float = 0) -> bool:
+        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held.
+        ``ban`` seconds keep the room from being reopened. False when there is no such room."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        if ban > 0:
+            self._ban(room_id, None, ban)
+        slots = list(room.slots.values())
+        for slot in slots:  # closed first, so nobody is sent the others' user_left
+            if slot.peer is not None:
+                slot.peer.close(CloseCode.ROOM_CLOSED, SignalError("ROOM_CLOSED", "the room was closed by the server"))
+        for slot in slots:
+            self._remove(slot, "room_closed")
+        return True
+
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
+        """Deliver a ``server_message`` (encoded by the caller) to the room or one
+        participant, kept for held slots like any message. False when nobody is there."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        if target is None:
+            for slot in room.slots.values():
+                self._deliver(slot, frame)
+            return True
+        recipient = room.slots.get(target)
+        if recipient is None:
+            return False
+        self._deliver(recipient, frame)
+        return True
+
+    def _ban(self, room_id: str, user_id: str | None, seconds: float) -> None:
+        now = time.monotonic()
+        for key in [key for key, end in self._bans.items() if end <= now]:
+            del self._bans[key]  # expired ones go, so the table holds only live bans
+        self._bans[(room_id, user_id)] = now + seconds
+
+    def _check_ban(self, room_id: str, user_id: str) -> None:
+        now = time.monotonic()
+        for key in ((room_id, None), (room_id, user_id)):
+            end = self._bans.get(key)
+            if end is not None and end > now:
+                what = "this room is closed" if key[1] is None else "this user was removed from this room"
+                raise SignalError("FORBIDDEN", f"{what} for another {int(end - now) + 1} s")
