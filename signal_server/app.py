@@ -141,6 +141,8 @@ def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], A
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     sig = app[SIGNALING]
     await sig.hub.start()
+    if sig.webhooks is not None:
+        await sig.webhooks.start(sig.hub.webhook_source())
     keepalive = asyncio.create_task(keep_alive(sig.peers, sig.settings.heartbeat))
     sig.started = True
     yield
@@ -150,6 +152,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await keepalive
     sig.hub.cancel_timers()
     await sig.hub.stop()
+    if sig.webhooks is not None:
+        await sig.webhooks.stop()
 
 
 async def _close_connections(app: web.Application) -> None:

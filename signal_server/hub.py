@@ -29,8 +29,9 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from .auth import Identity
 from .errors import CloseCode, SignalError
@@ -61,6 +62,11 @@ class Peer(Protocol):
     def notify(self, frame: bytes) -> None: ...
 
     def close(self, code: CloseCode, error: SignalError | None = None) -> None: ...
+
+
+# (event, room id, user id, username, reason): membership news for the webhooks
+# (webhooks.WebhookSender.hub_event); called after the change, never on the relay path.
+EventSink: TypeAlias = "Callable[[str, str, str | None, str | None, str | None], None]"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class Hub:
         self.kept_total = 0  # bytes kept for held slots, all together
         # Bans of the room service API: (room, user or None for the whole room) -> monotonic end.
         self._bans: dict[tuple[str, str | None], float] = {}
+        self.on_event: EventSink | None = None  # set when webhooks are configured (one node)
 
     # ------------------------------------------------------------ membership
 
@@ -170,6 +177,10 @@ class Hub:
         for other in members:
             if other is not slot:
                 self._deliver(other, joined)
+        if self.on_event is not None:
+            if new_room:
+                self.on_event("room_started", room_id, None, None, None)
+            self.on_event("participant_joined", room_id, slot.user_id, slot.username, None)
         return slot
 
     def _reattach(self, slot: Slot, peer: Peer) -> None:
@@ -182,6 +193,8 @@ class Hub:
         state = self._room_state(slot, members, resumed=True, recovered=recovered)
         self.metrics.joins += 1
         self.metrics.resumes += 1
+        if self.on_event is not None:
+            self.on_event("participant_resumed", slot.room.room_id, slot.user_id, slot.username, None)
         slot.peer = peer
         kept = slot.kept
         self._forget_kept(slot)
@@ -258,6 +271,10 @@ class Hub:
         if self._user_rooms[user] <= 0:
             del self._user_rooms[user]
         self.metrics.leaves[reason] += 1
+        if self.on_event is not None:
+            self.on_event("participant_left", room.room_id, slot.user_id, slot.username, reason)
+            if not room.slots:
+                self.on_event("room_finished", room.room_id, None, None, None)
         if not room.slots:
             del self.rooms[room.room_id]
             return
@@ -337,6 +354,10 @@ class Hub:
     def available(self) -> bool:
         """False while the hub cannot admit joins (a cluster hub without Redis)."""
         return True
+
+    def webhook_source(self) -> Any:
+        """Where a cluster's webhook events wait (its Redis client); None alone: the hub calls ``on_event``."""
+        return None
 
     def close_all(self, code: CloseCode) -> None:
         """Close every live connection (shutdown). Slots stay held: not a leave."""

@@ -14,6 +14,7 @@ from . import test_cluster
 from .cluster import Clients, Node, RedisServer
 from .conftest import make_token
 from .test_cluster import StartNodes
+from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
 
 # The cluster tests' fixtures (a redis-server, nodes, WebSocket clients), shared.
 redis = test_cluster.redis
@@ -109,3 +110,39 @@ async def test_close_with_ban_across_nodes_then_reopen(start_nodes: StartNodes, 
     await clients.connect(n3, "alice", "room-2")  # a fresh room: room_state, not a refusal
     status, body = await api(n1, "GET", "/rooms/room-2")
     assert [(p["user_id"], p["node"]) for p in body["participants"]] == [("alice", "n3")]
+
+
+async def test_webhooks_across_nodes_each_event_once(start_nodes: StartNodes, clients: Clients) -> None:
+    """Join on node 1, join on node 2, resume on node 3, kick through node 1, leave: the exact
+    sequence, each event once (whichever node sends it), room_started/finished decided in Redis."""
+    receiver = await Receiver().start()
+    try:
+        hooks = ("--webhook-url", receiver.url, "--webhook-secret", WEBHOOK_SECRET)
+        n1, n2, n3 = await start_nodes(3, *hooks, grace=30)
+        alice = await clients.connect(n1, "alice")
+        assert summary(await receiver.take(2)) == [
+            ("room_started", "room-1", None, None), ("participant_joined", "room-1", "alice", None),
+        ]
+        bob = await clients.connect(n2, "bob")
+        await alice.expect("user_joined")
+        assert summary(await receiver.take(1)) == [("participant_joined", "room-1", "bob", None)]
+        bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held, no event
+        await clients.connect(n3, "bob")  # resumed through another node
+        assert summary(await receiver.take(1)) == [("participant_resumed", "room-1", "bob", None)]
+        assert (await api(n1, "DELETE", "/rooms/room-1/participants/bob"))[0] == 200
+        assert summary(await receiver.take(1)) == [("participant_left", "room-1", "bob", "kicked")]
+        await alice.ws.close()
+        assert summary(await receiver.take(2)) == [
+            ("participant_left", "room-1", "alice", "left"), ("room_finished", "room-1", None, None),
+        ]
+        # A marker room on each node: once its events are in, nothing else is on its way.
+        for index, node in enumerate((n1, n2, n3)):
+            marker = await clients.connect(node, f"m{index}", f"marker-{index}")
+            await marker.ws.close()
+        markers = await receiver.take(12)
+        expected = sorted(f"marker-{i}" for i in range(3) for _ in range(4))
+        assert sorted(event["room_id"] for event in markers) == expected
+        assert len({event["id"] for event in receiver.events}) == len(receiver.events) == 19
+        assert receiver.rejected == 0
+    finally:
+        await receiver.close()

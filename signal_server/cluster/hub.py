@@ -144,6 +144,10 @@ class ClusterHub(Hub):
     def available(self) -> bool:
         return self.link.up
 
+    def webhook_source(self) -> Any:
+        """The scripts push webhook events on a Redis list; webhooks.py pops them from here."""
+        return self.link.redis
+
     def cancel_timers(self) -> None:
         for room in self.rooms.values():
             for slot in room.slots.values():

@@ -64,6 +64,20 @@ local function members(mkey)
   end
   return cjson.encode(out)
 end
+-- A webhook event, decided here atomically with the change it describes, for
+-- one node to pop and deliver (webhooks.py); only while some node delivers
+-- webhooks (sig:wh:on), and at most 10,000 waiting (then counted, dropped).
+local function webhook(kind, R, U, name, reason)
+  if redis.call('EXISTS', 'sig:wh:on') == 0 then return end
+  if redis.call('LLEN', 'sig:wh:q') >= 10000 then
+    redis.call('INCR', 'sig:wh:dropped')
+    return
+  end
+  redis.call('RPUSH', 'sig:wh:q', cjson.encode({e = kind, r = R, u = U, n = name, why = reason, t = now_ms()}))
+end
+local function finished_if_empty(mkey, R)
+  if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
+end
 local function forget_node_room(mkey, vkey, node, R)
   if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
   if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey, 'sig:{' .. R .. '}:c') end
@@ -104,7 +118,10 @@ if raw then
 else
   local count = redis.call('HLEN', mkey)
   if count >= maxp then return {0, count} end
-  if count == 0 then redis.call('SET', 'sig:{' .. R .. '}:c', now_ms()) end
+  if count == 0 then
+    redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
+    webhook('room_started', R)
+  end
   rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
 end
 redis.call('HSET', mkey, U, cjson.encode(rec))
@@ -113,8 +130,10 @@ if old ~= '' and old ~= node then forget_node_room(mkey, vkey, old, R) end
 local ver = redis.call('INCR', vkey)
 if resumed == 1 then
   emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
+  webhook('participant_resumed', R, U, rec.u)
 else
   emit(mkey, node, '', 'j', {r = R, u = U, name = name, n = node, v = ver, s = rec.s})
+  webhook('participant_joined', R, U, name)
 end
 local reply = {1, ver, resumed, held, overflowed, rec.c, members(mkey)}
 for i = 1, #kept do reply[#reply + 1] = kept[i] end
@@ -134,6 +153,8 @@ redis.call('DEL', kept_key(R, U))
 redis.call('ZREM', 'sig:held', R .. '\0' .. U)
 local ver = redis.call('INCR', vkey)
 emit(mkey, node, '', 'l', {r = R, u = U, name = rec.u, why = reason, v = ver})
+webhook('participant_left', R, U, rec.u, reason)
+finished_if_empty(mkey, R)
 forget_node_room(mkey, vkey, node, R)
 return 1
 """
@@ -210,6 +231,8 @@ for _, item in ipairs(due) do
       redis.call('DEL', kept_key(R, U))
       local ver = redis.call('INCR', vkey)
       emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = rec.r, v = ver})
+      webhook('participant_left', R, U, rec.u, rec.r)
+      finished_if_empty(mkey, R)
       forget_node_room(mkey, vkey, rec.n, R)
       reaped = reaped + 1
     end
@@ -361,6 +384,8 @@ redis.call('DEL', kept_key(R, U))
 redis.call('ZREM', 'sig:held', R .. '\0' .. U)
 local ver = redis.call('INCR', vkey)
 emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = 'kicked', v = ver})
+webhook('participant_left', R, U, rec.u, 'kicked')
+finished_if_empty(mkey, R)
 forget_node_room(mkey, vkey, rec.n, R)
 return 1
 """
@@ -379,7 +404,9 @@ for i = 1, #all, 2 do
   redis.call('DEL', kept_key(R, all[i]))
   redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
   redis.call('SREM', 'sig:n:' .. rec.n .. ':r', R)
+  webhook('participant_left', R, all[i], rec.u, 'room_closed')
 end
+webhook('room_finished', R)
 local ver = redis.call('INCR', vkey)
 redis.call('DEL', mkey, vkey, 'sig:{' .. R .. '}:c')
 local msg = 'x' .. cjson.encode({r = R, v = ver}) .. '\n'
