@@ -146,3 +146,17 @@ async def test_webhooks_across_nodes_each_event_once(start_nodes: StartNodes, cl
         assert receiver.rejected == 0
     finally:
         await receiver.close()
+
+
+async def test_the_api_says_unavailable_without_redis(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
+    (n1,) = await start_nodes(1)
+    await clients.connect(n1, "alice")
+    await redis.stop()
+    for method, path in (
+        ("GET", "/rooms"), ("GET", "/rooms/room-1"), ("DELETE", "/rooms/room-1/participants/alice"),
+        ("DELETE", "/rooms/room-1"),
+    ):
+        status, body = await api(n1, method, path)
+        assert (status, body["error"]) == (503, "UNAVAILABLE"), (method, path, body)

@@ -755,7 +755,6 @@ class ClusterHub(Hub):
         if self._ready_dirty() and self.link.up:  # marked while this ran: once more, after this task ends
             asyncio.get_running_loop().call_soon(self._on_state, True)
 
-
     # ------------------------------------------------- room service (admin API)
     # The registry in Redis is the truth for the whole cluster; the changes go
     # through the scripts, and reach every node as events on its channel.
