@@ -303,3 +303,15 @@ async def test_the_api_is_under_the_mount_prefix(aiohttp_client: Any) -> None:
     client = await aiohttp_client(host)
     response = await client.get("/rtc/rooms", headers=ADMIN)
     assert response.status == 200 and await response.json() == {"rooms": []}
+
+
+async def test_participants_cannot_pose_as_the_server(connect: Connect) -> None:
+    """A client cannot send server_message, nor make its messages carry sender_id "" (the server's)."""
+    alice, bob = await join_all(connect, "alice", "bob")
+    await alice.ws.send_str(json.dumps({"type": "server_message", "payload": {"x": 1}, "sender_id": ""}))
+    await alice.expect_error("UNSUPPORTED_TYPE")
+    await alice.ws.send_str(json.dumps({
+        "type": "offer", "payload": {"type": "offer", "sdp": "v=0", "sender_id": ""}, "sender_id": "",
+    }))
+    offer = await bob.expect("offer")
+    assert offer["sender_id"] == "alice" and offer["payload"]["sender_id"] == "alice"
