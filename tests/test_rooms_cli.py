@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
+import jwt
 from aiohttp import ClientSession
 
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, Server, make_token
@@ -72,7 +73,12 @@ async def test_tokens_and_unreachable_servers(start_server: Callable[..., Awaita
     assert code == 2 and "--jwt-secret" in err
     code, _, err = await rooms(base, "list", env={"SIGNAL_ADMIN_TOKEN": make_token("someone")})
     assert code == 1 and "HTTP 403" in err and "FORBIDDEN" in err  # a participant's token
-    code, out, _ = await rooms(base, "list", env={"SIGNAL_ADMIN_TOKEN": make_token("ops", admin=True)})
+    minted = await asyncio.create_subprocess_exec(
+        *COMMAND, "token", "--admin", "ops", "--jwt-secret", SECRET, stdout=asyncio.subprocess.PIPE
+    )
+    admin_token = (await asyncio.wait_for(minted.communicate(), TIMEOUT * 3))[0].decode().strip()
+    assert jwt.decode(admin_token, SECRET, algorithms=["HS256"])["admin"] is True
+    code, out, _ = await rooms(base, "list", env={"SIGNAL_ADMIN_TOKEN": admin_token})
     assert code == 0 and json.loads(out) == {"rooms": []}
     code, _, err = await rooms(base, "list", env={"SIGNAL_JWT_SECRET": "another-secret-that-is-long-enough-!!"})
     assert code == 1 and "HTTP 401" in err
