@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from .admin import add_admin_routes
 from .context import SIGNALING, Signaling
 from .demo import add_demo_routes, client_module
 from .errors import CloseCode
@@ -61,6 +62,7 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     app.router.add_get(f"{prefix}/ws/{{room_id}}", websocket_handler, allow_head=False)
     config_route = app.router.add_get(f"{prefix}/config", config_handler, allow_head=False)
     module_route = app.router.add_get(f"{prefix}/signal-client.js", client_module, allow_head=False)
+    add_admin_routes(app, prefix)  # the room service API for the app's backend
     for path, view in OPERATIONS.items():  # beside the routes in a sub-app; at the root standalone
         app.router.add_get(path, _operation(sig, view))
     origins = settings.allowed_origins or ("*",)
@@ -139,6 +141,8 @@ def _operation(sig: Signaling, view: OperationView) -> Callable[[web.Request], A
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     sig = app[SIGNALING]
     await sig.hub.start()
+    if sig.webhooks is not None:
+        await sig.webhooks.start(sig.hub.webhook_source())
     keepalive = asyncio.create_task(keep_alive(sig.peers, sig.settings.heartbeat))
     sig.started = True
     yield
@@ -148,6 +152,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await keepalive
     sig.hub.cancel_timers()
     await sig.hub.stop()
+    if sig.webhooks is not None:
+        await sig.webhooks.stop()
 
 
 async def _close_connections(app: web.Application) -> None:

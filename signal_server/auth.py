@@ -124,8 +124,37 @@ class TokenVerifier:
         identity = cache.get(token, now)
         if identity is not None:
             return identity
+        claims = self._decode(token)
+        identity = _identity(claims)
+        # PyJWT has checked that these convert with int(); compare as it does.
+        not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
+        cache.put(token, identity, not_before, int(claims["exp"]), now)
+        return identity
+
+    def verify_admin(self, token: str | None) -> Identity:
+        """Verify ``token`` exactly as :meth:`verify` does, then require the admin grant.
+
+        Never from the cache: it holds identities, not the admin claim (and the
+        room service API is not called per message).
+
+        Raises:
+            SignalError: ``UNAUTHORIZED`` (no valid token) or ``FORBIDDEN`` (valid, but
+            no ``"admin": true`` claim: a participant's token).
+        """
+        if not token:
+            raise _unauthorized("a token is required")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise _unauthorized("token is too long")
+        claims = self._decode(token)
+        identity = _identity(claims)
+        if claims.get("admin") is not True:
+            raise SignalError("FORBIDDEN", "this token has no admin grant")
+        return identity
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """The verified claims of ``token`` (signature, algorithm, expiry, audience, issuer)."""
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
@@ -142,11 +171,7 @@ class TokenVerifier:
             # The key was checked at start-up, so this is a token PyJWT could
             # not handle; the client still gets 401, never a 500.
             raise _unauthorized(f"invalid token ({type(exc).__name__})") from None
-        identity = _identity(claims)
-        # PyJWT has checked that these convert with int(); compare as it does.
-        not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
-        cache.put(token, identity, not_before, int(claims["exp"]), now)
-        return identity
+        return claims
 
 
 def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:
@@ -203,12 +228,18 @@ def mint_token(
     rooms: Iterable[str] | None = None,
     algorithm: str = "HS256",
     now: float | None = None,
+    admin: bool = False,
 ) -> str:
-    """Sign a token for ``sub`` (used by ``signal-server token`` and dev mode)."""
+    """Sign a token for ``sub`` (used by ``signal-server token`` and dev mode).
+
+    ``admin`` adds the admin grant (``"admin": true``) the room service API requires.
+    """
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl}
     if name:
         claims["name"] = name
     if rooms is not None:
         claims["rooms"] = list(rooms)
+    if admin:
+        claims["admin"] = True
     return jwt.encode(claims, secret, algorithm=algorithm)

@@ -1,4 +1,4 @@
-"""The ``signal-server`` command: ``serve`` (the default) and ``token``.
+"""The ``signal-server`` command: ``serve`` (the default), ``token`` and ``rooms``.
 
 The only module with process-wide side effects: logging set-up, signal
 handlers, the file-descriptor limit, printing. Bad input is one line on
@@ -40,6 +40,10 @@ JSON_ACCESS_LOG_FORMAT = '%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i" %Tf'
 SHUTDOWN_TIMEOUT = 5.0
 MAX_HEADERS = 32  # a browser's upgrade has about 15, proxies add a few
 DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
+ROOMS_HELP = (
+    "Call the room service API of a running server: list, show, kick, close, send. "
+    "The admin token is minted from the configured secret, or given with --token."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +82,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = os.environ if environ is None else environ
     if args and args[0] == "token":
         return _token_command(args[1:], env)
+    if args and args[0] == "rooms":
+        from .rooms_cli import rooms_command  # the operator's client of the room service API
+
+        return rooms_command(_settings_parser(f"{PROG} rooms", ROOMS_HELP), args[1:], env)
     if args and args[0] == "serve":
         args = args[1:]
     return _serve_command(args, env)
@@ -92,6 +100,9 @@ def _token_command(args: list[str], env: Mapping[str, str]) -> int:
     parser.add_argument("--name", help="display name")
     parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     parser.add_argument("--room", action="append", help="restrict the token to this room (repeatable)")
+    parser.add_argument(
+        "--admin", action="store_true", help="add the admin grant (the room service API; keep it on the backend)"
+    )
     namespace = parser.parse_args(args)
     try:
         settings = load_settings(vars(namespace), env, namespace.config)
@@ -106,7 +117,7 @@ def _token_command(args: list[str], env: Mapping[str, str]) -> int:
     print(
         mint_token(
             settings.jwt_secret, namespace.sub, name=namespace.name, ttl=namespace.ttl,
-            rooms=namespace.room, algorithm=settings.jwt_algorithm,
+            rooms=namespace.room, algorithm=settings.jwt_algorithm, admin=namespace.admin,
         )
     )
     return 0

@@ -15,7 +15,8 @@ from .auth import TokenVerifier
 from .hub import Hub, HubLimits
 from .metrics import Metrics
 from .peer import WebSocketPeer
-from .settings import Settings
+from .settings import MIN_SECRET_BYTES, Settings
+from .webhooks import WebhookSender
 
 __all__ = ["Signaling", "SIGNALING"]
 
@@ -30,6 +31,7 @@ class Signaling:
     hub: Hub = field(init=False)
     admission: Admission = field(init=False)
     client_address: ClientAddress = field(init=False)
+    webhooks: WebhookSender | None = field(init=False, default=None)
     peers: set[WebSocketPeer] = field(default_factory=set)  # live connections, for keepalive
     started: bool = False  # between start-up and shutdown
 
@@ -57,6 +59,17 @@ class Signaling:
             self.hub = ClusterHub(limits, self.metrics, settings)
         else:
             self.hub = Hub(limits, self.metrics)
+        if settings.webhook_urls:
+            secret = settings.webhook_secret or ""
+            if len(secret.encode("utf-8", "surrogatepass")) < MIN_SECRET_BYTES:  # embedders build Settings directly
+                raise ValueError(f"webhook_secret must be at least {MIN_SECRET_BYTES} bytes")
+            self.webhooks = WebhookSender(
+                settings.webhook_urls, secret, timeout=settings.webhook_timeout,
+                max_attempts=settings.webhook_max_attempts,
+            )
+            self.metrics.registry.register(self.webhooks.collector())
+            if not settings.clustered:  # a cluster's events come from the registry's scripts
+                self.hub.on_event = self.webhooks.hub_event
 
     @property
     def ready(self) -> bool:

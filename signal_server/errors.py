@@ -26,6 +26,8 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4408
     ROOM_FULL = 4409
     SESSION_REPLACED = 4410
+    KICKED = 4411
+    ROOM_CLOSED = 4412
     RATE_LIMITED = 4429
     TOO_MANY_CONNECTIONS = 4430
     TOO_MANY_ROOMS = 4431
@@ -40,6 +42,9 @@ FATAL_CLOSE_CODES: dict[str, CloseCode] = {
     "INVALID_ROOM": CloseCode.INVALID_ROOM,
     "ROOM_FULL": CloseCode.ROOM_FULL,
     "SESSION_REPLACED": CloseCode.SESSION_REPLACED,
+    # The app's backend removed the participant, or ended the room (admin API).
+    "KICKED": CloseCode.KICKED,
+    "ROOM_CLOSED": CloseCode.ROOM_CLOSED,
     "RATE_LIMITED": CloseCode.RATE_LIMITED,
     "MESSAGE_TOO_LARGE": CloseCode.MESSAGE_TOO_BIG,
     "TOO_MANY_CONNECTIONS": CloseCode.TOO_MANY_CONNECTIONS,

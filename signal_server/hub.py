@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from .auth import Identity
 from .errors import CloseCode, SignalError
@@ -62,6 +64,11 @@ class Peer(Protocol):
     def close(self, code: CloseCode, error: SignalError | None = None) -> None: ...
 
 
+# (event, room id, user id, username, reason): membership news for the webhooks
+# (webhooks.WebhookSender.hub_event); called after the change, never on the relay path.
+EventSink: TypeAlias = "Callable[[str, str, str | None, str | None, str | None], None]"
+
+
 @dataclass(frozen=True)
 class HubLimits:
     max_participants: int = 8
@@ -76,7 +83,9 @@ class HubLimits:
 class Slot:
     """A participant's place in a room, live (``peer`` set) or held."""
 
-    __slots__ = ("user_id", "username", "room", "peer", "kept", "kept_bytes", "incomplete", "expiry")
+    __slots__ = (
+        "user_id", "username", "room", "peer", "kept", "kept_bytes", "incomplete", "expiry", "joined_at",
+    )
 
     def __init__(self, user_id: str, username: str, room: Room, peer: Peer) -> None:
         self.user_id = user_id
@@ -87,17 +96,19 @@ class Slot:
         self.kept_bytes = 0
         self.incomplete = False  # a frame for this slot was dropped since its last resume
         self.expiry: asyncio.TimerHandle | None = None
+        self.joined_at = time.time()  # for the room service API
 
     def describe(self) -> dict[str, str]:
         return {"user_id": self.user_id, "username": self.username}
 
 
 class Room:
-    __slots__ = ("room_id", "slots")
+    __slots__ = ("room_id", "slots", "created_at")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
         self.slots: dict[str, Slot] = {}
+        self.created_at = time.time()  # for the room service API
 
 
 class Hub:
@@ -112,6 +123,9 @@ class Hub:
         self._user_rooms: Counter[str] = Counter()
         self.slot_count = 0
         self.kept_total = 0  # bytes kept for held slots, all together
+        # Bans of the room service API: (room, user or None for the whole room) -> monotonic end.
+        self._bans: dict[tuple[str, str | None], float] = {}
+        self.on_event: EventSink | None = None  # set when webhooks are configured (one node)
 
     # ------------------------------------------------------------ membership
 
@@ -122,8 +136,10 @@ class Hub:
         message in order, then live traffic.
 
         Raises:
-            SignalError: ``ROOM_FULL`` or ``TOO_MANY_ROOMS``.
+            SignalError: ``ROOM_FULL``, ``TOO_MANY_ROOMS``, or ``FORBIDDEN`` (banned).
         """
+        if self._bans:
+            self._check_ban(room_id, identity.user_id)
         room = self.rooms.get(room_id)
         slot = room.slots.get(identity.user_id) if room is not None else None
         if slot is not None:
@@ -161,6 +177,10 @@ class Hub:
         for other in members:
             if other is not slot:
                 self._deliver(other, joined)
+        if self.on_event is not None:
+            if new_room:
+                self.on_event("room_started", room_id, None, None, None)
+            self.on_event("participant_joined", room_id, slot.user_id, slot.username, None)
         return slot
 
     def _reattach(self, slot: Slot, peer: Peer) -> None:
@@ -173,6 +193,8 @@ class Hub:
         state = self._room_state(slot, members, resumed=True, recovered=recovered)
         self.metrics.joins += 1
         self.metrics.resumes += 1
+        if self.on_event is not None:
+            self.on_event("participant_resumed", slot.room.room_id, slot.user_id, slot.username, None)
         slot.peer = peer
         kept = slot.kept
         self._forget_kept(slot)
@@ -249,6 +271,10 @@ class Hub:
         if self._user_rooms[user] <= 0:
             del self._user_rooms[user]
         self.metrics.leaves[reason] += 1
+        if self.on_event is not None:
+            self.on_event("participant_left", room.room_id, slot.user_id, slot.username, reason)
+            if not room.slots:
+                self.on_event("room_finished", room.room_id, None, None, None)
         if not room.slots:
             del self.rooms[room.room_id]
             return
@@ -329,6 +355,10 @@ class Hub:
         """False while the hub cannot admit joins (a cluster hub without Redis)."""
         return True
 
+    def webhook_source(self) -> Any:
+        """Where a cluster's webhook events wait (its Redis client); None alone: the hub calls ``on_event``."""
+        return None
+
     def close_all(self, code: CloseCode) -> None:
         """Close every live connection (shutdown). Slots stay held: not a leave."""
         for room in list(self.rooms.values()):
@@ -343,3 +373,91 @@ class Hub:
                 if slot.expiry is not None:
                     slot.expiry.cancel()
                     slot.expiry = None
+
+    # ------------------------------------------------- room service (admin API)
+    # Called by admin.py for the app's backend; never on the relay path.
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        """Every room: id, participant count (live and held), creation time."""
+        return [
+            {"room_id": room.room_id, "participants": len(room.slots), "created_at": round(room.created_at, 3)}
+            for room in self.rooms.values()
+        ]
+
+    async def describe_room(self, room_id: str) -> list[dict[str, Any]] | None:
+        """The room's participants, or None when there is no such room."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return None
+        return [
+            {
+                "user_id": slot.user_id,
+                "username": slot.username,
+                "joined_at": round(slot.joined_at, 3),
+                "state": "live" if slot.peer is not None else "held",
+                "node": self.node,
+            }
+            for slot in room.slots.values()
+        ]
+
+    async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
+        """Remove a participant now (no grace): ``KICKED`` and close 4411 to it,
+        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out.
+        False when the participant is not in the room."""
+        room = self.rooms.get(room_id)
+        slot = room.slots.get(user_id) if room is not None else None
+        if slot is None:
+            return False
+        if ban > 0:
+            self._ban(room_id, user_id, ban)
+        peer = slot.peer
+        self._remove(slot, "kicked")  # slot.peer is None now: the handler's leave or drop is a no-op
+        if peer is not None:
+            peer.close(CloseCode.KICKED, SignalError("KICKED", "removed from the room by the server"))
+        return True
+
+    async def close_room(self, room_id: str, ban: float = 0) -> bool:
+        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held.
+        ``ban`` seconds keep the room from being reopened. False when there is no such room."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        if ban > 0:
+            self._ban(room_id, None, ban)
+        slots = list(room.slots.values())
+        for slot in slots:  # closed first, so nobody is sent the others' user_left
+            if slot.peer is not None:
+                slot.peer.close(CloseCode.ROOM_CLOSED, SignalError("ROOM_CLOSED", "the room was closed by the server"))
+        for slot in slots:
+            self._remove(slot, "room_closed")
+        return True
+
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
+        """Deliver a ``server_message`` (encoded by the caller) to the room or one
+        participant, kept for held slots like any message. False when nobody is there."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        if target is None:
+            for slot in room.slots.values():
+                self._deliver(slot, frame)
+            return True
+        recipient = room.slots.get(target)
+        if recipient is None:
+            return False
+        self._deliver(recipient, frame)
+        return True
+
+    def _ban(self, room_id: str, user_id: str | None, seconds: float) -> None:
+        now = time.monotonic()
+        for key in [key for key, end in self._bans.items() if end <= now]:
+            del self._bans[key]  # expired ones go, so the table holds only live bans
+        self._bans[(room_id, user_id)] = now + seconds
+
+    def _check_ban(self, room_id: str, user_id: str) -> None:
+        now = time.monotonic()
+        for key in ((room_id, None), (room_id, user_id)):
+            end = self._bans.get(key)
+            if end is not None and end > now:
+                what = "this room is closed" if key[1] is None else "this user was removed from this room"
+                raise SignalError("FORBIDDEN", f"{what} for another {int(end - now) + 1} s")

@@ -25,11 +25,18 @@ __all__ = [
     "utc_timestamp",
     "MAX_PAYLOAD_DEPTH",
     "MAX_USER_ID_LENGTH",
+    "SERVER_SENDER_ID",
+    "SERVER_MESSAGE",
+    "payload_too_deep",
 ]
 
 RELAYED_TYPES = frozenset({"offer", "answer", "ice_candidate"})
 MAX_PAYLOAD_DEPTH = 16
 MAX_USER_ID_LENGTH = 128
+# The type and ``sender_id`` of a message from the app's backend (room service
+# API). No token can carry an empty ``sub``, so no participant can pose as it.
+SERVER_MESSAGE = "server_message"
+SERVER_SENDER_ID = ""
 
 # (type, payload, target_user_id or None)
 ClientMessage = tuple[str, dict[str, Any], str | None]
@@ -54,6 +61,11 @@ def _too_deep(values: Any, depth: int) -> bool:
             if depth <= 0 or _too_deep(item.values() if kind is dict else item, depth - 1):
                 return True
     return False
+
+
+def payload_too_deep(payload: dict[str, Any]) -> bool:
+    """True when ``payload`` nests deeper than relayed payloads may (:data:`MAX_PAYLOAD_DEPTH`)."""
+    return _too_deep(payload.values(), MAX_PAYLOAD_DEPTH - 1)
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:

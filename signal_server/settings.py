@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from yarl import URL
+
 __all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings", "EXAMPLE_SECRETS"]
 
 NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -84,6 +86,10 @@ class Settings:
     tls_key: str | None = None
     tls_watch_interval: float = 5.0
     log_format: str = "text"
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    webhook_timeout: float = 5.0
+    webhook_max_attempts: int = 8
     dev_mode: bool = field(default=False, compare=False)
 
     @property
@@ -186,6 +192,17 @@ def _host_port(text: str) -> str:
 def _node_id(text: str) -> str:
     if not NODE_ID.match(text):
         raise ValueError(f"must be 1-64 characters of A-Z a-z 0-9 . _ -, got {text!r}")
+    return text
+
+
+def _webhook_url(text: str) -> str:
+    """An absolute http(s) URL with a host (a webhook receiver)."""
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ValueError(f"not a URL: {text!r}") from None
+    if url.scheme not in ("http", "https") or not url.host or url.user or url.password:
+        raise ValueError("must be an http:// or https:// URL with a host and no user:password part")
     return text
 
 
@@ -315,6 +332,19 @@ OPTIONS: tuple[Option, ...] = (
         "log-format", "log_format", _choice(LOG_FORMATS, str.lower),
         "text (for a terminal, the default) or json (one object a line, for Loki/Elasticsearch)",
     ),
+    Option(
+        "webhook-url", "webhook_urls", _webhook_url,
+        "http(s) URL that receives the signed room and participant events", repeat=True, metavar="URL",
+    ),
+    Option("webhook-secret", "webhook_secret", _secret, "HMAC-SHA256 key of the webhook signatures, at least 32 bytes"),
+    Option(
+        "webhook-timeout", "webhook_timeout", _float(0.1, 300),
+        "seconds one webhook attempt may take, connection included (default 5)",
+    ),
+    Option(
+        "webhook-max-attempts", "webhook_max_attempts", _int(1, 100),
+        "attempts per webhook event before it is dropped (default 8; backoff 0.5 s doubling to 60 s)",
+    ),
 )
 
 _BY_FLAG = {option.flag: option for option in OPTIONS}
@@ -409,5 +439,7 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.redis_url and settings.redis_sentinels:
         raise SettingsError("--redis-sentinel: give either --redis-url or sentinels, not both")
+    if settings.webhook_urls and not settings.webhook_secret:
+        raise SettingsError("--webhook-secret: webhooks are signed; give a secret of at least 32 bytes")
     if bool(settings.redis_sentinels) != bool(settings.redis_master):
         raise SettingsError("--redis-master: sentinels need a master name and a master name needs sentinels")

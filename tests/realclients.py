@@ -95,7 +95,7 @@ window.setup = (server, token, room, options) => {
     : value instanceof Error ? {code: value.code, message: value.message}
     : value && typeof value === "object" ? JSON.parse(JSON.stringify(value)) : value;
   for (const type of ["status", "error", "roomstate", "participantjoined", "participantleft",
-                      "remotestream", "remotestreamremoved", "connectionstatechange"]) {
+                      "remotestream", "remotestreamremoved", "connectionstatechange", "servermessage"]) {
     call.on(type, (...args) => window.events.push({type, args: args.map(plain)}));
   }
   window.call = call;

@@ -422,3 +422,50 @@ async def test_reconnect_backoff_is_full_jitter(browser, servers):
     cut(signal, "alice")
     await wait_status(page, "joined", mark)
     assert (await page.evaluate("window.delays"))[:1] == [0]
+
+
+def _admin(signal: Any) -> dict[str, str]:
+    """An admin token signed with the dev server's secret."""
+    from signal_server.auth import mint_token
+
+    secret = signal.app[SIGNALING].settings.jwt_secret
+    return {"Authorization": f"Bearer {mint_token(secret, 'backend', admin=True)}"}
+
+
+async def test_a_kicked_call_fails_and_never_reconnects(browser, servers):
+    """KICKED is final: status failed, the error reported once, no second socket, the camera off;
+    a server message reaches the app first; the other side sees participantleft with reason kicked."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    async with ClientSession() as session:
+        base = f"{origin(signal)}/webrtc/rooms/call"
+        async with session.post(f"{base}/messages", headers=_admin(signal), json={"payload": {"n": 1}}) as response:
+            assert response.status == 200
+        await bob.wait_for_function("window.events.some(e => e.type === 'servermessage')", timeout=WAIT_MS)
+        assert await events(bob, "servermessage") == [[{"n": 1}]]
+        async with session.delete(f"{base}/participants/bob", headers=_admin(signal)) as response:
+            assert response.status == 200
+    await wait_status(bob, "failed")
+    await alice.wait_for_function("window.events.some(e => e.type === 'participantleft')", timeout=WAIT_MS)
+    assert [args[1] for args in await events(alice, "participantleft")] == ["kicked"]
+    assert [args[1] for args in await events(bob, "error")] == ["KICKED"]
+    assert await bob.evaluate("window.call.localStream") is None
+    # "failed" is final (no retry is scheduled from it); one socket was ever opened.
+    assert await bob.evaluate("window.call.status") == "failed"
+    assert await bob.evaluate("window.sockets.length") == 1
+    assert await bob.evaluate("window.sockets.every(s => s.readyState >= WebSocket.CLOSING)")
+    assert "bob" not in hub(signal).rooms["call"].slots
+
+
+async def test_a_closed_room_ends_every_call(browser, servers):
+    """ROOM_CLOSED is final for everyone in the room."""
+    signal, page_server = servers
+    alice, bob = await pair(browser, signal, page_server)
+    async with ClientSession() as session:
+        async with session.delete(f"{origin(signal)}/webrtc/rooms/call", headers=_admin(signal)) as response:
+            assert response.status == 200
+    for page in (alice, bob):
+        await wait_status(page, "failed")
+        assert [args[1] for args in await events(page, "error")] == ["ROOM_CLOSED"]
+        assert await page.evaluate("window.sockets.length") == 1
+    assert "call" not in hub(signal).rooms

@@ -169,7 +169,9 @@ async def raw_client(node: Node, user: str, room: str = "room-1") -> RawWebSocke
     return raw
 
 
-async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNodes, clients: Clients) -> None:
+async def test_resume_on_another_node_replays_kept_messages(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
     n1, n2, n3 = await start_nodes(3, grace=10.0)
     bob = await clients.connect(n2, "bob")
     carol = await clients.connect(n1, "carol")
@@ -186,6 +188,13 @@ async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNo
         await carol.offer(sdp=f"c{i}", target_user_id="alice")  # from alice's old node
     await bob.send("ping")
     await bob.expect("pong")
+    # bob's pong says node 2 published his offers, not that node 1 has kept them yet:
+    # resume once all 20 are in Redis (this test is about the replay of kept messages).
+
+    async def all_kept() -> bool:
+        return await kept_count(redis, "room-1", "alice") == 20
+
+    await wait_until(all_kept)
     resumed = await clients.connect(n3, "alice", join=False)
     state = await resumed.expect("room_state")
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -143,6 +144,10 @@ class ClusterHub(Hub):
     def available(self) -> bool:
         return self.link.up
 
+    def webhook_source(self) -> Any:
+        """The scripts push webhook events on a Redis list; webhooks.py pops them from here."""
+        return self.link.redis
+
     def cancel_timers(self) -> None:
         for room in self.rooms.values():
             for slot in room.slots.values():
@@ -218,6 +223,9 @@ class ClusterHub(Hub):
             # reconciled from the local slots, which removes a record without one.
             self._mark_dirty(room_id, None)
             raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+        if int(reply[0]) == -1:  # a ban of the room service API
+            seconds = int(reply[1]) // 1000 + 1
+            raise SignalError("FORBIDDEN", f"this room is closed to this user for another {seconds} s")
         if int(reply[0]) == 0:
             raise SignalError(
                 "ROOM_FULL", f"room {room_id!r} is full ({int(reply[1])} of {self.limits.max_participants})"
@@ -575,10 +583,17 @@ class ClusterHub(Hub):
             return  # already part of the membership list this node read
         room.version = version
         if room.joining and kind != b"j":
-            room.missed.setdefault(header["u"], []).append((kind, header))
+            if kind == b"x":  # a close that a join in flight may have preceded: applied to it once attached
+                for user in room.inflight:
+                    room.missed.setdefault(user, []).append((kind, header))
+            else:
+                room.missed.setdefault(header["u"], []).append((kind, header))
         self._apply_event(room, kind, header)
 
     def _apply_event(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
+        if kind == b"x":
+            self._closed(room)
+            return
         user: str = header["u"]
         if kind == b"j":
             if header["n"] == self.node or user in room.slots:
@@ -592,7 +607,9 @@ class ClusterHub(Hub):
             if local is not None:
                 peer = local.peer
                 self._remove_local(local, header["why"], notify=True)
-                if peer is not None:  # the registry let it go (it should have been held): start over
+                if peer is not None and header["why"] == "kicked":  # the room service removed it
+                    peer.close(CloseCode.KICKED, SignalError("KICKED", "removed from the room by the server"))
+                elif peer is not None:  # the registry let it go (it should have been held): start over
                     peer.close(CloseCode.GOING_AWAY)
             elif room.remote.pop(user, None) is not None:
                 self._notify(
@@ -737,6 +754,93 @@ class ClusterHub(Hub):
         logger.info("cluster: re-registered %d slots in %d rooms (node %s)", restored, len(rooms), self.node)
         if self._ready_dirty() and self.link.up:  # marked while this ran: once more, after this task ends
             asyncio.get_running_loop().call_soon(self._on_state, True)
+
+    # ------------------------------------------------- room service (admin API)
+    # The registry in Redis is the truth for the whole cluster; the changes go
+    # through the scripts, and reach every node as events on its channel.
+
+    async def _registry(self, name: str, *args: Any) -> Any:
+        try:
+            return await self.link.call(name, *args)
+        except (LinkDown, RedisError, OSError):
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        """Every room of the cluster, read from Redis (a SCAN: for operators, not a hot path)."""
+        try:
+            redis = self.link.redis
+            names: list[str] = []
+            async for key in redis.scan_iter(match="sig:{*}:m", count=1000):
+                match = _ROOM_KEY.match(key)
+                if match:
+                    names.append(match.group(1).decode())
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hlen(f"sig:{{{name}}}:m")
+                    pipe.get(f"sig:{{{name}}}:c")
+                replies = await pipe.execute()
+        except (RedisError, OSError):
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+        rooms = []
+        for name, count, created in zip(names, replies[::2], replies[1::2], strict=True):
+            if count:
+                rooms.append({"room_id": name, "participants": int(count), "created_at": _seconds(created)})
+        return rooms
+
+    async def describe_room(self, room_id: str) -> list[dict[str, Any]] | None:
+        try:
+            records = await self.link.redis.hgetall(f"sig:{{{room_id}}}:m")
+        except (RedisError, OSError):
+            raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+        if not records:
+            return None
+        participants = []
+        for user, raw in records.items():
+            record = orjson.loads(raw)
+            participants.append((int(record.get("s", 0)), {
+                "user_id": _text(user),
+                "username": record.get("u"),
+                "joined_at": _seconds(record.get("j")),
+                "state": "held" if record.get("h", 0) > 0 else "live",
+                "node": record.get("n"),
+            }))
+        participants.sort(key=lambda pair: pair[0])  # join order
+        return [participant for _, participant in participants]
+
+    async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
+        """Through the registry: the node holding the slot closes it when the event reaches it."""
+        return int(await self._registry("KICK", room_id, user_id, int(ban * 1000))) == 1
+
+    async def close_room(self, room_id: str, ban: float = 0) -> bool:
+        return int(await self._registry("CLOSE", room_id, int(ban * 1000))) > 0
+
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
+        return int(await self._registry("SEND", room_id, target or "", frame)) == 1
+
+    def _closed(self, room: ClusterRoom) -> None:
+        """The room was closed through the room service: close and drop every local slot."""
+        error = SignalError("ROOM_CLOSED", "the room was closed by the server")
+        for slot in list(room.slots.values()):
+            if slot.peer is not None:
+                slot.peer.close(CloseCode.ROOM_CLOSED, error)
+            self.metrics.leaves["room_closed"] += 1
+            self._remove_local(slot, "room_closed", notify=False)
+        room.remote.clear()
+        self._discard_if_empty(room)
+
+
+_ROOM_KEY = re.compile(rb"sig:\{([A-Za-z0-9._~-]{1,64})\}:m\Z")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _seconds(ms: Any) -> float | None:
+    """Milliseconds from a script (bytes or a number) as Unix seconds; None when unknown."""
+    if ms is None:
+        return None
+    return round(int(ms) / 1000, 3)
 
 
 def _members(raw: bytes) -> list[list[Any]]:

@@ -45,7 +45,10 @@ logger = logging.getLogger("signal_server.cluster")
 TICK = 0.5  # seconds between readiness pings and reaper runs
 PING_WINDOW = 1.5  # the link is down when no ping came back for this long
 MAX_QUEUE = 10_000  # queued commands while Redis is slow; beyond, frames are lost
-NAMES = ("JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE")
+NAMES = (
+    "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
+    "KICK", "CLOSE", "SEND",
+)
 
 
 def channel_of(node: str) -> str:

@@ -15,12 +15,19 @@ rooms where node N has members, ``sig:ch:N`` node N's channel.
 Member record (JSON): ``u`` username, ``n`` node, ``s`` join order, ``c``
 epoch (bumped by every takeover or resume), ``h`` held deadline in ms (0 when
 live), ``o`` 1 when kept frames were lost (resume says recovered false),
-``b`` kept bytes, ``r`` the leave reason when the hold expires.
+``b`` kept bytes, ``r`` the leave reason when the hold expires, ``j`` when the user joined (ms).
+
+Room service (admin API): ``sig:{R}:c`` when the room was created (ms),
+``sig:{R}:ban:U`` a user banned from the room, ``sig:{R}:closed`` a room
+closed with a ban; both bans expire by themselves (PX).
 """
 
 from __future__ import annotations
 
-__all__ = ["PRELUDE", "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE"]
+__all__ = [
+    "PRELUDE", "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
+    "KICK", "CLOSE", "SEND",
+]
 
 # Shared helpers, prepended to every script.
 PRELUDE = r"""
@@ -57,17 +64,35 @@ local function members(mkey)
   end
   return cjson.encode(out)
 end
+-- A webhook event, decided here atomically with the change it describes, for
+-- one node to pop and deliver (webhooks.py); only while some node delivers
+-- webhooks (sig:wh:on), and at most 10,000 waiting (then counted, dropped).
+local function webhook(kind, R, U, name, reason)
+  if redis.call('EXISTS', 'sig:wh:on') == 0 then return end
+  if redis.call('LLEN', 'sig:wh:q') >= 10000 then
+    redis.call('INCR', 'sig:wh:dropped')
+    return
+  end
+  redis.call('RPUSH', 'sig:wh:q', cjson.encode({e = kind, r = R, u = U, n = name, why = reason, t = now_ms()}))
+end
+local function finished_if_empty(mkey, R)
+  if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
+end
 local function forget_node_room(mkey, vkey, node, R)
   if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
-  if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey) end
+  if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey, 'sig:{' .. R .. '}:c') end
 end
 """
 
 # ARGV: room, user, username, node, max_participants
-# -> {0, count} when full; else {1, version, resumed, held, overflowed, epoch, members-json, kept frames...}
+# -> {0, count} when full; {-1, ms left} when banned (room closed with a ban, or the user kicked with one);
+# else {1, version, resumed, held, overflowed, epoch, members-json, kept frames...}
 JOIN = r"""
 local R, U, name, node, maxp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local mkey, vkey = room_keys(R)
+local banned = math.max(
+  redis.call('PTTL', 'sig:{' .. R .. '}:closed'), redis.call('PTTL', 'sig:{' .. R .. '}:ban:' .. U))
+if banned > 0 then return {-1, banned} end
 local kkey = kept_key(R, U)
 local raw = redis.call('HGET', mkey, U)
 local rec
@@ -93,7 +118,11 @@ if raw then
 else
   local count = redis.call('HLEN', mkey)
   if count >= maxp then return {0, count} end
-  rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout'}
+  if count == 0 then
+    redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
+    webhook('room_started', R)
+  end
+  rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
 end
 redis.call('HSET', mkey, U, cjson.encode(rec))
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
@@ -101,8 +130,10 @@ if old ~= '' and old ~= node then forget_node_room(mkey, vkey, old, R) end
 local ver = redis.call('INCR', vkey)
 if resumed == 1 then
   emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
+  webhook('participant_resumed', R, U, rec.u)
 else
   emit(mkey, node, '', 'j', {r = R, u = U, name = name, n = node, v = ver, s = rec.s})
+  webhook('participant_joined', R, U, name)
 end
 local reply = {1, ver, resumed, held, overflowed, rec.c, members(mkey)}
 for i = 1, #kept do reply[#reply + 1] = kept[i] end
@@ -122,6 +153,8 @@ redis.call('DEL', kept_key(R, U))
 redis.call('ZREM', 'sig:held', R .. '\0' .. U)
 local ver = redis.call('INCR', vkey)
 emit(mkey, node, '', 'l', {r = R, u = U, name = rec.u, why = reason, v = ver})
+webhook('participant_left', R, U, rec.u, reason)
+finished_if_empty(mkey, R)
 forget_node_room(mkey, vkey, node, R)
 return 1
 """
@@ -198,6 +231,8 @@ for _, item in ipairs(due) do
       redis.call('DEL', kept_key(R, U))
       local ver = redis.call('INCR', vkey)
       emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = rec.r, v = ver})
+      webhook('participant_left', R, U, rec.u, rec.r)
+      finished_if_empty(mkey, R)
       forget_node_room(mkey, vkey, rec.n, R)
       reaped = reaped + 1
     end
@@ -291,7 +326,8 @@ for _, s in ipairs(cjson.decode(ARGV[3])) do
     -- A loss Redis already knows of stays known (KEEP may have marked it).
     local lost = (rec and rec.c == s[3] and rec.o == 1) and 1 or s[5]
     local bytes = (rec and rec.c == s[3]) and rec.b or 0
-    rec = {u = s[2], n = node, s = seq, c = s[3], h = 0, o = lost, b = bytes, r = 'timeout'}
+    local joined = rec and rec.j or now
+    rec = {u = s[2], n = node, s = seq, c = s[3], h = 0, o = lost, b = bytes, r = 'timeout', j = joined}
     if s[4] > 0 then
       rec.h = now + s[4]
       redis.call('ZADD', 'sig:held', rec.h, R .. '\0' .. U)
@@ -328,6 +364,72 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
+if redis.call('HLEN', mkey) > 0 then redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX') end
 forget_node_room(mkey, vkey, node, R)
 return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGETALL', gkey)}
+"""
+
+# Room service: remove a participant wherever it is (live or held), now; its
+# node closes it with KICKED, every node tells its members (reason kicked).
+# ARGV: room, user, ban_ms (0: no ban) -> 1 removed, 0 no such participant
+KICK = r"""
+local R, U, ban = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local mkey, vkey = room_keys(R)
+local raw = redis.call('HGET', mkey, U)
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if ban > 0 then redis.call('SET', 'sig:{' .. R .. '}:ban:' .. U, '1', 'PX', ban) end
+redis.call('HDEL', mkey, U)
+redis.call('DEL', kept_key(R, U))
+redis.call('ZREM', 'sig:held', R .. '\0' .. U)
+local ver = redis.call('INCR', vkey)
+emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = 'kicked', v = ver})
+webhook('participant_left', R, U, rec.u, 'kicked')
+finished_if_empty(mkey, R)
+forget_node_room(mkey, vkey, rec.n, R)
+return 1
+"""
+
+# Room service: end a room; every node with members closes them with ROOM_CLOSED.
+# ARGV: room, ban_ms (0: the room may be reopened at once) -> participants removed
+CLOSE = r"""
+local R, ban = ARGV[1], tonumber(ARGV[2])
+local mkey, vkey = room_keys(R)
+local all = redis.call('HGETALL', mkey)
+if #all == 0 then return 0 end
+if ban > 0 then redis.call('SET', 'sig:{' .. R .. '}:closed', '1', 'PX', ban) end
+local targets = nodes_of(mkey)
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  redis.call('DEL', kept_key(R, all[i]))
+  redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
+  redis.call('SREM', 'sig:n:' .. rec.n .. ':r', R)
+  webhook('participant_left', R, all[i], rec.u, 'room_closed')
+end
+webhook('room_finished', R)
+local ver = redis.call('INCR', vkey)
+redis.call('DEL', mkey, vkey, 'sig:{' .. R .. '}:c')
+local msg = 'x' .. cjson.encode({r = R, v = ver}) .. '\n'
+for node, _ in pairs(targets) do redis.call('PUBLISH', 'sig:ch:' .. node, msg) end
+return #all / 2
+"""
+
+# Room service: a server_message (already encoded) to the nodes with members,
+# or to the node of one participant. ARGV: room, target user or '', frame -> 1 sent, 0 nobody there
+SEND = r"""
+local R, T, frame = ARGV[1], ARGV[2], ARGV[3]
+local mkey = room_keys(R)
+if T ~= '' then
+  local raw = redis.call('HGET', mkey, T)
+  if not raw then return 0 end
+  local header = cjson.encode({r = R, s = '', t = {T}})
+  redis.call('PUBLISH', 'sig:ch:' .. cjson.decode(raw).n, 'm' .. header .. '\n' .. frame)
+  return 1
+end
+if redis.call('HLEN', mkey) == 0 then return 0 end
+local header = '{"r":' .. cjson.encode(R) .. ',"s":"","t":null}'
+for node, _ in pairs(nodes_of(mkey)) do
+  redis.call('PUBLISH', 'sig:ch:' .. node, 'm' .. header .. '\n' .. frame)
+end
+return 1
 """

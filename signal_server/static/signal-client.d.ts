@@ -10,7 +10,9 @@ export type FinalErrorCode =
   | "INVALID_ROOM"
   | "ROOM_FULL"
   | "SESSION_REPLACED"
-  | "TOO_MANY_ROOMS";
+  | "TOO_MANY_ROOMS"
+  | "KICKED"
+  | "ROOM_CLOSED";
 
 /** Errors that are retried (reported once per streak of retries). */
 export type RetriedErrorCode =
@@ -65,12 +67,14 @@ export interface CallEvents {
   status: [status: CallStatus, detail?: SignalingError | RoomStatePayload];
   roomstate: [participants: Participant[], payload: RoomStatePayload];
   participantjoined: [participant: Participant];
-  participantleft: [participant: Participant, reason: "left" | "timeout"];
+  participantleft: [participant: Participant, reason: "left" | "timeout" | "kicked" | "node_lost"];
   localstream: [stream: MediaStream];
   remotestream: [userId: string, stream: MediaStream];
   remotestreamremoved: [userId: string, stream: MediaStream];
   connectionstatechange: [userId: string, state: PeerState];
   error: [message: string, code: ErrorCode, error: unknown];
+  /** A server_message from the app's backend (the room service API): its payload. */
+  servermessage: [payload: Record<string, unknown>];
 }
 
 export type CallEventName = keyof CallEvents;
@@ -135,6 +139,7 @@ export class WebRTCCall {
   onRemoteStreamRemoved: ((...args: CallEvents["remotestreamremoved"]) => void) | null;
   onConnectionStateChange: ((...args: CallEvents["connectionstatechange"]) => void) | null;
   onError: ((...args: CallEvents["error"]) => void) | null;
+  onServerMessage: ((...args: CallEvents["servermessage"]) => void) | null;
 }
 
 /** The server's /webrtc/config response as RTCPeerConnection reads it (camelCase). */

@@ -30,6 +30,8 @@ const FINAL_ERRORS = new Set([
   "ROOM_FULL",
   "SESSION_REPLACED",
   "TOO_MANY_ROOMS",
+  "KICKED", // removed by the app's backend: rejoining is the app's decision, never automatic
+  "ROOM_CLOSED",
 ]);
 const FINAL_CLOSE_CODES = new Map([
   [4400, "INVALID_ROOM"],
@@ -37,6 +39,8 @@ const FINAL_CLOSE_CODES = new Map([
   [4403, "FORBIDDEN"],
   [4409, "ROOM_FULL"],
   [4410, "SESSION_REPLACED"],
+  [4411, "KICKED"],
+  [4412, "ROOM_CLOSED"],
   [4431, "TOO_MANY_ROOMS"],
 ]);
 /** Server errors that come right before the server closes the socket. */
@@ -54,6 +58,7 @@ const EVENTS = {
   remotestreamremoved: "onRemoteStreamRemoved",
   connectionstatechange: "onConnectionStateChange",
   error: "onError",
+  servermessage: "onServerMessage",
 };
 
 export class SignalingError extends Error {
@@ -148,6 +153,7 @@ export class WebRTCCall {
     this.onParticipantLeft = null; // (participant, reason)
     this.onRoomState = null; // (participants, payload)
     this.onError = null; // (message, code, error)
+    this.onServerMessage = null; // (payload, targeted): a message from the app's backend
     this.onConnectionStateChange = null; // (userId, state)
     this.onStatus = null; // (status, detail)
   }
@@ -569,6 +575,10 @@ export class WebRTCCall {
         else this.#emit("error", error.message, error.code, error);
         break;
       }
+      case "server_message":
+        // From the app's backend (room service API); no participant can send one.
+        if (message.sender_id === "") this.#emit("servermessage", payload);
+        break;
       default:
         break; // pong, and anything newer than this module
     }

@@ -1,0 +1,313 @@
+"""Signed webhooks: the app's backend learns who comes and goes (docs/protocol.md).
+
+Events (``room_started``, ``room_finished``, ``participant_joined``,
+``participant_left``, ``participant_resumed``) are POSTed as JSON to every
+``--webhook-url``, signed with ``--webhook-secret``:
+
+    Signal-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">
+
+:func:`verify` is the receiver's side. Delivery never slows signaling: the hub
+only appends to a bounded queue (``put_nowait``); one worker task per
+receiver POSTs them in order (a slow receiver delays only its own events),
+each attempt under a time limit, never following a redirect, and a failure or
+a non-2xx answer is retried later with exponential backoff and jitter. An
+event dropped (queue full, or every attempt failed) is counted
+(``signal_webhook_events_dropped``) and logged with its id and the receiver's
+origin only: never the secret, a token, or the URL's path and query.
+
+In a cluster the Lua scripts decide the events (atomically with the change
+they describe) and push them on one Redis list; every node with webhooks pops
+from it, so each event is sent by exactly one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from yarl import URL
+
+__all__ = [
+    "verify", "sign", "WebhookVerificationError", "WebhookSender", "SIGNATURE_HEADER", "EVENT_TYPES",
+    "REDIS_QUEUE", "REDIS_SWITCH",
+]
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "Signal-Signature"
+EVENT_TYPES = frozenset(
+    {"room_started", "room_finished", "participant_joined", "participant_left", "participant_resumed"}
+)
+BACKOFF_BASE = 0.5  # seconds before the first retry; doubled each time, times 0.5-1.0
+BACKOFF_CAP = 60.0
+# The cluster's event list and the key that says some node delivers webhooks
+# (the scripts push events only while it exists; see cluster/scripts.py).
+REDIS_QUEUE = "sig:wh:q"
+REDIS_SWITCH = "sig:wh:on"
+_SWITCH_MS = 30_000
+_DRAIN_BATCH = 100
+_DRAIN_IDLE = 0.2  # seconds between polls of an empty Redis list
+
+
+class WebhookVerificationError(ValueError):
+    """The request is not a genuine, fresh webhook of this server."""
+
+
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    """The ``Signal-Signature`` header value for ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify(body: bytes, signature_header: str, secret: str, tolerance: float = 300) -> dict[str, Any]:
+    """Check a webhook's signature and freshness; return the parsed event.
+
+    ``body`` is the raw request body (before any JSON parsing), ``signature_header``
+    the ``Signal-Signature`` header. A timestamp more than ``tolerance`` seconds
+    from now is refused (a replayed request). Deduplicate on the event's ``id``:
+    delivery is at least once.
+
+    Raises:
+        WebhookVerificationError: missing or malformed header, stale timestamp,
+        wrong signature, or a body that is not a JSON object.
+    """
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in (signature_header or "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isascii() and value.isdigit():
+            timestamp = int(value)
+        elif key == "v1":
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        raise WebhookVerificationError("the signature header needs t=<seconds> and v1=<hex>")
+    if abs(time.time() - timestamp) > tolerance:
+        raise WebhookVerificationError("the timestamp is outside the tolerance (a replayed or delayed request)")
+    expected = sign(body, secret, timestamp).partition(",v1=")[2]
+    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+        raise WebhookVerificationError("the signature does not match")
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise WebhookVerificationError("the body is not JSON") from None
+    if not isinstance(event, dict):
+        raise WebhookVerificationError("the body is not a JSON object")
+    return event
+
+
+def _origin(url: str) -> str:
+    """What a log line may say of a receiver: scheme, host and port (a path or query may hold a token)."""
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+@dataclass(slots=True, eq=False)
+class _Delivery:
+    url: str
+    body: bytes
+    event_id: str
+    kind: str
+    attempt: int = 1
+
+
+class WebhookSender:
+    """One node's webhook deliveries: bounded queues, one worker per receiver, retries."""
+
+    def __init__(
+        self, urls: tuple[str, ...], secret: str, *, timeout: float = 5.0, max_attempts: int = 8,
+        max_queue: int = 10_000, backoff_base: float = BACKOFF_BASE,
+    ) -> None:
+        self.urls = urls
+        self._secret = secret
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._max_queue = max_queue
+        self._backoff_base = backoff_base
+        self._queues: dict[str, asyncio.Queue[_Delivery]] = {url: asyncio.Queue() for url in urls}
+        self._retrying: dict[_Delivery, asyncio.TimerHandle] = {}  # waiting for their next attempt
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.sent = 0
+        self.failed_attempts = 0
+        self.dropped: Counter[str] = Counter()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, redis: Any = None) -> None:
+        """Start the workers; with ``redis`` (a cluster) also take events from the cluster's list."""
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            headers={"User-Agent": "signal-server-webhooks"},
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._work(queue)) for queue in self._queues.values()]
+        if redis is not None:
+            self._tasks.append(loop.create_task(self._drain(redis)))
+
+    async def stop(self) -> None:
+        for handle in self._retrying.values():
+            handle.cancel()
+        self._retrying.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+
+    # --------------------------------------------------------------- events
+
+    def hub_event(
+        self, kind: str, room_id: str, user_id: str | None = None, username: str | None = None,
+        reason: str | None = None, at: float | None = None,
+    ) -> None:
+        """Queue one event for every receiver; never blocks, never raises."""
+        event: dict[str, Any] = {
+            "id": "evt_" + secrets.token_hex(12),
+            "event": kind,
+            "created_at": round(time.time() if at is None else at, 3),
+            "room_id": room_id,
+        }
+        if user_id is not None:
+            participant: dict[str, Any] = {"user_id": user_id, "username": username or user_id}
+            if reason is not None:
+                participant["reason"] = reason
+            event["participant"] = participant
+        body = orjson.dumps(event)
+        for url in self.urls:
+            self._put(_Delivery(url, body, event["id"], kind))
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries queued or between attempts (bounded by ``max_queue``)."""
+        return sum(queue.qsize() for queue in self._queues.values()) + len(self._retrying)
+
+    def _put(self, delivery: _Delivery) -> None:
+        if self.waiting >= self._max_queue:
+            self._drop(delivery, "queue_full")
+            return
+        self._queues[delivery.url].put_nowait(delivery)
+
+    def _drop(self, delivery: _Delivery, reason: str) -> None:
+        self.dropped[reason] += 1
+        logger.warning(
+            "webhook %s %s to %s dropped (%s, after %d attempts)", delivery.kind, delivery.event_id,
+            _origin(delivery.url), reason, delivery.attempt - (reason == "queue_full"),
+            extra={"event_id": delivery.event_id, "reason": reason},
+        )
+
+    # ------------------------------------------------------------- delivery
+
+    async def _work(self, queue: asyncio.Queue[_Delivery]) -> None:
+        while True:
+            delivery = await queue.get()
+            if await self._attempt(delivery):
+                self.sent += 1
+                continue
+            self.failed_attempts += 1
+            if delivery.attempt >= self._max_attempts:
+                self._drop(delivery, "retries_exhausted")
+                continue
+            delay = min(BACKOFF_CAP, self._backoff_base * 2 ** (delivery.attempt - 1)) * random.uniform(0.5, 1.0)
+            delivery.attempt += 1
+            self._retrying[delivery] = asyncio.get_running_loop().call_later(delay, self._again, delivery)
+
+    def _again(self, delivery: _Delivery) -> None:
+        del self._retrying[delivery]
+        self._queues[delivery.url].put_nowait(delivery)  # counted against the bound all along
+
+    async def _attempt(self, delivery: _Delivery) -> bool:
+        """One POST under the per-attempt time limit; True on a 2xx answer."""
+        assert self._session is not None
+        timestamp = int(time.time())  # signed per attempt: a retry is never stale
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(delivery.body, self._secret, timestamp),
+            "Signal-Event-Id": delivery.event_id,
+        }
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._session.post(
+                    delivery.url, data=delivery.body, headers=headers, allow_redirects=False
+                ) as response:
+                    ok = 200 <= response.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            logger.debug("webhook %s to %s failed: %s", delivery.event_id, _origin(delivery.url), type(exc).__name__)
+            return False
+        if not ok:
+            logger.debug("webhook %s to %s: HTTP %d", delivery.event_id, _origin(delivery.url), response.status)
+        return ok
+
+    # -------------------------------------------------------------- cluster
+
+    async def _drain(self, redis: Any) -> None:
+        """Take the cluster's events from Redis (each popped by one node only)."""
+        switched = 0.0
+        while True:
+            try:
+                now = time.monotonic()
+                if now - switched > _SWITCH_MS / 3000:
+                    await redis.set(REDIS_SWITCH, 1, px=_SWITCH_MS)
+                    switched = now
+                items = await redis.lpop(REDIS_QUEUE, _DRAIN_BATCH)
+            except Exception as exc:  # redis-py's errors; this module never imports redis
+                logger.debug("webhooks: cannot read the cluster's events: %s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            if not items:
+                await asyncio.sleep(_DRAIN_IDLE)
+                continue
+            for raw in items:
+                try:
+                    item = orjson.loads(raw)
+                    self.hub_event(
+                        item["e"], item["r"], item.get("u"), item.get("n"), item.get("why"), item["t"] / 1000
+                    )
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    logger.warning("webhooks: a malformed event in Redis was skipped")
+
+    # -------------------------------------------------------------- metrics
+
+    def collector(self) -> Collector:
+        return _WebhookCollector(self)
+
+
+class _WebhookCollector(Collector):
+    """signal_webhook_deliveries, signal_webhook_failed_attempts, signal_webhook_events_dropped, the queue."""
+
+    def __init__(self, sender: WebhookSender) -> None:
+        self._sender = sender
+
+    def collect(self) -> Iterator[Metric]:
+        sender = self._sender
+        yield CounterMetricFamily("signal_webhook_deliveries", "Webhook deliveries answered 2xx", value=sender.sent)
+        yield CounterMetricFamily(
+            "signal_webhook_failed_attempts", "Webhook attempts that failed or were not 2xx (retried)",
+            value=sender.failed_attempts,
+        )
+        dropped = CounterMetricFamily(
+            "signal_webhook_events_dropped", "Webhook deliveries given up, by reason", labels=["reason"]
+        )
+        for reason in ("queue_full", "retries_exhausted"):
+            dropped.add_metric([reason], sender.dropped[reason])
+        yield dropped
+        yield GaugeMetricFamily(
+            "signal_webhook_queue", "Webhook deliveries waiting (queued or between retries)",
+            value=sender.waiting,
+        )

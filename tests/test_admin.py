@@ -1,0 +1,317 @@
+"""The room service API on one node: admin grant, list, show, kick (with ban), close, server messages."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from signal_server import hub as hub_module
+
+from .cluster import wait_until
+from .conftest import SECRET, Connect, join_all, make_token
+
+ADMIN = {"Authorization": f"Bearer {make_token('backend', admin=True)}"}
+
+
+def admin_headers(**claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token('backend', **claims)}"}
+
+
+async def error_of(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status == status, (response.status, await response.text())
+    body: dict[str, Any] = await response.json()
+    assert body["error"] == code and body["message"].startswith(code + ": "), body
+    return body
+
+
+async def test_list_and_show_rooms(client: TestClient[Any, Any], connect: Connect) -> None:
+    before = time.time()
+    await join_all(connect, "alice", "bob")
+    response = await client.get("/webrtc/rooms", headers=ADMIN)
+    assert response.status == 200
+    rooms = (await response.json())["rooms"]
+    assert [(r["room_id"], r["participants"]) for r in rooms] == [("room-1", 2)]
+    assert before - 1 <= rooms[0]["created_at"] <= time.time() + 1
+    response = await client.get("/webrtc/rooms/room-1", headers=ADMIN)
+    body = await response.json()
+    assert body["room_id"] == "room-1"
+    assert [(p["user_id"], p["username"], p["state"], p["node"]) for p in body["participants"]] == [
+        ("alice", "alice", "live", None), ("bob", "bob", "live", None),
+    ]
+    assert all(before - 1 <= p["joined_at"] <= time.time() + 1 for p in body["participants"])
+    await error_of(await client.get("/webrtc/rooms/nowhere", headers=ADMIN), 404, "NOT_FOUND")
+
+
+async def test_a_dropped_participant_is_shown_held(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice, bob = await join_all(connect, "alice", "bob")
+    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # a drop, not a close
+    states: dict[str, str] = {}
+
+    async def bob_held() -> bool:  # the server notices the drop on its own time: ask until it has
+        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+        states.update({p["user_id"]: p["state"] for p in body["participants"]})
+        return states["bob"] == "held"
+
+    await wait_until(bob_held)
+    assert states == {"alice": "live", "bob": "held"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({}, 401, "UNAUTHORIZED"),
+        ({"Authorization": "Bearer nonsense"}, 401, "UNAUTHORIZED"),
+        (admin_headers(), 403, "FORBIDDEN"),  # a participant's token
+        (admin_headers(admin="true"), 403, "FORBIDDEN"),  # not the boolean true
+        (admin_headers(admin=1), 403, "FORBIDDEN"),
+        (admin_headers(admin=True, ttl=-60), 401, "UNAUTHORIZED"),  # expired
+        ({"Authorization": "Bearer " + make_token("backend", admin=True, secret="x" * 40)}, 401, "UNAUTHORIZED"),
+    ],
+)
+async def test_the_api_needs_a_valid_admin_grant(
+    client: TestClient[Any, Any], connect: Connect, headers: dict[str, str], status: int, code: str
+) -> None:
+    alice = await connect("alice")
+    for method, path in (
+        ("GET", "/webrtc/rooms"), ("GET", "/webrtc/rooms/room-1"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/alice"), ("DELETE", "/webrtc/rooms/room-1"),
+        ("POST", "/webrtc/rooms/room-1/messages"),
+    ):
+        response = await client.request(method, path, headers=headers, json={"payload": {}})
+        await error_of(response, status, code)
+        if status == 401:
+            assert "Bearer" in response.headers["WWW-Authenticate"]
+    await alice.send("ping")
+    await alice.expect("pong")  # nothing happened to her
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+async def test_alg_none_and_key_confusion_are_refused(client: TestClient[Any, Any]) -> None:
+    now = int(time.time())
+    claims = {"sub": "backend", "admin": True, "iat": now, "exp": now + 60}
+    unsigned = jwt.encode(claims, "", algorithm="none")
+    hs512 = jwt.encode(claims, SECRET, algorithm="HS512")  # not the configured algorithm
+    for token in (unsigned, hs512):
+        response = await client.get("/webrtc/rooms", headers={"Authorization": f"Bearer {token}"})
+        await error_of(response, 401, "UNAUTHORIZED")
+
+
+async def test_an_admin_token_limited_to_rooms(client: TestClient[Any, Any], connect: Connect) -> None:
+    await connect("alice", "room-1")
+    await connect("bob", "room-2")
+    limited = admin_headers(admin=True, rooms=["room-2"])
+    rooms = (await (await client.get("/webrtc/rooms", headers=limited)).json())["rooms"]
+    assert [room["room_id"] for room in rooms] == ["room-2"]
+    await error_of(await client.delete("/webrtc/rooms/room-1", headers=limited), 403, "FORBIDDEN")
+
+
+async def test_kick_with_ban(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice, bob, carol = await join_all(connect, "alice", "bob", "carol")
+    response = await client.delete("/webrtc/rooms/room-1/participants/bob?ban=60", headers=ADMIN)
+    assert response.status == 200, await response.text()
+    assert await response.json() == {"room_id": "room-1", "user_id": "bob", "removed": True, "ban": 60}
+    await bob.expect_error("KICKED")
+    await bob.expect_close(4411)
+    for other in (alice, carol):
+        left = await other.expect("user_left")
+        assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "kicked"}
+    # The slot was freed at once: no held bob.
+    body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+    assert [p["user_id"] for p in body["participants"]] == ["alice", "carol"]
+    again = await connect("bob", join=False)
+    await again.expect_error("FORBIDDEN")
+    await again.expect_close(4403)
+    other_room = await connect("bob", "room-2")  # the ban is for that room only
+    await other_room.send("ping")
+    await other_room.expect("pong")
+    await error_of(
+        await client.delete("/webrtc/rooms/room-1/participants/bob", headers=ADMIN), 404, "NOT_FOUND"
+    )
+
+
+async def test_kick_without_ban_lets_the_user_back(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice, bob = await join_all(connect, "alice", "bob")
+    assert (await client.delete("/webrtc/rooms/room-1/participants/bob", headers=ADMIN)).status == 200
+    await bob.expect_error("KICKED")
+    await alice.expect("user_left")
+    back = await connect("bob")
+    await back.send("ping")
+    await back.expect("pong")
+
+
+async def test_the_ban_ends(
+    client: TestClient[Any, Any], connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = await connect("bob")
+    assert (await client.delete("/webrtc/rooms/room-1/participants/bob?ban=30", headers=ADMIN)).status == 200
+    await bob.expect_error("KICKED")
+    refused = await connect("bob", join=False)
+    message = await refused.expect_error("FORBIDDEN")
+    assert "for another 30 s" in message["payload"]["message"]
+    # 31 seconds later, as the hub's clock sees it:
+    later = time.monotonic() + 31
+    monkeypatch.setattr(hub_module, "time", SimpleNamespace(monotonic=lambda: later, time=time.time))
+    back = await connect("bob")
+    await back.send("ping")
+    await back.expect("pong")
+
+
+async def test_close_room(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice, bob = await join_all(connect, "alice", "bob")
+    response = await client.delete("/webrtc/rooms/room-1?ban=60", headers=ADMIN)
+    assert response.status == 200, await response.text()
+    for member in (alice, bob):
+        await member.expect_error("ROOM_CLOSED")
+        await member.expect_close(4412)
+    assert (await (await client.get("/webrtc/rooms", headers=ADMIN)).json())["rooms"] == []
+    refused = await connect("carol", join=False)
+    await refused.expect_error("FORBIDDEN")
+    await error_of(await client.delete("/webrtc/rooms/room-1", headers=ADMIN), 404, "NOT_FOUND")
+
+
+async def test_a_closed_room_without_ban_reopens(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice = await connect("alice")
+    assert (await client.delete("/webrtc/rooms/room-1", headers=ADMIN)).status == 200
+    await alice.expect_error("ROOM_CLOSED")
+    again = await connect("alice")
+    await again.send("ping")
+    await again.expect("pong")
+
+
+async def test_a_closed_room_holds_no_slot(app_client: Any) -> None:
+    client = await app_client(reconnect_grace=60)
+    from .conftest import connector
+
+    connect = connector(client)
+    alice, bob = await join_all(connect, "alice", "bob")
+    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+    assert (await client.delete("/webrtc/rooms/room-1", headers=ADMIN)).status == 200
+    await alice.expect_error("ROOM_CLOSED")
+    assert (await (await client.get("/webrtc/rooms", headers=ADMIN)).json())["rooms"] == []
+    fresh = await connect("bob")  # a new slot, not a resume of the held one
+    assert fresh.ws.closed is False
+
+
+async def test_server_messages(client: TestClient[Any, Any], connect: Connect) -> None:
+    alice, bob = await join_all(connect, "alice", "bob")
+    payload = {"text": "the meeting ends in 5 minutes", "nested": {"a": [1, 2]}}
+    response = await client.post("/webrtc/rooms/room-1/messages", headers=ADMIN, json={"payload": payload})
+    assert response.status == 200, await response.text()
+    for member in (alice, bob):
+        message = await member.expect("server_message")
+        assert message["payload"] == payload
+        assert message["sender_id"] == "" and message["room_id"] == "room-1"
+    response = await client.post(
+        "/webrtc/rooms/room-1/messages", headers=ADMIN, json={"payload": {"to": "bob"}, "target_user_id": "bob"}
+    )
+    assert response.status == 200
+    assert (await bob.expect("server_message"))["payload"] == {"to": "bob"}
+    await alice.send("ping")
+    await alice.expect("pong")  # alice got nothing in between
+    await error_of(
+        await client.post(
+            "/webrtc/rooms/room-1/messages", headers=ADMIN, json={"payload": {}, "target_user_id": "zed"}
+        ),
+        404, "NOT_FOUND",
+    )
+    await error_of(
+        await client.post("/webrtc/rooms/nowhere/messages", headers=ADMIN, json={"payload": {}}), 404, "NOT_FOUND"
+    )
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"not json", 400, "INVALID_REQUEST"),
+        (b"[1, 2]", 400, "INVALID_REQUEST"),
+        (b'{"payload": "text"}', 400, "INVALID_REQUEST"),
+        (b'{"payload": {}, "target_user_id": 7}', 400, "INVALID_REQUEST"),
+        (b'{"payload": {}, "target_user_id": ""}', 400, "INVALID_REQUEST"),
+        (b'{"payload": {}, "target_user_id": "a\\nb"}', 400, "INVALID_REQUEST"),
+        (b'{"payload": {}, "sender_id": "alice"}', 400, "INVALID_REQUEST"),
+        (b'{"payload": ' + json.dumps(_deep(40)).encode() + b"}", 400, "INVALID_REQUEST"),
+        (b'{"payload": {"x": "' + b"a" * 70000 + b'"}}', 413, "MESSAGE_TOO_LARGE"),
+    ],
+)
+async def test_bad_message_bodies(
+    client: TestClient[Any, Any], connect: Connect, body: bytes, status: int, code: str
+) -> None:
+    alice = await connect("alice")
+    response = await client.post(
+        "/webrtc/rooms/room-1/messages", headers={**ADMIN, "Content-Type": "application/json"}, data=body
+    )
+    await error_of(response, status, code)
+    await alice.send("ping")
+    await alice.expect("pong")  # she was sent nothing
+
+
+async def test_a_chunked_body_is_bounded_too(client: TestClient[Any, Any], connect: Connect) -> None:
+    await connect("alice")
+
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = await client.post("/webrtc/rooms/room-1/messages", headers=ADMIN, data=chunks())
+    await error_of(response, 413, "MESSAGE_TOO_LARGE")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("GET", "/webrtc/rooms/a%20b", "INVALID_ROOM"),
+        ("GET", "/webrtc/rooms/" + "r" * 65, "INVALID_ROOM"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/" + "u" * 129, "INVALID_REQUEST"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/a%00b", "INVALID_REQUEST"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/alice?ban=-1", "INVALID_REQUEST"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/alice?ban=1e9", "INVALID_REQUEST"),
+        ("DELETE", "/webrtc/rooms/room-1/participants/alice?ban=1&ban=2", "INVALID_REQUEST"),
+        ("DELETE", "/webrtc/rooms/room-1?ban=99999999999", "INVALID_REQUEST"),
+    ],
+)
+async def test_bad_paths_and_bans(
+    client: TestClient[Any, Any], connect: Connect, method: str, path: str, code: str
+) -> None:
+    alice = await connect("alice")
+    await error_of(await client.request(method, path, headers=ADMIN), 400, code)
+    await alice.send("ping")
+    await alice.expect("pong")  # still there
+
+
+async def test_the_api_is_under_the_mount_prefix(aiohttp_client: Any) -> None:
+    from aiohttp import web
+
+    from signal_server import create_app
+
+    from .conftest import make_settings
+
+    host = web.Application()
+    host.add_subapp("/rtc", create_app(make_settings()))
+    client = await aiohttp_client(host)
+    response = await client.get("/rtc/rooms", headers=ADMIN)
+    assert response.status == 200 and await response.json() == {"rooms": []}
+
+
+async def test_participants_cannot_pose_as_the_server(connect: Connect) -> None:
+    """A client cannot send server_message, nor make its messages carry sender_id "" (the server's)."""
+    alice, bob = await join_all(connect, "alice", "bob")
+    await alice.ws.send_str(json.dumps({"type": "server_message", "payload": {"x": 1}, "sender_id": ""}))
+    await alice.expect_error("UNSUPPORTED_TYPE")
+    await alice.ws.send_str(json.dumps({
+        "type": "offer", "payload": {"type": "offer", "sdp": "v=0", "sender_id": ""}, "sender_id": "",
+    }))
+    offer = await bob.expect("offer")
+    assert offer["sender_id"] == "alice" and offer["payload"]["sender_id"] == "alice"

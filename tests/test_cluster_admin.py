@@ -1,0 +1,162 @@
+"""The room service API across three real nodes on one real redis-server.
+
+A request through any node acts on participants wherever they are: the
+registry in Redis decides, and the events reach the node holding the slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import ClientSession
+
+from . import test_cluster
+from .cluster import Clients, Node, RedisServer
+from .conftest import make_token
+from .test_cluster import StartNodes
+from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
+
+# The cluster tests' fixtures (a redis-server, nodes, WebSocket clients), shared.
+redis = test_cluster.redis
+start_nodes = test_cluster.start_nodes
+clients = test_cluster.clients
+
+ADMIN = {"Authorization": f"Bearer {make_token('backend', admin=True)}"}
+
+
+async def api(node: Node, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async with ClientSession() as session:
+        async with session.request(method, f"{node.base}/webrtc{path}", headers=ADMIN, **kwargs) as response:
+            return response.status, await response.json()
+
+
+async def test_list_show_kick_with_ban_and_messages_across_nodes(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n2, "bob")
+    await alice.expect("user_joined")
+    carol = await clients.connect(n3, "carol")
+    await alice.expect("user_joined")
+    await bob.expect("user_joined")
+
+    status, body = await api(n1, "GET", "/rooms")
+    assert status == 200
+    assert [(room["room_id"], room["participants"]) for room in body["rooms"]] == [("room-1", 3)]
+    assert isinstance(body["rooms"][0]["created_at"], float)
+    status, body = await api(n2, "GET", "/rooms/room-1")
+    assert status == 200
+    assert [(p["user_id"], p["state"], p["node"]) for p in body["participants"]] == [
+        ("alice", "live", "n1"), ("bob", "live", "n2"), ("carol", "live", "n3"),
+    ]
+
+    # A kick through node 1 removes carol from node 3, banned cluster-wide.
+    status, body = await api(n1, "DELETE", "/rooms/room-1/participants/carol?ban=60")
+    assert status == 200 and body["removed"] is True
+    await carol.expect_error("KICKED")
+    await carol.expect_close(4411)
+    for member in (alice, bob):
+        left = await member.expect("user_left")
+        assert left["payload"] == {"user_id": "carol", "username": "carol", "reason": "kicked"}
+    assert int(await redis.command("PTTL", "sig:{room-1}:ban:carol")) > 50_000
+    for node in (n1, n2, n3):  # the ban holds on every node
+        again = await clients.connect(node, "carol", join=False)
+        await again.expect_error("FORBIDDEN")
+        await again.expect_close(4403)
+    status, body = await api(n3, "GET", "/rooms/room-1")
+    assert [p["user_id"] for p in body["participants"]] == ["alice", "bob"]
+    status, body = await api(n3, "DELETE", "/rooms/room-1/participants/carol")
+    assert status == 404 and body["error"] == "NOT_FOUND"
+
+    # Server messages through node 3 reach node 1 and node 2.
+    status, _ = await api(n3, "POST", "/rooms/room-1/messages", json={"payload": {"text": "hi"}})
+    assert status == 200
+    for member in (alice, bob):
+        message = await member.expect("server_message")
+        assert message["payload"] == {"text": "hi"} and message["sender_id"] == ""
+    to_bob = {"payload": {"to": "bob"}, "target_user_id": "bob"}
+    status, _ = await api(n1, "POST", "/rooms/room-1/messages", json=to_bob)
+    assert status == 200
+    assert (await bob.expect("server_message"))["payload"] == {"to": "bob"}
+    await alice.send("ping")
+    await alice.expect("pong")  # nothing for alice
+    status, body = await api(n1, "POST", "/rooms/room-1/messages", json={"payload": {}, "target_user_id": "carol"})
+    assert status == 404
+
+
+async def test_close_with_ban_across_nodes_then_reopen(start_nodes: StartNodes, clients: Clients) -> None:
+    n1, n2, n3 = await start_nodes(3)
+    alice = await clients.connect(n1, "alice")
+    bob = await clients.connect(n3, "bob")
+    await alice.expect("user_joined")
+    status, body = await api(n2, "DELETE", "/rooms/room-1?ban=60")
+    assert status == 200 and body["closed"] is True
+    for member in (alice, bob):
+        await member.expect_error("ROOM_CLOSED")
+        await member.expect_close(4412)
+    assert (await api(n1, "GET", "/rooms"))[1] == {"rooms": []}
+    refused = await clients.connect(n3, "carol", join=False)
+    await refused.expect_error("FORBIDDEN")
+    assert (await api(n1, "DELETE", "/rooms/room-1"))[0] == 404
+
+    # Without a ban a closed room can be reopened at once, and holds nobody.
+    first = await clients.connect(n1, "alice", "room-2")
+    second = await clients.connect(n2, "bob", "room-2")
+    await first.expect("user_joined")
+    assert (await api(n3, "DELETE", "/rooms/room-2"))[0] == 200
+    for member in (first, second):
+        await member.expect_error("ROOM_CLOSED")
+    await clients.connect(n3, "alice", "room-2")  # a fresh room: room_state, not a refusal
+    status, body = await api(n1, "GET", "/rooms/room-2")
+    assert [(p["user_id"], p["node"]) for p in body["participants"]] == [("alice", "n3")]
+
+
+async def test_webhooks_across_nodes_each_event_once(start_nodes: StartNodes, clients: Clients) -> None:
+    """Join on node 1, join on node 2, resume on node 3, kick through node 1, leave: the exact
+    sequence, each event once (whichever node sends it), room_started/finished decided in Redis."""
+    receiver = await Receiver().start()
+    try:
+        hooks = ("--webhook-url", receiver.url, "--webhook-secret", WEBHOOK_SECRET)
+        n1, n2, n3 = await start_nodes(3, *hooks, grace=30)
+        alice = await clients.connect(n1, "alice")
+        assert summary(await receiver.take(2)) == [
+            ("room_started", "room-1", None, None), ("participant_joined", "room-1", "alice", None),
+        ]
+        bob = await clients.connect(n2, "bob")
+        await alice.expect("user_joined")
+        assert summary(await receiver.take(1)) == [("participant_joined", "room-1", "bob", None)]
+        bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held, no event
+        await clients.connect(n3, "bob")  # resumed through another node
+        assert summary(await receiver.take(1)) == [("participant_resumed", "room-1", "bob", None)]
+        assert (await api(n1, "DELETE", "/rooms/room-1/participants/bob"))[0] == 200
+        assert summary(await receiver.take(1)) == [("participant_left", "room-1", "bob", "kicked")]
+        await alice.ws.close()
+        assert summary(await receiver.take(2)) == [
+            ("participant_left", "room-1", "alice", "left"), ("room_finished", "room-1", None, None),
+        ]
+        # A marker room on each node: once its events are in, nothing else is on its way.
+        for index, node in enumerate((n1, n2, n3)):
+            marker = await clients.connect(node, f"m{index}", f"marker-{index}")
+            await marker.ws.close()
+        markers = await receiver.take(12)
+        expected = sorted(f"marker-{i}" for i in range(3) for _ in range(4))
+        assert sorted(event["room_id"] for event in markers) == expected
+        assert len({event["id"] for event in receiver.events}) == len(receiver.events) == 19
+        assert receiver.rejected == 0
+    finally:
+        await receiver.close()
+
+
+async def test_the_api_says_unavailable_without_redis(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
+    (n1,) = await start_nodes(1)
+    await clients.connect(n1, "alice")
+    await redis.stop()
+    for method, path in (
+        ("GET", "/rooms"), ("GET", "/rooms/room-1"), ("DELETE", "/rooms/room-1/participants/alice"),
+        ("DELETE", "/rooms/room-1"),
+    ):
+        status, body = await api(n1, method, path)
+        assert (status, body["error"]) == (503, "UNAVAILABLE"), (method, path, body)
