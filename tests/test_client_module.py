@@ -498,7 +498,8 @@ class Raw:
     """A hostile room member on a plain WebSocket: what it sends, what it got."""
 
     def __init__(self, ws: ClientWebSocketResponse, target: str = "alice") -> None:
-        self.ws, self.target, self.got = ws, target, []
+        self.ws, self.target = ws, target
+        self.got: list[dict[str, Any]] = []
 
     async def send(self, kind: str, **payload: Any) -> None:
         await self.ws.send_json({"type": kind, "payload": {**payload, "target_user_id": self.target}})
