@@ -139,6 +139,37 @@ async def launch_browser(*extra_args: str) -> AsyncIterator[Any]:
 
 
 WAIT_MS = 20_000
+
+
+async def wait_for(page: Any, expression: str, arg: Any = None, timeout: float = WAIT_MS) -> Any:
+    """``page.wait_for_function`` for pages under a strict CSP: the same polling, run by ``page.evaluate``.
+
+    ``expression`` is an expression, or a function of ``arg`` (may be async). Playwright's
+    wait_for_function compiles its predicate with eval(), which the demo page's policy forbids
+    (no 'unsafe-eval'); page.evaluate goes through the DevTools protocol, which the policy does not cover.
+    """
+    return await page.evaluate(
+        f"""async ([arg, timeout]) => {{
+          const get = () => ({expression});
+          const end = performance.now() + timeout;
+          for (;;) {{
+            let value = get();
+            if (typeof value === 'function') value = value(arg);
+            value = await value;
+            if (value) return value;
+            if (performance.now() > end) throw new Error('timed out waiting for ' + {json.dumps(expression[:300])});
+            await new Promise(resolve => setTimeout(resolve, 50));
+          }}
+        }}""",
+        [arg, timeout],
+    )
+
+
+async def open_and_join(page: Any, url: str) -> None:
+    """Open the demo page at ``url`` and press Join (the page never joins by itself)."""
+    await page.goto(url)
+    await wait_for(page, "window.demo?.ready === true")
+    await page.locator("#join").click()
 CALL = "(window.demo ? window.demo.call : window.call)"
 CONNECTED_PEERS = f"""n => {{
   const call = {CALL};

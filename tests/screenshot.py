@@ -16,8 +16,10 @@ from .realclients import (
     WAIT_MS,
     frames_above,
     launch_browser,
+    open_and_join,
     require_loopback_only,
     start_signal_server,
+    wait_for,
 )
 
 OUTPUT = Path(__file__).parent.parent / "docs" / "screenshot.png"
@@ -33,12 +35,12 @@ async def main() -> None:
             for user, name in (("alice", "Alice"), ("bob", "Bob")):
                 context = await browser.new_context(viewport={"width": 1100, "height": 560})
                 page = await context.new_page()
-                await page.goto(f"{origin}/?room=demo&token={make_token(user, name=name)}&autojoin=1")
+                await open_and_join(page, f"{origin}/?room=demo&token={make_token(user, name=name)}")
                 pages.append(page)
             for page in pages:
-                await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-                await page.wait_for_function(
-                    frames_above(30), timeout=WAIT_MS
+                await wait_for(page, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+                await wait_for(
+                    page, frames_above(30), timeout=WAIT_MS
                 )
             await pages[0].screenshot(path=str(OUTPUT))
     finally:

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from .certs import Authority
-from .realclients import CONNECTED_PEERS, FRAMES_DECODED, WAIT_MS, launch_browser, require_loopback_only
+from .realclients import (
+    CONNECTED_PEERS,
+    FRAMES_DECODED,
+    WAIT_MS,
+    launch_browser,
+    open_and_join,
+    require_loopback_only,
+    wait_for,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -35,11 +43,11 @@ async def test_a_call_over_https_and_wss(start_server, tmp_path: Path) -> None:
             page.on("console", lambda message, user=user: print(f"[{user}] {message.text}"))
             sockets[page] = []
             page.on("websocket", lambda websocket, seen=sockets[page]: seen.append(websocket.url))
-            await page.goto(f"{base}/?room=secure&name={user}&autojoin=1")
+            await open_and_join(page, f"{base}/?room=secure&name={user}")
             pages.append(page)
         for page in pages:
-            await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-            await page.wait_for_function(f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS)
+            await wait_for(page, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+            await wait_for(page, f"async () => ({FRAMES_DECODED})().then(n => n > 0)", timeout=WAIT_MS)
             assert await page.evaluate("window.isSecureContext") is True
             (websocket_url,) = sockets[page]  # the call's socket (its internals are private)
             assert websocket_url.startswith(base.replace("https://", "wss://") + "/webrtc/ws/secure?token=")

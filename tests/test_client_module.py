@@ -7,6 +7,7 @@ Each page is a harness on another origin (tests/realclients.py) holding one
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -330,15 +331,16 @@ async def test_listeners_media_switches_and_public_state(browser, servers):
     assert await alice.evaluate("window.call.getRemoteStream('bob')") is None
 
 
-async def local_offer(page: Any) -> str:
-    """A real offer SDP (audio), from a connection of its own in ``page``."""
+async def local_offer(page: Any, kinds: tuple[str, ...] = ("audio",)) -> str:
+    """A real offer SDP (audio, or ``kinds``), from a connection of its own in ``page``."""
     return str(await page.evaluate(
-        """async () => {
+        """async (kinds) => {
           const pc = new RTCPeerConnection();
-          pc.addTransceiver('audio');
+          for (const kind of kinds) pc.addTransceiver(kind);
           await pc.setLocalDescription();
           return pc.localDescription.sdp;
-        }"""
+        }""",
+        list(kinds),
     ))
 
 
@@ -469,3 +471,214 @@ async def test_a_closed_room_ends_every_call(browser, servers):
         assert [args[1] for args in await events(page, "error")] == ["ROOM_CLOSED"]
         assert await page.evaluate("window.sockets.length") == 1
     assert "call" not in hub(signal).rooms
+
+
+# ------------------------------------------------------------- hostile peers
+
+
+def many_sections(count: int, kind: str = "audio") -> str:
+    """A valid offer with ``count`` minimal bundled media sections (``application`` for data channels)."""
+    mids = " ".join(str(i) for i in range(count))
+    sdp = (
+        "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+        f"a=group:BUNDLE {mids}\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+        f"a=fingerprint:sha-256 {':'.join(['AB'] * 32)}\r\na=setup:actpass\r\n"
+    )
+    for mid in range(count):
+        if kind == "application":
+            sdp += f"m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:{mid}\r\n"
+            sdp += "a=sctp-port:5000\r\n"
+        else:
+            sdp += f"m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:{mid}\r\na=sendrecv\r\n"
+            sdp += "a=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\n"
+    return sdp
+
+
+class Raw:
+    """A hostile room member on a plain WebSocket: what it sends, what it got."""
+
+    def __init__(self, ws: ClientWebSocketResponse, target: str = "alice") -> None:
+        self.ws, self.target = ws, target
+        self.got: list[dict[str, Any]] = []
+
+    async def send(self, kind: str, **payload: Any) -> None:
+        await self.ws.send_json({"type": kind, "payload": {**payload, "target_user_id": self.target}})
+
+    async def receive(self, kind: str) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = await self.ws.receive_json(timeout=WAIT_MS / 1000)
+            self.got.append(message)
+            if message["type"] == kind:
+                return message
+
+    async def flush(self) -> list[str]:
+        """Everything the server sent us before the pong to a ping of ours (types)."""
+        await self.ws.send_json({"type": "ping"})
+        await self.receive("pong")
+        return [message["type"] for message in self.got]
+
+
+async def test_an_offer_with_more_sections_than_a_call_uses_is_refused(browser, servers):
+    """200 m-lines (an answer over 64 KiB) or a data channel: refused, no answer, the socket stays open."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    async with ClientSession() as session:
+        mallory = Raw(await raw_member(session, signal, page_server, "mallory"))
+        await mallory.receive("room_state")
+        await mallory.send("offer", type="offer", sdp=many_sections(200))
+        await mallory.send("offer", type="offer", sdp=many_sections(1, "application"))
+        await alice.wait_for_function("window.events.filter(e => e.type === 'error').length >= 2", timeout=WAIT_MS)
+        assert [args[1] for args in await events(alice, "error")] == ["OFFER_REFUSED", "OFFER_REFUSED"]
+        assert "answer" not in await mallory.flush()
+        assert await alice.evaluate("window.sockets.length") == 1
+        assert await alice.evaluate("window.call.status") == "joined"
+        # A call's own offer (one audio section) is still answered.
+        await mallory.send("offer", type="offer", sdp=await local_offer(alice))
+        await mallory.receive("answer")
+        await mallory.ws.close()
+
+
+async def test_a_frame_over_the_message_size_is_not_sent_and_that_peer_is_closed(browser, servers):
+    """An answer over maxMessageSize: MESSAGE_TOO_LARGE reported, that peer closed, the socket kept."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False,
+                              options={"maxMessageSize": 1024})
+    async with ClientSession() as session:
+        mallory = Raw(await raw_member(session, signal, page_server, "mallory"))
+        await mallory.receive("room_state")
+        await mallory.send("offer", type="offer", sdp=await local_offer(alice))
+        await alice.wait_for_function("window.events.some(e => e.type === 'error')", timeout=WAIT_MS)
+        assert [args[1] for args in await events(alice, "error")] == ["MESSAGE_TOO_LARGE"]
+        assert await alice.evaluate("window.call.getPeerConnection('mallory')") is None
+        assert "answer" not in await mallory.flush()
+        assert await alice.evaluate("window.sockets.length") == 1
+        await mallory.ws.close()
+
+
+def with_ufrag(sdp: str, ufrag: str) -> str:
+    return re.sub(r"a=ice-ufrag:\S+", f"a=ice-ufrag:{ufrag}", sdp)
+
+
+async def test_a_flood_of_offers_is_coalesced(browser, servers):
+    """30 offers at once: answered at most twice a second, the newest offer wins."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    sdp = await local_offer(alice, ("audio", "video"))  # all a call uses: Alice has nothing to add (no glare)
+    async with ClientSession() as session:
+        mallory = Raw(await raw_member(session, signal, page_server, "mallory"))
+        await mallory.receive("room_state")
+        for number in range(30):
+            await mallory.send("offer", type="offer", sdp=with_ufrag(sdp, f"flood{number:04d}"))
+        await alice.wait_for_function(
+            "() => window.call.getPeerConnection('mallory')?.remoteDescription?.sdp.includes('flood0029')",
+            timeout=WAIT_MS,
+        )
+        await alice.wait_for_function(
+            "window.call.getPeerConnection('mallory').signalingState === 'stable'", timeout=WAIT_MS
+        )
+        answers = (await mallory.flush()).count("answer")
+        assert 1 <= answers <= 3, answers
+        assert await events(alice, "error") == []
+        await mallory.ws.close()
+
+
+async def test_early_candidates_are_bounded_and_bad_ones_do_not_stop_the_answer(browser, servers):
+    """150 early candidates keep 100; a 2 KiB one is dropped; one without mid and index does not abort the answer."""
+    signal, page_server = servers
+    alice = await module_call(browser, page_server, origin(signal), "alice", media=False)
+    offer = await local_offer(alice)
+    async with ClientSession() as session:
+        mallory = Raw(await raw_member(session, signal, page_server, "mallory"))
+        await mallory.receive("room_state")
+        await mallory.send("ice_candidate", candidate="candidate:1 1 udp 2122260223 127.0.0.1 7 typ host",
+                           sdp_mid=None, sdp_m_line_index=None)
+        long = "candidate:1 1 udp 2122260223 127.0.0.1 8 typ host generation 0 x " + "A" * 2048
+        await mallory.send("ice_candidate", candidate=long, sdp_mid="0", sdp_m_line_index=0)
+        for port in range(1000, 1150):
+            await mallory.send("ice_candidate", candidate=f"candidate:1 1 udp 2122260223 127.0.0.1 {port} typ host",
+                               sdp_mid="0", sdp_m_line_index=0)
+        await mallory.send("offer", type="offer", sdp=offer)
+        await mallory.receive("answer")
+        remote = await alice.evaluate("window.call.getPeerConnection('mallory').remoteDescription.sdp")
+        ports = re.findall(r"a=candidate:1 1 udp 2122260223 127\.0\.0\.1 (\d+) typ host", remote)
+        assert ports == [str(port) for port in range(1000, 1099)]  # 100 kept (7 among them, refused); 8 dropped
+        assert [args[1] for args in await events(alice, "error")] == ["SIGNALING_FAILED"]  # reported once
+        await mallory.ws.close()
+
+
+async def test_an_offer_that_is_never_answered_is_rolled_back_and_tried_again(browser, servers):
+    """No answer: after offerTimeoutMs the offer is rolled back and made again (fresh ICE); answered, it connects."""
+    signal, page_server = servers
+    async with ClientSession() as session:
+        mallory = Raw(await raw_member(session, signal, page_server, "mallory"))
+        await mallory.receive("room_state")
+        alice = await module_call(browser, page_server, origin(signal), "alice", media=False,
+                                  options={"offerTimeoutMs": 1500})
+        first = await mallory.receive("offer")
+        second = await mallory.receive("offer")
+        ufrag = re.compile(r"a=ice-ufrag:(\S+)")
+        assert ufrag.findall(first["payload"]["sdp"]) != ufrag.findall(second["payload"]["sdp"])
+        # Answered now (Alice's current offer: on a slow machine a third may be out): the call connects.
+        current = await alice.evaluate("window.call.getPeerConnection('mallory').localDescription.sdp")
+        await mallory.send("answer", type="answer", sdp=await answer_for(alice, current))
+        await alice.wait_for_function(
+            "window.call.getPeerConnection('mallory').connectionState === 'connected'", timeout=WAIT_MS
+        )
+        assert await events(alice, "error") == []
+        await mallory.ws.close()
+
+
+async def answer_for(page: Any, offer: str) -> str:
+    """A real answer to ``offer``, from a connection of its own in ``page``."""
+    return str(await page.evaluate(
+        """async (sdp) => {
+          const pc = new RTCPeerConnection();
+          await pc.setRemoteDescription({type: 'offer', sdp});
+          await pc.setLocalDescription();
+          return pc.localDescription.sdp;
+        }""",
+        offer,
+    ))
+
+
+@pytest.mark.signal_settings(rate_limit=4, rate_burst=8)
+async def test_signaling_is_paced_under_the_servers_rate_limit(browser, servers):
+    """Joining a room of four: offers and candidates go out paced (sendRate), so the server drops nothing."""
+    signal, page_server = servers
+    async with ClientSession() as session:
+        members = [Raw(await raw_member(session, signal, page_server, f"m{n}")) for n in range(4)]
+        for member in members:
+            await member.receive("room_state")
+        await module_call(browser, page_server, origin(signal), "alice", options={"sendRate": 3, "sendBurst": 6})
+        for member in members:
+            await member.receive("offer")
+            await member.receive("ice_candidate")
+        assert hub(signal).metrics.rate_limited == 0
+        for member in members:
+            await member.ws.close()
+
+
+@pytest.mark.signal_settings(rate_limit=5, rate_burst=10)
+async def test_a_dropped_message_is_reported_once_and_renegotiated(browser, servers):
+    """A non-fatal RATE_LIMITED: reported once, every peer renegotiates; a later cut is not blamed on it."""
+    signal, page_server = servers
+    options = {"sendRate": 4, "sendBurst": 8}
+    alice, bob = await pair(browser, signal, page_server, media=False, options=options)
+    ufrag = "() => window.call.getPeerConnection('bob').localDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
+    before = await alice.evaluate(ufrag)
+    # Something else on the page floods the socket: the server drops and says RATE_LIMITED (no close).
+    await alice.evaluate("() => { for (let i = 0; i < 30; i++) window.sockets.at(-1).send('{\"type\": \"ping\"}'); }")
+    await alice.wait_for_function("window.events.some(e => e.type === 'error')", timeout=WAIT_MS)
+    await alice.wait_for_function(
+        f"""old => {{
+          const pc = window.call.getPeerConnection('bob');
+          return pc.signalingState === 'stable' && ({ufrag})() !== old && pc.connectionState === 'connected';
+        }}""",
+        arg=before, timeout=WAIT_MS,
+    )
+    assert [args[1] for args in await events(alice, "error")] == ["RATE_LIMITED"]
+    assert await alice.evaluate("window.sockets.length") == 1
+    mark = await event_count(alice)
+    cut(signal, "alice")
+    await wait_status(alice, "joined", mark)
+    assert [args[1] for args in await events(alice, "error")] == ["RATE_LIMITED", "CONNECTION_LOST"]

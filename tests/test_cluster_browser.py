@@ -16,7 +16,15 @@ from tools.run_cluster import nginx_config
 
 from .cluster import Node, RedisServer, _Process, free_port, wait_until
 from .conftest import make_token
-from .realclients import CONNECTED_PEERS, WAIT_MS, frames_above, launch_browser, require_loopback_only
+from .realclients import (
+    CONNECTED_PEERS,
+    WAIT_MS,
+    frames_above,
+    launch_browser,
+    open_and_join,
+    require_loopback_only,
+    wait_for,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -80,11 +88,11 @@ async def test_demo_call_through_the_balancer_spans_two_nodes(balanced: tuple[Ng
             page = await context.new_page()
             page.on("console", lambda message, user=user: print(f"[{user}] {message.text}"))
             token = make_token(user, name=user.title())
-            await page.goto(f"http://127.0.0.1:{nginx.port}/?room=lb&token={token}&autojoin=1")
+            await open_and_join(page, f"http://127.0.0.1:{nginx.port}/?room=lb&token={token}")
             pages.append(page)
         for page in pages:
-            await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-            await page.wait_for_function(frames_above(0), timeout=WAIT_MS)
+            await wait_for(page, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+            await wait_for(page, frames_above(0), timeout=WAIT_MS)
     # Round-robin put the two WebSockets on different nodes: each node logged one join.
     joined = {node.node_id: [u for u in ("alice", "bob") if node.count(rf"join room=lb user={u}\b")] for node in nodes}
     assert sorted(map(len, joined.values())) == [1, 1], joined

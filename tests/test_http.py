@@ -13,6 +13,7 @@ from aiohttp import web
 
 from signal_server import create_app
 from signal_server.context import SIGNALING
+from signal_server.demo import DEMO_POLICY
 
 from .conftest import Member, connector, make_settings, make_token
 
@@ -194,6 +195,25 @@ async def test_demo_page_and_client_module_are_served(app_client):
     assert module.status == 200 and "javascript" in module.headers["Content-Type"]
     assert "export class WebRTCCall" in await module.text()
     assert module.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+
+async def test_the_demo_page_is_served_with_a_strict_policy(app_client):
+    """The page, its script and its styles: a strict CSP, no framing, no sniffing, no referrer."""
+    client = await app_client()
+    for path in ("/", "/demo.js", "/demo.css"):
+        response = await client.get(path)
+        assert response.status == 200, path
+        policy = response.headers["Content-Security-Policy"]
+        assert policy == DEMO_POLICY
+        for directive in ("default-src 'none'", "script-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"):
+            assert directive in policy
+        assert "unsafe" not in policy
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+    assert "<style" not in await (await client.get("/")).text()  # style-src 'self': no inline styles
+    module = await client.get("/webrtc/signal-client.js")
+    assert module.headers["X-Content-Type-Options"] == "nosniff"
 
 
 async def test_dev_tokens_exist_only_in_dev_mode(app_client):

@@ -24,8 +24,10 @@ from .realclients import (
     WAIT_MS,
     frames_above,
     launch_browser,
+    open_and_join,
     require_loopback_only,
     start_signal_server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.netns
@@ -142,8 +144,8 @@ async def test_aiortc_calls_a_chromium_page(signal):
     async with launch_browser() as browser:
         page = await (await browser.new_context()).new_page()
         origin = f"http://127.0.0.1:{signal.port}"
-        await page.goto(f"{origin}/?room=aio&token={make_token('page')}&autojoin=1")
-        await page.wait_for_function("document.body.dataset.status === 'joined'", timeout=WAIT_MS)
+        await open_and_join(page, f"{origin}/?room=aio&token={make_token('page')}")
+        await wait_for(page, "document.body.dataset.status === 'joined'", timeout=WAIT_MS)
         async with ClientSession() as session:
             caller = await join(session, signal, "aio-peer")
             await asyncio.wait_for(caller.room_state, TIMEOUT)
@@ -163,8 +165,8 @@ async def test_aiortc_calls_a_chromium_page(signal):
 
             caller.pc.addTransceiver(VideoStreamTrack(), direction="sendrecv")
             await caller.offer_to_room()
-            await page.wait_for_function(CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-            await page.wait_for_function(frames_above(0), timeout=WAIT_MS)
+            await wait_for(page, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
+            await wait_for(page, frames_above(0), timeout=WAIT_MS)
             frame = await asyncio.wait_for(received, WAIT_MS / 1000)
             assert frame.width > 0
             await caller.close()

@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = f"http://127.0.0.1:{balancer}"
         print(
             f"\nrun-cluster: nginx on {base} balances node1-3 on ports {nodes[0]}-{nodes[-1]} "
-            f"(Redis on {redis_port}).\nOpen these in two tabs (each WebSocket goes to the next node):\n"
-            + "".join(f"  {user}: {base}/?room=demo&token={token}&autojoin=1\n" for user, token in tokens.items())
+            f"(Redis on {redis_port}).\nOpen these in two tabs and press Join (each WebSocket goes to the next node):\n"
+            + "".join(f"  {user}: {base}/?room=demo&token={token}\n" for user, token in tokens.items())
             + "Which node serves a tab: the [nodeN] 'join room=demo user=...' lines below, or the\n"
             "X-Signal-Node response header of the WebSocket in the browser's developer tools.\n"
             "Ctrl-C stops everything.\n",

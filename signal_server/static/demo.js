@@ -2,19 +2,24 @@
 //
 // It talks only to the server that served it, and imports the client module
 // by a relative path: no URL parameter can make it load code from, or send a
-// token to, another origin. URL parameters: room, token, name (dev mode),
-// autojoin=1.
+// token to, another origin. URL parameters only fill in the form: room,
+// token (shown with whose it is), name (dev mode), receive_only=1. Joining
+// always takes a click, so a link from another site cannot put a visitor in
+// a room, and the URL never changes the guest identity kept for the tab.
 import { WebRTCCall } from "./webrtc/signal-client.js";
 
 const params = new URLSearchParams(location.search);
 const server = location.origin;
 const $ = (id) => document.getElementById(id);
-const tiles = new Map(); // user id ("self" for us) -> tile element
+const SELF = Symbol("self"); // the local tile's key: no user id can be equal to it
+const tiles = new Map(); // user id (or SELF) -> tile element
+const MAX_MESSAGES = 50;
 let call = null;
 window.demo = { get call() { return call; }, messages: [] };
 
 const MESSAGES = {
   ROOM_FULL: "This room is full. Try another room, or try again later.",
+  RATE_LIMITED: "The server dropped a message of ours (RATE_LIMITED); the call renegotiates.",
   UNAUTHORIZED:
     "Your sign-in was refused (UNAUTHORIZED): the token is missing, invalid or expired. " +
     "If the server was restarted, it signs with a new secret: get a new token and join again.",
@@ -29,7 +34,11 @@ function banner(text, kind = "error") {
   element.textContent = text;
   element.className = kind;
   element.hidden = !text;
-  if (text) window.demo.messages.push(text);
+  if (text) {
+    const messages = window.demo.messages;
+    messages.push(text);
+    if (messages.length > MAX_MESSAGES) messages.splice(0, messages.length - MAX_MESSAGES);
+  }
   layout();
 }
 
@@ -38,7 +47,8 @@ function tile(id, label, muted) {
   if (!element) {
     element = document.createElement("div");
     element.className = "tile";
-    element.dataset.user = id;
+    if (id === SELF) element.dataset.self = "";
+    else element.dataset.user = id;
     element.innerHTML = '<video autoplay playsinline></video><span class="label"></span><span class="state"></span>';
     element.querySelector("video").muted = muted;
     $("grid").append(element);
@@ -50,8 +60,15 @@ function tile(id, label, muted) {
 }
 
 function removeTile(id) {
+  if (id === SELF) return; // only leaving, or a failed call, clears the local tile (clearTiles)
   tiles.get(id)?.remove();
   tiles.delete(id);
+  layout();
+}
+
+function clearTiles() {
+  for (const element of tiles.values()) element.remove();
+  tiles.clear();
   layout();
 }
 
@@ -73,17 +90,60 @@ function layout() {
 }
 new ResizeObserver(layout).observe($("grid"));
 
-/** A guest name kept for this tab, so rejoining (or reloading) is still you. */
+/** sessionStorage, or a variable where storage is refused (a sandboxed or third-party frame). */
+const storage = {
+  memory: new Map(),
+  get(key) {
+    try {
+      return sessionStorage.getItem(key);
+    } catch {
+      return this.memory.get(key) ?? null;
+    }
+  },
+  set(key, value) {
+    try {
+      sessionStorage.setItem(key, value);
+    } catch {
+      this.memory.set(key, value);
+    }
+  },
+};
+
+/**
+ * The dev-mode name: ?name= for this page only, else a random guest name kept
+ * for this tab (written on Join, never from the URL), so rejoining or
+ * reloading is still you.
+ */
 function guestName() {
-  let name = params.get("name") || sessionStorage.getItem("signal-demo-guest");
-  if (!name) name = `guest-${Math.random().toString(36).slice(2, 7)}`;
-  sessionStorage.setItem("signal-demo-guest", name);
+  if (params.get("name")) return params.get("name");
+  let name = storage.get("signal-demo-guest");
+  if (!name) {
+    name = `guest-${Math.random().toString(36).slice(2, 7)}`;
+    storage.set("signal-demo-guest", name);
+  }
   return name;
+}
+
+/** Whose token this is (its unverified claims), for the visitor to check before joining. */
+function tokenOwner(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+    const name = typeof claims.name === "string" && claims.name !== claims.sub ? ` (${claims.name})` : "";
+    return `user ${String(claims.sub)}${name}`;
+  } catch {
+    return "an unreadable token";
+  }
+}
+
+function showTokenOwner() {
+  const token = $("token").value.trim();
+  $("token-owner").textContent = token ? `Joins as ${tokenOwner(token)}` : "";
 }
 
 /** A fixed token, or (dev mode) a function that fetches a fresh one for every (re)connection. */
 async function tokenSource() {
-  const given = params.get("token") || $("token").value.trim();
+  const given = $("token").value.trim();
   if (given) return given;
   const user = guestName();
   const fetchToken = async () => {
@@ -104,7 +164,14 @@ async function tokenSource() {
   return fetchToken;
 }
 
+/** Errors caused by what another participant sent: their details (attacker text) go to the console only. */
+const REMOTE_INPUT = new Set(["SIGNALING_FAILED", "OFFER_REFUSED", "MESSAGE_TOO_LARGE"]);
+
 function explain(message, code) {
+  if (REMOTE_INPUT.has(code)) {
+    console.warn(message);
+    return `Another participant sent something this page could not use (${code}); the rest of the call goes on.`;
+  }
   return MESSAGES[code] ? `${MESSAGES[code]} — ${message}` : message;
 }
 
@@ -122,15 +189,15 @@ async function join() {
   }
   const current = (call = new WebRTCCall(server, token, $("room").value.trim()));
   const mine = (handler) => (...args) => { if (call === current) handler(...args); };
-  current.on("localstream", mine((stream) => { tile("self", "You", true).querySelector("video").srcObject = stream; }));
+  current.on("localstream", mine((stream) => { tile(SELF, "You", true).querySelector("video").srcObject = stream; }));
   current.on("remotestream", mine((userId, stream) => {
     const name = current.participants.get(userId)?.username ?? userId;
     tile(userId, name, false).querySelector("video").srcObject = stream;
   }));
   current.on("roomstate", mine((participants, payload) => {
-    tile("self", `You (${payload.self.username})`, true);
+    tile(SELF, `You (${payload.self.username})`, true);
     for (const p of participants) if (p.user_id !== payload.self.user_id) tile(p.user_id, p.username, false);
-    for (const id of [...tiles.keys()]) if (id !== "self" && !current.participants.has(id)) removeTile(id);
+    for (const id of [...tiles.keys()]) if (id !== SELF && !current.participants.has(id)) removeTile(id);
   }));
   current.on("participantjoined", mine((p) => tile(p.user_id, p.username, false)));
   current.on("participantleft", mine((p) => removeTile(p.user_id)));
@@ -150,7 +217,7 @@ async function join() {
     if (status === "reconnecting") banner("Connection lost. Reconnecting…", "info");
     if (status === "joined") banner("");
     if (status === "failed") {
-      for (const id of [...tiles.keys()]) removeTile(id);
+      clearTiles();
       setControls("idle");
     }
   }));
@@ -163,7 +230,7 @@ async function join() {
   } catch (error) {
     if (call !== current) return;
     await current.disconnect(); // the camera is off again, nothing half-joined stays behind
-    for (const id of [...tiles.keys()]) removeTile(id);
+    clearTiles();
     banner(explain(error.message ?? String(error), error.code));
     setControls("idle");
   }
@@ -173,7 +240,7 @@ async function leave() {
   const previous = call;
   call = null;
   await previous?.disconnect();
-  for (const id of [...tiles.keys()]) removeTile(id);
+  clearTiles();
   $("status").textContent = "not connected";
   document.body.dataset.status = "closed";
 }
@@ -214,10 +281,17 @@ $("leave").onclick = async () => {
   banner("");
   setControls("idle");
 };
+$("token").oninput = showTokenOwner;
 if (params.get("room")) $("room").value = params.get("room");
 if (params.get("receive_only") === "1") $("receive-only").checked = true;
+if (params.get("token")) {
+  // Filled in and shown, never used without a click: a link may carry someone else's token.
+  $("token").value = params.get("token");
+  $("token-label").hidden = false;
+  showTokenOwner();
+}
 if (params.has("server") && params.get("server") !== location.origin) {
   banner("The server parameter is ignored: this page only talks to the server that served it.", "info");
 }
 layout();
-if (params.get("autojoin") === "1") join();
+window.demo.ready = true;

@@ -14,7 +14,11 @@ export type FinalErrorCode =
   | "KICKED"
   | "ROOM_CLOSED";
 
-/** Errors that are retried (reported once per streak of retries). */
+/**
+ * Errors that are retried (reported once per streak of retries). RATE_LIMITED
+ * also comes alone: the server dropped one of our messages (the call slows
+ * down and renegotiates every peer; the socket stays open).
+ */
 export type RetriedErrorCode =
   | "NETWORK_ERROR"
   | "CONNECTION_LOST"
@@ -30,7 +34,12 @@ export type MessageErrorCode = "INVALID_MESSAGE" | "UNSUPPORTED_TYPE" | "TARGET_
 export type ClientErrorCode =
   | "ABORTED"
   | "NEGOTIATION_FAILED"
+  /** A remote description or candidate was refused; the message may quote what the other side sent. */
   | "SIGNALING_FAILED"
+  /** A remote offer with more media sections than a call uses, or a data channel: ignored. */
+  | "OFFER_REFUSED"
+  /** A frame of ours over maxMessageSize: not sent, that peer connection closed. */
+  | "MESSAGE_TOO_LARGE"
   | "REPLACE_TRACK_FAILED"
   | `HTTP_${number}`;
 
@@ -90,6 +99,14 @@ export interface WebRTCCallOptions {
   pingIntervalMs?: number;
   /** Give the socket up after this much silence, ms (default 12000). */
   staleAfterMs?: number;
+  /** The server's --max-message-size, bytes (default 65536): a larger frame is never sent. */
+  maxMessageSize?: number;
+  /** Signaling messages per second (default 40; the server's --rate-limit defaults to 50). */
+  sendRate?: number;
+  /** Messages sent at once before pacing starts (default 100; the server's --rate-burst defaults to 200). */
+  sendBurst?: number;
+  /** Roll an unanswered offer back and offer again after this long, ms (default 10000; doubles per retry, up to 8x). */
+  offerTimeoutMs?: number;
 }
 
 export type TokenSource = string | (() => string | Promise<string>);

@@ -13,7 +13,13 @@
 //  * the camera may start before or after connect(): transceivers are reused;
 //  * every async step checks that its attempt is still current, so
 //    disconnect() wins over a connect() in flight (React StrictMode);
-//  * ICE restarts use freshly fetched (TURN) credentials.
+//  * ICE restarts use freshly fetched (TURN) credentials;
+//  * a hostile participant cannot make it break the server's limits: remote
+//    offers with more media sections than a call uses are refused, no frame
+//    over the server's message size is sent, outgoing signaling is paced
+//    under the server's rate limit, a peer's offers are answered at most
+//    twice a second, early candidates are bounded, and an offer that is never
+//    answered is rolled back and tried again.
 //
 // Usage (see docs/client.md):
 //   import { WebRTCCall } from "./signal-client.js";
@@ -43,11 +49,39 @@ const FINAL_CLOSE_CODES = new Map([
   [4412, "ROOM_CLOSED"],
   [4431, "TOO_MANY_ROOMS"],
 ]);
-/** Server errors that come right before the server closes the socket. */
-const CLOSING_ERRORS = new Set([...FINAL_ERRORS, "SERVER_BUSY", "SLOW_CONSUMER", "RATE_LIMITED", "TOO_MANY_CONNECTIONS"]);
+/** The close code that follows each closing error (docs/protocol.md). */
+const CLOSE_CODES = new Map([
+  ...[...FINAL_CLOSE_CODES].map(([close, code]) => [code, close]),
+  ["SERVER_BUSY", 1013],
+  ["SLOW_CONSUMER", 4408],
+  ["RATE_LIMITED", 4429],
+  ["TOO_MANY_CONNECTIONS", 4430],
+]);
+/** Retried errors known by their close code alone (the error frame may not arrive). */
+const RETRIED_CLOSE_CODES = new Map([
+  [1013, "SERVER_BUSY"],
+  [4408, "SLOW_CONSUMER"],
+  [4429, "RATE_LIMITED"],
+  [4430, "TOO_MANY_CONNECTIONS"],
+]);
+/**
+ * Server errors that come right before the server closes the socket.
+ * RATE_LIMITED is not one: at first the server only drops a message (and says
+ * so); a close 4429 comes only after sustained flooding.
+ */
+const CLOSING_ERRORS = new Set([...FINAL_ERRORS, "SERVER_BUSY", "SLOW_CONSUMER", "TOO_MANY_CONNECTIONS"]);
 const KINDS = ["audio", "video"];
-/** Outgoing signaling kept while the socket is down; beyond it, renegotiate. */
+/** Outgoing signaling queued (socket down, or paced); beyond it, renegotiate. */
 const OUTBOX_LIMIT = 256;
+/** Media sections a remote offer may have: ours are one audio and one video; a small margin. */
+const MAX_REMOTE_SECTIONS = 4;
+/** Early candidates kept per peer, and the longest candidate line accepted (real ones are ~100 bytes). */
+const MAX_PENDING_CANDIDATES = 100;
+const MAX_CANDIDATE_LENGTH = 1024;
+/** A remote peer's offers are answered at most once per this interval; newer ones replace waiting ones. */
+const OFFER_INTERVAL_MS = 500;
+/** After the server dropped a message of ours, renegotiate this much later (it reports at most once a second). */
+const REPAIR_DELAY_MS = 1500;
 const EVENTS = {
   status: "onStatus",
   roomstate: "onRoomState",
@@ -105,6 +139,16 @@ export class WebRTCCall {
   #connectAttempts;
   #pingIntervalMs;
   #staleAfterMs;
+  #maxMessageSize;
+  #sendRate;
+  #sendBurst;
+  #offerTimeoutMs;
+  #rate; // the current send rate: sendRate, halved after each RATE_LIMITED
+  #tokens = 0; // the send token bucket (per socket, like the server's)
+  #tokensAt = 0;
+  #pumpTimer = null;
+  #repairTimer = null;
+  #rateLimitReported = false; // RATE_LIMITED reported in this streak of drops
   #listeners = new Map(); // event -> Set of functions
   #gen = 0; // bumped by connect(), disconnect() and a fatal error: older work stops
   #status = "idle";
@@ -118,7 +162,7 @@ export class WebRTCCall {
   #failures = 0; // failed attempts before the first join
   #joinedOnce = false;
   #reported = null; // the error code already reported for this streak of retries
-  #socketError = null; // an error frame that announced the close to come
+  #socketError = null; // {error, at}: an error frame that announced the close to come
   #pending = null; // {gen, resolve, reject} of connect()
   #rtcConfig = null;
   #selfId = null;
@@ -133,7 +177,8 @@ export class WebRTCCall {
    * @param {string} serverUrl  e.g. "https://signal.example" (http(s), no trailing path)
    * @param {string | (() => string | Promise<string>)} token  a JWT, or a function that fetches a fresh one
    * @param {string} roomId
-   * @param {object} [options]  basePath, maxBackoffMs, connectAttempts, pingIntervalMs, staleAfterMs
+   * @param {object} [options]  basePath, maxBackoffMs, connectAttempts, pingIntervalMs, staleAfterMs,
+   *   maxMessageSize, sendRate, sendBurst, offerTimeoutMs
    */
   constructor(serverUrl, token, roomId, options = {}) {
     this.#serverUrl = String(serverUrl).replace(/\/+$/, "");
@@ -144,6 +189,13 @@ export class WebRTCCall {
     this.#connectAttempts = Math.max(1, options.connectAttempts ?? 3);
     this.#pingIntervalMs = options.pingIntervalMs ?? 5000;
     this.#staleAfterMs = options.staleAfterMs ?? 12000;
+    // The server's defaults are --max-message-size 65536 and --rate-limit 50/s
+    // with a burst of 200: stay under them (set these for a stricter server).
+    this.#maxMessageSize = options.maxMessageSize ?? 65536;
+    this.#sendRate = Math.max(0.1, options.sendRate ?? 40);
+    this.#sendBurst = Math.max(1, options.sendBurst ?? 100);
+    this.#rate = this.#sendRate;
+    this.#offerTimeoutMs = options.offerTimeoutMs ?? 10000;
 
     // Single callbacks, as in the guide; on()/off() add as many listeners as you like.
     this.onLocalStream = null; // (stream)
@@ -322,6 +374,7 @@ export class WebRTCCall {
     this.#resetAttempts();
     this.#joinedOnce = false;
     this.#failures = 0;
+    this.#rate = this.#sendRate;
     this.#setStatus("connecting");
     let settle;
     const promise = new Promise((resolve, reject) => {
@@ -352,6 +405,9 @@ export class WebRTCCall {
 
   #teardown() {
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#repairTimer);
+    this.#repairTimer = null;
+    this.#rateLimitReported = false;
     for (const id of [...this.#peers.keys()]) this.#closePeer(id);
     this.#participants.clear();
     this.#outbox = [];
@@ -430,6 +486,8 @@ export class WebRTCCall {
     this.#ws = ws;
     this.#inRoom = false;
     this.#socketError = null;
+    this.#tokens = this.#sendBurst; // a new connection starts with a full bucket on the server too
+    this.#tokensAt = performance.now();
     const current = () => ws === this.#ws && gen === this.#gen;
     ws.onmessage = (event) => {
       if (!current()) return;
@@ -444,18 +502,34 @@ export class WebRTCCall {
     };
     ws.onclose = (event) => {
       if (!current()) return;
-      const announced = this.#socketError;
+      const announced = this.#announced(event.code);
       this.#detach();
       const finalCode = FINAL_CLOSE_CODES.get(event.code);
+      const retriedCode = RETRIED_CLOSE_CODES.get(event.code);
       if (announced && FINAL_ERRORS.has(announced.code)) this.#fail(announced);
       else if (finalCode) this.#fail(new SignalingError(finalCode, `${finalCode}: closed with ${event.code}`));
       else if (announced) this.#retry(gen, announced);
+      else if (retriedCode) this.#retry(gen, new SignalingError(retriedCode, `${retriedCode}: closed with ${event.code}`));
       else {
         const code = this.#joinedOnce ? "CONNECTION_LOST" : "NETWORK_ERROR";
         this.#retry(gen, new SignalingError(code, `${code}: the signaling connection closed (${event.code})`));
       }
     };
     this.#startWatchdog(ws, gen);
+  }
+
+  /**
+   * The error frame that announced this close: one whose close code it is, or
+   * (a close without a close frame, 1006) one that came just before. An older
+   * error is not blamed for an unrelated close.
+   */
+  #announced(closeCode) {
+    const announced = this.#socketError;
+    this.#socketError = null;
+    if (!announced) return null;
+    if (CLOSE_CODES.get(announced.error.code) === closeCode) return announced.error;
+    if (closeCode === 1006 && Date.now() - announced.at < 2000) return announced.error;
+    return null;
   }
 
   /**
@@ -466,7 +540,9 @@ export class WebRTCCall {
   #detach(code = 4000) {
     const ws = this.#ws;
     clearInterval(this.#watchdog);
+    clearTimeout(this.#pumpTimer);
     this.#watchdog = null;
+    this.#pumpTimer = null;
     this.#ws = null;
     this.#inRoom = false;
     if (!ws) return;
@@ -518,22 +594,87 @@ export class WebRTCCall {
         now - this.#lastPing > this.#pingIntervalMs &&
         ws.readyState === WebSocket.OPEN
       ) {
+        if (!this.#takeToken()) return; // busy sending: the server's limit counts pings too
         this.#lastPing = now;
         ws.send(JSON.stringify({ type: "ping" }));
       }
     }, tick);
   }
 
-  /** Send signaling now, or keep it (bounded) until the room is rejoined. */
+  /**
+   * Queue signaling (bounded): it goes out paced under the server's rate
+   * limit, and waits while the socket is down until the room is rejoined. A
+   * frame the server would refuse as too large (and close our socket for) is
+   * never sent: that one peer connection is closed instead. Returns whether
+   * the frame was queued.
+   */
   #send(type, payload) {
     const frame = JSON.stringify({ type, payload });
-    if (this.#ws && this.#inRoom && this.#ws.readyState === WebSocket.OPEN) {
-      this.#ws.send(frame);
-    } else if (this.#outbox.length < OUTBOX_LIMIT) {
-      this.#outbox.push({ target: payload.target_user_id, frame });
-    } else {
-      this.#outboxOverflowed = true;
+    const target = payload.target_user_id;
+    // Up to 3 UTF-8 bytes per UTF-16 unit: count the bytes only when it may matter.
+    const size = frame.length * 3 > this.#maxMessageSize ? new TextEncoder().encode(frame).length : frame.length;
+    if (size > this.#maxMessageSize) {
+      const message =
+        `MESSAGE_TOO_LARGE: the ${type} for ${target} is ${size} bytes, over the server's limit of ` +
+        `${this.#maxMessageSize}; that peer connection is closed`;
+      this.#emit("error", message, "MESSAGE_TOO_LARGE", new SignalingError("MESSAGE_TOO_LARGE", message));
+      if (target) this.#closePeer(target);
+      return false;
     }
+    if (this.#outbox.length >= OUTBOX_LIMIT) {
+      this.#outboxOverflowed = true; // lost: renegotiate (now, or at the next room_state)
+      if (this.#inRoom) this.#scheduleRepair();
+      return false;
+    }
+    this.#outbox.push({ target, frame });
+    this.#pump();
+    return true;
+  }
+
+  /** Send what the token bucket allows now; come back for the rest. */
+  #pump() {
+    clearTimeout(this.#pumpTimer);
+    this.#pumpTimer = null;
+    const ws = this.#ws;
+    if (!ws || !this.#inRoom || ws.readyState !== WebSocket.OPEN) return;
+    while (this.#outbox.length > 0 && this.#takeToken()) ws.send(this.#outbox.shift().frame);
+    if (this.#outbox.length > 0) this.#pumpTimer = setTimeout(() => this.#pump(), Math.ceil(1000 / this.#rate));
+  }
+
+  #takeToken() {
+    const now = performance.now();
+    this.#tokens = Math.min(this.#sendBurst, this.#tokens + ((now - this.#tokensAt) / 1000) * this.#rate);
+    this.#tokensAt = now;
+    if (this.#tokens < 1) return false;
+    this.#tokens -= 1;
+    return true;
+  }
+
+  /**
+   * The server dropped a message of ours (a non-fatal RATE_LIMITED): report it
+   * once per streak, slow down, and renegotiate every peer shortly after (the
+   * lost message may have been any offer, answer or candidate).
+   */
+  #rateLimited(error) {
+    this.#tokens = 0;
+    this.#rate = Math.max(1, this.#rate / 2);
+    if (!this.#rateLimitReported) {
+      this.#rateLimitReported = true;
+      this.#emit("error", error.message, error.code, error);
+    }
+    this.#scheduleRepair(); // a close 4429 after sustained flooding speaks for itself
+  }
+
+  #scheduleRepair() {
+    if (this.#repairTimer) return; // one repair covers every drop until it runs
+    const gen = this.#gen;
+    this.#repairTimer = setTimeout(() => {
+      this.#repairTimer = null;
+      if (gen !== this.#gen) return;
+      this.#rateLimitReported = false;
+      if (this.#inRoom) this.#outboxOverflowed = false;
+      for (const peer of this.#peers.values()) this.#renegotiate(peer);
+    }, REPAIR_DELAY_MS);
   }
 
   #setStatus(status, detail) {
@@ -561,17 +702,21 @@ export class WebRTCCall {
         this.#emit("participantleft", { user_id: payload.user_id, username: payload.username }, payload.reason);
         break;
       case "offer":
-      case "answer":
-        this.#enqueue(payload.sender_id ?? message.sender_id, (peer) =>
-          this.#description(peer, { type: payload.type, sdp: payload.sdp }),
-        );
+      case "answer": {
+        if (typeof payload.sdp !== "string") break;
+        const description = { type: message.type, sdp: payload.sdp };
+        const from = payload.sender_id ?? message.sender_id;
+        if (message.type === "offer") this.#remoteOffer(from, description);
+        else this.#enqueue(from, (peer) => this.#description(peer, description));
         break;
+      }
       case "ice_candidate":
         this.#enqueue(payload.sender_id ?? message.sender_id, (peer) => this.#candidate(peer, payload));
         break;
       case "error": {
         const error = new SignalingError(payload.code, payload.message ?? payload.code);
-        if (CLOSING_ERRORS.has(payload.code)) this.#socketError = error; // the close follows
+        if (payload.code === "RATE_LIMITED") this.#rateLimited(error);
+        else if (CLOSING_ERRORS.has(payload.code)) this.#socketError = { error, at: Date.now() }; // the close follows
         else this.#emit("error", error.message, error.code, error);
         break;
       }
@@ -608,10 +753,10 @@ export class WebRTCCall {
       }
     }
     if (recovered) {
-      for (const { target, frame } of outbox) {
-        if (!target || this.#peers.has(target)) this.#ws.send(frame);
-      }
+      const kept = outbox.filter(({ target }) => !target || this.#peers.has(target));
+      this.#outbox = [...kept, ...this.#outbox];
     }
+    this.#pump();
     this.#setStatus("joined", payload);
     this.#emit("roomstate", [...payload.participants], payload);
     if (this.#pending?.gen === gen) this.#settle(payload);
@@ -629,7 +774,12 @@ export class WebRTCCall {
       makingOffer: false,
       ignoreOffer: false,
       settingRemoteAnswer: false,
-      pendingCandidates: [],
+      pendingCandidates: [], // early candidates, at most MAX_PENDING_CANDIDATES
+      candidateErrorReported: false,
+      nextOffer: null, // the newest remote offer not handled yet
+      lastOfferAt: -Infinity, // when a remote offer was last handled
+      offerTimer: null, // rolls back our offer when no answer comes
+      offerRetries: 0,
       transceivers: {}, // kind -> the transceiver our local track goes out on
       stream: null,
       looseStream: null, // for tracks that arrive without a stream
@@ -642,7 +792,7 @@ export class WebRTCCall {
         peer.makingOffer = true;
         await pc.setLocalDescription();
         const { type, sdp } = pc.localDescription;
-        this.#send(type, { type, sdp, target_user_id: userId });
+        if (this.#send(type, { type, sdp, target_user_id: userId }) && type === "offer") this.#armOfferTimer(peer);
       } catch (error) {
         this.#emit("error", `NEGOTIATION_FAILED: ${error}`, "NEGOTIATION_FAILED", error);
       } finally {
@@ -672,6 +822,9 @@ export class WebRTCCall {
       // The other side may come back (a reload, a takeover) with a new stream.
       peer.stream = stream;
       this.#emit("remotestream", userId, stream);
+    };
+    pc.onsignalingstatechange = () => {
+      if (pc.signalingState !== "have-local-offer") clearTimeout(peer.offerTimer);
     };
     pc.onconnectionstatechange = () => {
       if (this.#peers.get(userId) !== peer) return;
@@ -719,8 +872,45 @@ export class WebRTCCall {
       .catch((error) => this.#emit("error", `SIGNALING_FAILED: ${error}`, "SIGNALING_FAILED", error));
   }
 
+  /**
+   * A remote offer: handled in order with the rest, but at most one per
+   * OFFER_INTERVAL_MS; offers that arrive meanwhile replace the waiting one
+   * (each answered offer costs an answer and fresh candidates, which a peer
+   * could otherwise use to push us over the server's rate limit).
+   */
+  #remoteOffer(userId, description) {
+    if (!userId || userId === this.#selfId) return;
+    const peer = this.#peers.get(userId) ?? this.#createPeer(userId, false);
+    const waiting = peer.nextOffer !== null;
+    peer.nextOffer = description;
+    if (waiting) return;
+    this.#enqueue(userId, async () => {
+      const wait = peer.lastOfferAt + OFFER_INTERVAL_MS - performance.now();
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+      const offer = peer.nextOffer;
+      peer.nextOffer = null;
+      peer.lastOfferAt = performance.now();
+      if (this.#peers.get(userId) === peer) await this.#description(peer, offer);
+    });
+  }
+
+  /** Why a remote offer is refused, or null: more media sections than a call uses, or a data channel. */
+  #refusal(sdp) {
+    const sections = sdp.match(/^m=/gm)?.length ?? 0;
+    if (sections > MAX_REMOTE_SECTIONS) return `${sections} media sections (at most ${MAX_REMOTE_SECTIONS})`;
+    if (/^m=application/m.test(sdp)) return "a data channel this call did not open";
+    return null;
+  }
+
   async #description(peer, description) {
     const pc = peer.pc;
+    const refused = description.type === "offer" ? this.#refusal(description.sdp) : null;
+    if (refused) {
+      // Our answer would repeat every section (and could outgrow the server's frame limit).
+      const message = `OFFER_REFUSED: the offer from ${peer.userId} has ${refused}`;
+      this.#emit("error", message, "OFFER_REFUSED", new SignalingError("OFFER_REFUSED", message));
+      return;
+    }
     const readyForOffer = !peer.makingOffer && (pc.signalingState === "stable" || peer.settingRemoteAnswer);
     const collision = description.type === "offer" && !readyForOffer;
     peer.ignoreOffer = !peer.polite && collision;
@@ -731,6 +921,7 @@ export class WebRTCCall {
     } finally {
       peer.settingRemoteAnswer = false;
     }
+    if (description.type === "answer") peer.offerRetries = 0;
     for (const candidate of peer.pendingCandidates.splice(0)) await this.#addCandidate(peer, candidate);
     if (description.type === "offer") {
       peer.ready = true;
@@ -742,28 +933,57 @@ export class WebRTCCall {
   }
 
   async #candidate(peer, payload) {
-    if (!payload.candidate) return; // end of candidates
+    const text = payload.candidate;
+    if (!text || typeof text !== "string") return; // end of candidates, or nonsense
+    if (text.length > MAX_CANDIDATE_LENGTH) return; // no real candidate line is this long
+    const mid = payload.sdp_mid;
+    const index = payload.sdp_m_line_index;
     const candidate = {
-      candidate: payload.candidate,
-      sdpMid: payload.sdp_mid ?? null,
-      sdpMLineIndex: payload.sdp_m_line_index ?? null,
+      candidate: text,
+      sdpMid: typeof mid === "string" && mid.length <= 64 ? mid : null,
+      sdpMLineIndex: Number.isInteger(index) && index >= 0 && index <= 0xffff ? index : null,
     };
     if (!peer.pc.remoteDescription) {
-      peer.pendingCandidates.push(candidate); // early: keep it until the description lands
+      // Early: keep it until the description lands (bounded: a peer may never send one).
+      if (peer.pendingCandidates.length < MAX_PENDING_CANDIDATES) peer.pendingCandidates.push(candidate);
       return;
     }
     await this.#addCandidate(peer, candidate);
   }
 
+  /** Add one candidate; a bad one is reported (once per peer) and never stops the rest. */
   async #addCandidate(peer, candidate) {
     try {
       await peer.pc.addIceCandidate(candidate);
     } catch (error) {
-      if (!peer.ignoreOffer) throw error; // candidates of an ignored offer may fail
+      if (peer.ignoreOffer || peer.candidateErrorReported) return; // candidates of an ignored offer may fail
+      peer.candidateErrorReported = true;
+      this.#emit("error", `SIGNALING_FAILED: a candidate from ${peer.userId} was refused: ${error}`,
+        "SIGNALING_FAILED", error);
     }
   }
 
-  /** After a resume that lost messages: drop a half-done offer and start over with fresh ICE. */
+  /** Our offer went out: if no answer comes in time, roll it back and offer again (backing off). */
+  #armOfferTimer(peer) {
+    // Leaving have-local-offer clears the timer (onsignalingstatechange); a newer offer re-arms it.
+    clearTimeout(peer.offerTimer);
+    const delay = this.#offerTimeoutMs * 2 ** Math.min(peer.offerRetries, 3);
+    peer.offerTimer = setTimeout(() => {
+      if (this.#peers.get(peer.userId) !== peer || peer.pc.signalingState !== "have-local-offer") return;
+      if (!this.#inRoom) {
+        this.#armOfferTimer(peer); // the socket is down: the offer still waits to go out
+        return;
+      }
+      peer.offerRetries += 1;
+      this.#renegotiate(peer);
+    }, delay);
+  }
+
+  /**
+   * Messages may have been lost (a resume that lost them, a message the server
+   * dropped, an offer never answered): drop a half-done offer and start over
+   * with fresh ICE.
+   */
   #renegotiate(peer) {
     peer.chain = peer.chain
       .then(async () => {
@@ -802,6 +1022,7 @@ export class WebRTCCall {
     const peer = this.#peers.get(userId);
     if (!peer) return;
     this.#peers.delete(userId);
+    clearTimeout(peer.offerTimer);
     peer.pc.close();
     if (peer.stream) this.#emit("remotestreamremoved", userId, peer.stream);
     this.#emit("connectionstatechange", userId, "closed");
