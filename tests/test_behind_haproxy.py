@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import TIMEOUT, make_token
+from .conftest import make_token
 from .rawws import RawWebSocket
 
 HAPROXY_CONFIG = """\
@@ -31,7 +31,7 @@ defaults
     option forwardfor
 
 frontend signal
-    bind 127.0.0.1:{listen}
+    bind fd@{fd}
     default_backend nodes
 
 backend nodes
@@ -39,42 +39,32 @@ backend nodes
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            assert process.returncode is None, "haproxy exited"
-            with contextlib.suppress(ConnectionError, OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                return
-            await asyncio.sleep(0.05)  # not yet listening: poll the port, bounded by the timeout
-
-
 @contextlib.asynccontextmanager
 async def haproxy(target_port: int, workdir: Path) -> AsyncIterator[int]:
-    """A real HAProxy (Debian package, installed by `make test`) in front of ``target_port``."""
+    """A real HAProxy (Debian package, installed by `make test`) in front of ``target_port``.
+
+    The listening socket is made here and handed over (``bind fd@N``): it
+    accepts from the start, so nothing waits for HAProxy to come up.
+    """
     binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    listen = free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
     config = workdir / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(listen=listen, target=target_port))
-    subprocess.run([binary, "-c", "-f", str(config)], check=True, capture_output=True, timeout=30)
+    config.write_text(HAPROXY_CONFIG.format(fd=listener.fileno(), target=target_port))
+    subprocess.run([binary, "-c", "-f", str(config)], check=True, capture_output=True, timeout=30,
+                   pass_fds=(listener.fileno(),))
     process = await asyncio.create_subprocess_exec(
-        binary, "-db", "-f", str(config), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        binary, "-db", "-f", str(config), pass_fds=(listener.fileno(),),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await wait_listening(listen, process)
-        yield listen
+        port: int = listener.getsockname()[1]
+        yield port
     finally:
         process.terminate()
         await process.wait()
+        listener.close()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from signal_server.context import SIGNALING
 
 from .conftest import make_token
 from .realclients import CONNECTED_PEERS, WAIT_MS, frames, frames_above, module_call
+from .receipts import fully_confirmed
 from .stallproxy import StallProxy
 
 pytestmark = pytest.mark.netns
@@ -99,13 +100,13 @@ async def test_a_dead_network_resumes_inside_the_grace(browser, servers):
 
 
 @pytest.mark.signal_settings(heartbeat=1)  # the keepalive confirms what bob read, so the resume is recovered
-async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers):
+async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers, monkeypatch):
     """An offer made while the socket is down is queued and flushed after room_state (recovered)."""
     signal, page_server = servers
     alice, bob = await pair(browser, signal, page_server)
-    async with asyncio.timeout(WAIT_MS / 1000):
-        while hub(signal).rooms["call"].slots["bob"].peer.unconfirmed:
-            await asyncio.sleep(0.05)  # polled like wait_for_function: bob's pong confirms what he read
+    bob_peer = hub(signal).rooms["call"].slots["bob"].peer
+    # The keepalive pings bob for what he has not confirmed; his pong confirms what he read.
+    await asyncio.wait_for(fully_confirmed(monkeypatch, bob_peer).wait(), WAIT_MS / 1000)
     ufrag = "() => window.call.getPeerConnection('alice').remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1]"
     before = await bob.evaluate(ufrag)
     await bob.evaluate("window.hold()")

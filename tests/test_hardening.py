@@ -20,11 +20,11 @@ from aiohttp import WSMsgType
 
 import signal_server.hub as hub_module
 from signal_server.context import SIGNALING
-from signal_server.peer import WebSocketPeer
 from signal_server.protocol import encode_server_message
 
 from .conftest import SECRET, TIMEOUT, Connect, Member, connector, join_all, make_token
 from .rawws import RawWebSocket
+from .receipts import confirmations
 from .stallproxy import StallProxy
 
 OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG = 0x8, 0x9, 0xA
@@ -46,25 +46,6 @@ def watch_drops(client: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, async
 
 async def dropped(events: dict[str, asyncio.Event], user: str) -> None:
     await asyncio.wait_for(events.setdefault(user, asyncio.Event()).wait(), TIMEOUT)
-
-
-def confirmations(monkeypatch: pytest.MonkeyPatch, peer: WebSocketPeer, count: int) -> asyncio.Event:
-    """An event set once ``peer`` has taken ``count`` pongs that answer our pings."""
-    event = asyncio.Event()
-    taken = 0
-    original = WebSocketPeer.take_pong
-
-    def take_pong(self: WebSocketPeer, data: bytes) -> bool:
-        nonlocal taken
-        answered = original(self, data)
-        if self is peer and answered:
-            taken += 1
-            if taken >= count:
-                event.set()
-        return answered
-
-    monkeypatch.setattr(WebSocketPeer, "take_pong", take_pong)
-    return event
 
 
 @contextlib.asynccontextmanager
