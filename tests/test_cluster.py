@@ -19,15 +19,19 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient
+
+from signal_server.context import SIGNALING
 
 from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
-from .conftest import COMMAND, SECRET, TIMEOUT, Member, make_token
+from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
 from .rawws import RawWebSocket
 
 GRACE = 2.0
 NODE_TTL = 2.0
 
 StartNodes = Callable[..., Awaitable[list[Node]]]
+AppClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
@@ -414,6 +418,110 @@ async def test_leave_during_an_outage_reaches_redis_when_it_returns(
     assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
 
 
+async def _room_over_a_and_b(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> tuple[Node, Any, Member, Member, Member]:
+    """Node A (a process) with alice and bob, node B (in this process: its hub is
+    reachable) with carol; then Redis stops and bob leaves during the outage."""
+    (node_a,) = await start_nodes(1, grace=30.0)
+    node_b = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, reconnect_grace=30.0)
+    alice = await clients.connect(node_a, "alice")
+    bob = await clients.connect(node_a, "bob")
+    carol = await connector(node_b)("carol")
+    await alice.expect("user_joined")
+    for member in (alice, bob):
+        await member.expect("user_joined")
+    return node_a, node_b.app[SIGNALING].hub, alice, bob, carol
+
+
+async def _leave_during_outage(redis: RedisServer, node_a: Node, alice: Member, bob: Member) -> None:
+    await redis.stop()
+    await node_a.wait_ready(False, timeout=2.5)
+    await bob.ws.close()
+    assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+
+
+async def test_a_leave_that_overtakes_a_re_registration_reply_is_applied(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Redis back empty: node B re-registers; node A's re-registration, which tells of a
+    leave during the outage, reaches B's subscriber before B has read its own reply.
+    B applies it after the reply instead of dropping it as older than its mirror."""
+    node_a, hub, alice, bob, carol = await _room_over_a_and_b(redis, start_nodes, clients, app_client)
+    for _ in range(3):  # B's mirror of the room reads a version the empty Redis counts past only later
+        dave = await clients.connect(node_a, "dave")
+        await dave.ws.close()
+        for member in (alice, bob, carol):
+            await member.expect("user_joined")
+            await member.expect("user_left")
+    restored, heard = asyncio.Event(), asyncio.Event()
+    call, on_message = hub.link.call, hub.link._on_message
+
+    async def reply_after_the_leave(name: str, *args: Any) -> Any:
+        reply = await call(name, *args)
+        if name == "RESTORE":
+            restored.set()
+            await asyncio.wait_for(heard.wait(), TIMEOUT)
+        return reply
+
+    def hearing(data: bytes) -> None:
+        on_message(data)
+        if data[:1] == b"l" and b'"u":"bob"' in data:
+            heard.set()
+
+    hub.link.call, hub.link._on_message = reply_after_the_leave, hearing
+    await _leave_during_outage(redis, node_a, alice, bob)
+    node_a.signal(signal.SIGSTOP)  # A re-registers only once B has
+    try:
+        await redis.start()  # empty
+        await asyncio.wait_for(restored.wait(), TIMEOUT * 2)
+    finally:
+        node_a.signal(signal.SIGCONT)
+    left = await carol.expect("user_left")
+    assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
+    await expect_relay_back(alice, carol)
+
+
+async def test_a_node_re_registers_only_once_it_hears_its_channel(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Redis back empty, and node B's subscriber is slow to come back: B re-registers
+    after it is subscribed, so A's news of the leave (published on B's channel or
+    left as a tombstone) reaches B; before, B registered deaf and never heard it."""
+    node_a, hub, alice, bob, carol = await _room_over_a_and_b(redis, start_nodes, clients, app_client)
+    registered, subscribe_now = asyncio.Event(), asyncio.Event()
+    on_registered, make_pubsub = hub.link._on_registered, hub.link.redis.pubsub
+
+    def noting_registration() -> None:
+        registered.set()
+        on_registered()
+
+    def gated_pubsub(**options: Any) -> Any:
+        pubsub = make_pubsub(**options)
+        subscribe = pubsub.subscribe
+
+        async def subscribe_when_allowed(*channels: Any) -> Any:
+            await subscribe_now.wait()
+            return await subscribe(*channels)
+
+        pubsub.subscribe = subscribe_when_allowed
+        return pubsub
+
+    hub.link._on_registered, hub.link.redis.pubsub = noting_registration, gated_pubsub
+    await _leave_during_outage(redis, node_a, alice, bob)
+    node_a.signal(signal.SIGSTOP)  # A re-registers only once Redis knows B again
+    try:
+        await redis.start()  # empty
+        await asyncio.wait_for(registered.wait(), TIMEOUT * 2)
+    finally:
+        node_a.signal(signal.SIGCONT)
+    await node_a.line_matching(r"re-registered 1 slots")
+    subscribe_now.set()
+    left = await carol.expect("user_left")
+    assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
+    await expect_relay_back(alice, carol)
+
+
 async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
     """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
     n1, n2 = await start_nodes(2)
@@ -425,6 +533,23 @@ async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNo
     await expect_relay_back(alice, bob)
     await expect_relay_back(bob, alice)
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
+
+
+async def test_scripts_flushed_under_a_live_node(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """SCRIPT FLUSH (what a failover to a replica, or a restart between two writes,
+    looks like): the next scripts meet NOSCRIPT; the node loads them again and runs
+    those commands, so joins and leaves go on with no outage."""
+    n1, n2 = await start_nodes(2)
+    alice = await clients.connect(n1, "alice")
+    await redis.command("SCRIPT", "FLUSH")
+    bob = await clients.connect(n2, "bob")  # its JOIN is the first script n2 sends
+    assert (await alice.expect("user_joined"))["payload"]["user_id"] == "bob"
+    await bob.ws.close()
+    assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+    for node in (n1, n2):
+        assert await node.metric("signal_redis_up") == 1
 
 
 async def test_sigterm_drains_to_another_node(start_nodes: StartNodes, clients: Clients) -> None:

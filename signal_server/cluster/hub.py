@@ -674,6 +674,12 @@ class ClusterHub(Hub):
         for kind, header in pending or ():
             self._apply(room, kind, header)
 
+    def _apply_pending(self, room: ClusterRoom) -> None:
+        """A read of the membership failed: the events held back for it apply now."""
+        pending, room.pending = room.pending, None
+        for kind, header in pending or ():
+            self._apply(room, kind, header)
+
     # ---------------------------------------------------------- link events
 
     def _on_state(self, up: bool) -> None:
@@ -690,7 +696,8 @@ class ClusterHub(Hub):
                 if slot.peer is None:
                     slot.incomplete = True
         self._dirty |= set(self.rooms)
-        self._start_restore()
+        if self.link.up:  # else once the subscriber is back: events of the restore must reach us
+            self._start_restore()
 
     def _start_restore(self) -> None:
         if self._stopping:
@@ -730,16 +737,22 @@ class ClusterHub(Hub):
                 mine.append([slot.user_id, slot.username, slot.epoch, held_ms, int(slot.incomplete)])
             gone = self._gone.pop(room.room_id, {})
             left = [[user, username, reason] for user, (username, reason) in gone.items()]
+            if self.rooms.get(room.room_id) is room:
+                # Redis may have restarted empty (its versions start over), and other
+                # nodes' events can overtake the reply: they wait for it in pending.
+                room.version = 0
+                if room.pending is None:
+                    room.pending = []
             try:
                 reply = await self.link.call(
                     "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left)
                 )
             except (LinkDown, RedisError, OSError):
+                self._apply_pending(room)
                 self._gone.setdefault(room.room_id, {}).update(gone)
                 self._dirty |= {r.room_id for r in rooms}
                 return  # the next registration (or the next time Redis is up) starts over
             if self.rooms.get(room.room_id) is room:
-                room.version = 0
                 members = _members(reply[1])
                 self._sync(room, members, int(reply[0]), prune=False)
                 present = {member[0] for member in members}

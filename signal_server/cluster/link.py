@@ -32,7 +32,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StartupError
 from ..settings import Settings
@@ -82,6 +82,7 @@ class _Command:
     future: asyncio.Future[Any] | None = None
     on_result: Callable[[Any], None] | None = None
     script: str | None = None
+    retried: bool = False  # sent again once after NOSCRIPT
 
 
 SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAMES}
@@ -286,13 +287,19 @@ class RedisLink:
                     await asyncio.sleep(backoff.next())
                     continue
                 backoff.reset()
+                again: list[_Command] = []
                 for group, result in zip(groups, results, strict=True):
-                    if isinstance(result, RedisError) and "NOSCRIPT" in str(result):
+                    if isinstance(result, NoScriptError) and not group[0].retried:
+                        # Redis lost the scripts (restarted between two writes, failed
+                        # over to a replica, SCRIPT FLUSH): load them, run these again.
                         self._scripts_loaded = False
+                        group[0].retried = True
+                        again.append(group[0])
+                        continue
                     for command in group:
                         _settle(command, result)
-                if self._next:
-                    self._queue[:0] = self._next
+                if self._next or again:
+                    self._queue[:0] = again + self._next
                     self._next = []
 
     # ---------------------------------------------------------- subscriber
@@ -459,7 +466,7 @@ def _settle(command: _Command, result: Any) -> None:
     failed = isinstance(result, BaseException)
     if command.future is not None and not command.future.done():
         if isinstance(result, RedisError) and not isinstance(result, LinkDown):
-            command.future.set_exception(LinkDown(str(result)) if "NOSCRIPT" in str(result) else result)
+            command.future.set_exception(LinkDown(str(result)) if isinstance(result, NoScriptError) else result)
         elif failed:
             command.future.set_exception(result)
         else:
