@@ -30,7 +30,7 @@ from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
 from .tokencache import VerifiedTokenCache
 
-__all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "clean_text", "MAX_TOKEN_LENGTH"]
+__all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "mint_token_for", "clean_text", "MAX_TOKEN_LENGTH"]
 
 MAX_TOKEN_LENGTH = 8 * 1024
 MAX_ROOMS_CLAIM = 1000
@@ -219,6 +219,15 @@ def _identity(claims: dict[str, Any]) -> Identity:
     return Identity(sub, username, rooms)
 
 
+def mint_token_for(settings: Settings, sub: str, **claims: Any) -> str:
+    """:func:`mint_token` with the settings' secret, algorithm, audience and issuer:
+    a token the server configured by ``settings`` accepts."""
+    return mint_token(
+        settings.jwt_secret or "", sub, algorithm=settings.jwt_algorithm,
+        audience=settings.jwt_audience, issuer=settings.jwt_issuer, **claims,
+    )
+
+
 def mint_token(
     secret: str,
     sub: str,
@@ -229,10 +238,13 @@ def mint_token(
     algorithm: str = "HS256",
     now: float | None = None,
     admin: bool = False,
+    audience: str | None = None,
+    issuer: str | None = None,
 ) -> str:
     """Sign a token for ``sub`` (used by ``signal-server token`` and dev mode).
 
-    ``admin`` adds the admin grant (``"admin": true``) the room service API requires.
+    ``admin`` adds the admin grant (``"admin": true``) the room service API requires;
+    ``audience`` and ``issuer`` are those the server is configured to require.
     """
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl}
@@ -242,4 +254,8 @@ def mint_token(
         claims["rooms"] = list(rooms)
     if admin:
         claims["admin"] = True
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm=algorithm)

@@ -25,7 +25,7 @@ from aiohttp.web_log import AccessLogger
 
 from . import __version__
 from .app import create_standalone_app
-from .auth import KeyConfigError, TokenVerifier, mint_token
+from .auth import KeyConfigError, TokenVerifier, mint_token_for
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings
@@ -57,10 +57,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _settings_parser(prog: str, description: str) -> _Parser:
+def _settings_parser(prog: str, description: str, prefix: str = "") -> _Parser:
+    """A parser of the settings' flags (only those starting with ``prefix``);
+    the rest still come from the environment and ``--config``."""
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     for option in OPTIONS:
+        if not option.flag.startswith(prefix):
+            continue
         parser.add_argument(
             f"--{option.flag}",
             dest=option.flag,
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _token_command(args: list[str], env: Mapping[str, str]) -> int:
-    parser = _settings_parser(f"{PROG} token", "Print an HS256 token signed with the configured secret.")
+    parser = _settings_parser(f"{PROG} token", "Print an HS256 token signed with the configured secret.", "jwt-")
     parser.add_argument("sub", help="user id (the token's 'sub')")
     parser.add_argument("--name", help="display name")
     parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
@@ -115,9 +119,9 @@ def _token_command(args: list[str], env: Mapping[str, str]) -> int:
     if namespace.ttl <= 0:
         return _fail("--ttl: must be a positive number of seconds")
     print(
-        mint_token(
-            settings.jwt_secret, namespace.sub, name=namespace.name, ttl=namespace.ttl,
-            rooms=namespace.room, algorithm=settings.jwt_algorithm, admin=namespace.admin,
+        mint_token_for(
+            settings, namespace.sub, name=namespace.name, ttl=namespace.ttl, rooms=namespace.room,
+            admin=namespace.admin,
         )
     )
     return 0
@@ -275,8 +279,7 @@ def _announce(settings: Settings, host: str, port: int, secure: bool = False) ->
         return
     lines = [f"signal-server listening on {base} (WebSocket: {ws}://{shown}:{port}/webrtc/ws/ROOM?token=JWT)"]
     if settings.dev_mode:
-        secret = settings.jwt_secret or ""
-        tokens = [(sub, mint_token(secret, sub, name=name, ttl=86400)) for sub, name in DEV_USERS]
+        tokens = [(sub, mint_token_for(settings, sub, name=name, ttl=86400)) for sub, name in DEV_USERS]
         lines += [
             "",
             "*** DEV MODE: no --jwt-secret given, so a random one was generated and the server",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .auth import mint_token
+from .auth import mint_token_for
 from .settings import Settings
 
 __all__ = ["STATIC", "DEMO_POLICY", "client_module", "add_demo_routes"]
@@ -60,14 +60,12 @@ def add_demo_routes(root: web.Application, settings: Settings) -> None:
     root.router.add_get("/demo.js", page_file("demo.js"))
     root.router.add_get("/demo.css", page_file("demo.css"))
     if settings.dev_mode:
-        secret = settings.jwt_secret or ""
-
         async def dev_token(request: web.Request) -> web.Response:
             user = request.query.get("user", "")
             if not _DEV_USER.match(user):
                 raise web.HTTPBadRequest(text="user: 1-64 characters of A-Z a-z 0-9 . _ -\n")
             name = request.query.get("name") or user
-            token = mint_token(secret, user, name=name[:128], ttl=_DEV_TOKEN_TTL)
+            token = mint_token_for(settings, user, name=name[:128], ttl=_DEV_TOKEN_TTL)
             return web.json_response({"token": token}, headers={"Cache-Control": "no-store"})
 
         root.router.add_get("/dev/token", dev_token)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .auth import mint_token
+from .auth import mint_token_for
 from .settings import SettingsError, load_settings
 
 __all__ = ["rooms_command"]
@@ -63,9 +63,7 @@ def rooms_command(parser: argparse.ArgumentParser, args: list[str], env: Mapping
             return _fail(str(exc))
         if not settings.jwt_secret or not settings.jwt_algorithm.startswith("HS"):
             return _fail("--jwt-secret: give the server's secret (to mint an admin token) or --token")
-        token = mint_token(
-            settings.jwt_secret, "signal-server-cli", ttl=60, algorithm=settings.jwt_algorithm, admin=True
-        )
+        token = mint_token_for(settings, "signal-server-cli", ttl=60, admin=True)
     base = namespace.url.rstrip("/")
     action = namespace.action
     body: dict[str, Any] | None = None

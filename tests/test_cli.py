@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
+from signal_server.auth import TokenVerifier
 from signal_server.settings import OPTIONS, Settings, SettingsError, load_settings
 
-from .conftest import COMMAND, SECRET, TIMEOUT, make_token
+from .conftest import COMMAND, SECRET, TIMEOUT, make_settings, make_token
 
 
 def test_flags_override_environment_override_file(tmp_path: Path) -> None:
@@ -204,6 +205,23 @@ def test_token_command_signs_with_the_configured_secret() -> None:
     assert claims["exp"] - claims["iat"] == 120
 
 
+def test_token_command_mints_for_the_configured_audience_and_issuer() -> None:
+    """A server configured with an audience and issuer refuses tokens without them:
+    the command that mints tokens for it must put them in."""
+    env = {"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_JWT_AUDIENCE": "my-app", "SIGNAL_JWT_ISSUER": "https://id.example"}
+    result = run("token", "carol", env=env)
+    assert result.returncode == 0, result.stderr
+    verifier = TokenVerifier(make_settings(jwt_audience="my-app", jwt_issuer="https://id.example"))
+    assert verifier.verify(result.stdout.strip()).user_id == "carol"
+
+
+def test_token_help_lists_only_what_minting_uses() -> None:
+    result = run("token", "--help")
+    assert result.returncode == 0 and "--jwt-secret" in result.stdout and "--jwt-audience" in result.stdout
+    for server_only in ("--max-participants", "--redis-url", "--tls-cert", "--port"):
+        assert server_only not in result.stdout
+
+
 def test_token_command_without_a_secret_fails_cleanly() -> None:
     result = run("token", "carol", env={"SIGNAL_JWT_SECRET": ""})
     assert result.returncode == 2 and "--jwt-secret" in result.stderr and "Traceback" not in result.stderr
@@ -215,9 +233,11 @@ def test_python_dash_m_is_the_same_command() -> None:
     assert result.returncode == 0 and jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "x"
 
 
-async def test_dev_mode_prints_tokens_that_work(start_server) -> None:
-    """No secret: dev mode, loudly, with two tokens and a wscat line that join a room."""
-    server = await start_server("--port", "0")
+@pytest.mark.parametrize("claims", [(), ("--jwt-audience", "my-app", "--jwt-issuer", "https://id.example")])
+async def test_dev_mode_prints_tokens_that_work(start_server, claims: tuple[str, ...]) -> None:
+    """No secret: dev mode, loudly, with two tokens and a wscat line that join a room
+    (with the audience and issuer the server requires, when it requires them)."""
+    server = await start_server("--port", "0", *claims)
     port = (await server.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
     await server.line_matching("DEV MODE")
     alice = (await server.line_matching(r"token for alice: (\S+)")).group(1)
