@@ -30,7 +30,9 @@ from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
 from .tokencache import VerifiedTokenCache
 
-__all__ = ["Identity", "TokenVerifier", "KeyConfigError", "mint_token", "mint_token_for", "clean_text", "MAX_TOKEN_LENGTH"]
+__all__ = [
+    "Identity", "TokenVerifier", "KeyConfigError", "mint_token", "mint_token_for", "clean_text", "MAX_TOKEN_LENGTH",
+]
 
 MAX_TOKEN_LENGTH = 8 * 1024
 MAX_ROOMS_CLAIM = 1000
