@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import secrets
 import time
 from collections import Counter
@@ -63,6 +64,10 @@ _DRAIN_BATCH = 100
 _DRAIN_IDLE = 0.2  # seconds between polls of an empty Redis list
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_SIGNATURES = 16
+
+
 class WebhookVerificationError(ValueError):
     """The request is not a genuine, fresh webhook of this server."""
 
@@ -91,10 +96,12 @@ def verify(body: bytes, signature_header: str, secret: str, tolerance: float = 3
         key, _, value = part.strip().partition("=")
         if key == "t" and value.isascii() and value.isdigit():
             timestamp = int(value)
-        elif key == "v1":
-            signatures.append(value)
+        elif key == "v1" and _HEX_DIGEST.fullmatch(value):
+            signatures.append(value)  # anything else (non-ASCII included) is no signature of ours
     if timestamp is None or not signatures:
-        raise WebhookVerificationError("the signature header needs t=<seconds> and v1=<hex>")
+        raise WebhookVerificationError("the signature header needs t=<seconds> and v1=<64 hex digits>")
+    if len(signatures) > _MAX_SIGNATURES:  # two during a secret rotation; this many is an attack
+        raise WebhookVerificationError(f"more than {_MAX_SIGNATURES} v1 signatures")
     if abs(time.time() - timestamp) > tolerance:
         raise WebhookVerificationError("the timestamp is outside the tolerance (a replayed or delayed request)")
     expected = sign(body, secret, timestamp).partition(",v1=")[2]

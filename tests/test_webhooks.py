@@ -63,6 +63,10 @@ def test_verify_accepts_a_genuine_event_and_refuses_everything_else() -> None:
         (body, "t=abc,v1=zz"),
         (b"[1]", sign(b"[1]", WEBHOOK_SECRET, now)),  # not an event object
         (b"nope", sign(b"nope", WEBHOOK_SECRET, now)),
+        (body, f"t={now},v1=\u00e9"),  # a non-ASCII signature (a header byte >= 0x80): refused, not TypeError
+        (body, f"t={now},v1=\ud800"),  # one that cannot even be encoded
+        (body, f"t={now}," + ",".join([f"v1={'0' * 64}"] * 17) + f",v1={digest}"),  # too many to compare
+        (body, f"t={now},v1={digest.upper()}"),  # not the lowercase hex the scheme sends
     ]
     for candidate, signature in refused:
         with pytest.raises(WebhookVerificationError):
