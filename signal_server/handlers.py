@@ -43,7 +43,12 @@ CLEAN_CLOSE_CODES = frozenset({0, 1000, 1001, 1005})
 
 
 def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+    """The ``Authorization: Bearer`` token; two such headers are refused (a proxy in
+    front may have judged the other one)."""
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise SignalError("UNAUTHORIZED", "two Authorization headers; send one")
+    header = headers[0] if headers else ""
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -253,7 +258,10 @@ def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     """Origin, token, room id and the token's room list, in that order."""
     if not _origin_allowed(sig, request):
         raise SignalError("FORBIDDEN", "this origin is not allowed")
-    token = request.query.get("token") or bearer_token(request)
+    tokens = request.query.getall("token", [])
+    if len(tokens) > 1:
+        raise SignalError("UNAUTHORIZED", "two token parameters; send one")
+    token = (tokens[0] if tokens else None) or bearer_token(request)
     identity = sig.verifier.verify(token)
     if not ROOM_ID.match(room_id):
         raise SignalError("INVALID_ROOM", "room ids are 1-64 characters of A-Z a-z 0-9 . _ ~ - (not . or ..)")
