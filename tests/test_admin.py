@@ -92,7 +92,9 @@ async def test_the_api_needs_a_valid_admin_grant(
     await alice.expect("pong")  # nothing happened to her
 
 
-async def test_two_credentials_are_refused_whichever_comes_first(client: TestClient[Any, Any], connect: Connect) -> None:
+async def test_two_credentials_are_refused_whichever_comes_first(
+    client: TestClient[Any, Any], connect: Connect
+) -> None:
     """Authorization is a singleton header: with two, a proxy in front may judge one while
     we act on the other. Two are refused (as are two ?token= on the WebSocket)."""
     admin, participant = ADMIN["Authorization"], f"Bearer {make_token('alice')}"
