@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from .auth import mint_token_for
 from .settings import SettingsError, load_settings
@@ -28,8 +29,21 @@ REQUEST_TIMEOUT = 10.0
 
 
 def _fail(message: str, status: int = 2) -> int:
-    print(f"signal-server rooms: error: {message}", file=sys.stderr)
+    print(f"signal-server rooms: error: {_printable(message)}", file=sys.stderr)
     return status
+
+
+def _printable(text: str) -> str:
+    """``text`` with every control and format character escaped: what a server
+    answers never drives the operator's terminal (escape sequences, bidi overrides)."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def _segment(value: str) -> str:
+    """One path segment, ``.`` and ``..`` included (unencoded, URL normalisation
+    would turn ``participants/..`` into another path)."""
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 def rooms_command(parser: argparse.ArgumentParser, args: list[str], env: Mapping[str, str]) -> int:
@@ -65,16 +79,24 @@ def rooms_command(parser: argparse.ArgumentParser, args: list[str], env: Mapping
             return _fail("--jwt-secret: give the server's secret (to mint an admin token) or --token")
         token = mint_token_for(settings, "signal-server-cli", ttl=60, admin=True)
     base = namespace.url.rstrip("/")
+    try:
+        url = URL(base)
+    except ValueError:
+        return _fail("--url: not a URL")
+    if url.user is not None or url.password is not None:
+        return _fail("--url: credentials in the URL are not supported (the admin token is the credential)")
+    if url.scheme not in ("http", "https") or not url.host:
+        return _fail("--url: an http:// or https:// URL of the signaling prefix, e.g. " + DEFAULT_URL)
     action = namespace.action
     body: dict[str, Any] | None = None
     if action == "list":
         method, path = "GET", "/rooms"
     else:
-        room = quote(namespace.room, safe="")
+        room = _segment(namespace.room)
         if action == "show":
             method, path = "GET", f"/rooms/{room}"
         elif action == "kick":
-            method, path = "DELETE", f"/rooms/{room}/participants/{quote(namespace.user, safe='')}"
+            method, path = "DELETE", f"/rooms/{room}/participants/{_segment(namespace.user)}"
         elif action == "close":
             method, path = "DELETE", f"/rooms/{room}"
         else:
@@ -89,17 +111,18 @@ def rooms_command(parser: argparse.ArgumentParser, args: list[str], env: Mapping
         if action in ("kick", "close") and namespace.ban:
             path += f"?ban={namespace.ban}"
     try:
-        status, answer = asyncio.run(_request(method, base + path, token, body))
+        # Encoded as built: yarl would decode %2E and drop the dot segment again.
+        status, answer = asyncio.run(_request(method, URL(str(url) + path, encoded=True), token, body))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return _fail(f"cannot reach {base}: {exc or type(exc).__name__}", 1)
     if 200 <= status < 300:
-        print(json.dumps(answer, indent=2, ensure_ascii=False))
+        print(_printable(json.dumps(answer, indent=2, ensure_ascii=False)))
         return 0
     message = answer.get("message") if isinstance(answer, dict) else None
     return _fail(f"HTTP {status}: {message or answer}", 1)
 
 
-async def _request(method: str, url: str, token: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+async def _request(method: str, url: URL, token: str, body: dict[str, Any] | None) -> tuple[int, Any]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async with session.request(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import jwt
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, Server, make_token
 
@@ -46,9 +47,12 @@ async def test_list_show_send_kick_close(start_server: Callable[..., Awaitable[S
         assert code == 0 and json.loads(out)["sent"] is True
         assert (await alice.expect("server_message"))["payload"] == {"text": "hello"}
 
+        # Read while the command runs: a client that reads only after the server closed
+        # the socket finds the keepalive ping before the error, and cannot answer it.
+        kicked = asyncio.ensure_future(bob.expect_error("KICKED"))
         code, out, _ = await rooms(base, "kick", "room-1", "bob", "--ban", "60")
         assert code == 0 and json.loads(out)["ban"] == 60
-        await bob.expect_error("KICKED")
+        await kicked
         assert (await alice.expect("user_left"))["payload"]["reason"] == "kicked"
 
         code, out, err = await rooms(base, "kick", "room-1", "bob")
@@ -58,9 +62,10 @@ async def test_list_show_send_kick_close(start_server: Callable[..., Awaitable[S
         code, out, err = await rooms(base, "send", "room-1", "not json")
         assert code == 2 and "payload" in err
 
+        closed = asyncio.ensure_future(alice.expect_error("ROOM_CLOSED"))
         code, out, _ = await rooms(base, "close", "room-1")
         assert code == 0
-        await alice.expect_error("ROOM_CLOSED")
+        await closed
         code, out, _ = await rooms(base, "list")
         assert json.loads(out) == {"rooms": []}
 
@@ -88,3 +93,51 @@ async def test_tokens_and_unreachable_servers(start_server: Callable[..., Awaita
     assert code == 1 and "cannot reach" in err
 
 
+
+
+async def test_dot_segment_users_can_be_kicked(start_server: Callable[..., Awaitable[Server]]) -> None:
+    """``.`` and ``..`` are valid user ids; unencoded, a client's URL normalisation turns
+    ``participants/..`` into another path (404, or worse): the command encodes them."""
+    server = await start_server("--port", "0", "--jwt-secret", SECRET)
+    port = (await server.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
+    base = f"http://127.0.0.1:{port}"
+    async with ClientSession() as session:
+        members = []
+        for user in ("alice", "..", "."):
+            ws = await session.ws_connect(f"{base}/webrtc/ws/room-1?token={make_token(user)}")
+            members.append(Member(ws, user))
+            await members[-1].expect("room_state")
+        for user in ("..", "."):
+            code, out, err = await rooms(base, "kick", "room-1", user)
+            assert code == 0 and json.loads(out)["user_id"] == user, err
+        code, out, _ = await rooms(base, "show", "room-1")
+        assert [p["user_id"] for p in json.loads(out)["participants"]] == ["alice"]
+
+
+async def test_answers_cannot_drive_the_terminal(aiohttp_server: Any) -> None:
+    """Whatever --url answers (a wrong host, a proxy's error page, a hostile server),
+    control characters never reach the operator's terminal raw; credentials in --url
+    get a one-line error, not a traceback."""
+    answers = {
+        "/a/rooms": web.json_response({"message": "\x1b]0;owned\x07\x1b[2J looks fine"}, status=500),
+        "/b/rooms": web.Response(text="\x1b[8mhidden\x1b[0m proxy error", status=502),
+        "/c/rooms": web.json_response({"rooms": [{"room_id": "r\u009b31m", "note": "\u202eevil"}]}),
+    }
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return answers[request.path]
+
+    app = web.Application()
+    app.router.add_get("/{prefix}/rooms", answer)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    for prefix in ("a", "b", "c"):
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, "rooms", "--url", f"http://127.0.0.1:{server.port}/{prefix}", "--token", "t", "list",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+        )
+        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT * 3)
+        output = (out + err).decode()
+        assert not any(ch in output for ch in "\x1b\x07\u009b\u202e"), repr(output)
+        assert ("looks fine" in output or "proxy error" in output or "31m" in output), repr(output)
+    code, out, err = await rooms(f"http://ops:hunter2@127.0.0.1:{server.port}/a", "list")
+    assert code == 2 and "--url" in err and "Traceback" not in err and "hunter2" not in err, err
