@@ -145,7 +145,8 @@ class WebhookSender:
         self._max_queue = max_queue
         self._backoff_base = backoff_base
         self._queues: dict[str, asyncio.Queue[_Delivery]] = {url: asyncio.Queue() for url in urls}
-        self._retrying: dict[_Delivery, asyncio.TimerHandle] = {}  # waiting for their next attempt
+        # Per receiver, deliveries waiting for their next attempt.
+        self._retrying: dict[str, dict[_Delivery, asyncio.TimerHandle]] = {url: {} for url in urls}
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self.sent = 0
@@ -166,9 +167,10 @@ class WebhookSender:
             self._tasks.append(loop.create_task(self._drain(redis)))
 
     async def stop(self) -> None:
-        for handle in self._retrying.values():
-            handle.cancel()
-        self._retrying.clear()
+        for retrying in self._retrying.values():
+            for handle in retrying.values():
+                handle.cancel()
+            retrying.clear()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -202,11 +204,16 @@ class WebhookSender:
 
     @property
     def waiting(self) -> int:
-        """Deliveries queued or between attempts (bounded by ``max_queue``)."""
-        return sum(queue.qsize() for queue in self._queues.values()) + len(self._retrying)
+        """Deliveries queued or between attempts, for every receiver."""
+        return sum(self._waiting_for(url) for url in self.urls)
+
+    def _waiting_for(self, url: str) -> int:
+        """One receiver's backlog, bounded by ``max_queue``: a receiver that hangs or
+        is down fills its own, never another's."""
+        return self._queues[url].qsize() + len(self._retrying[url])
 
     def _put(self, delivery: _Delivery) -> None:
-        if self.waiting >= self._max_queue:
+        if self._waiting_for(delivery.url) >= self._max_queue:
             self._drop(delivery, "queue_full")
             return
         self._queues[delivery.url].put_nowait(delivery)
@@ -233,10 +240,12 @@ class WebhookSender:
                 continue
             delay = min(BACKOFF_CAP, self._backoff_base * 2 ** (delivery.attempt - 1)) * random.uniform(0.5, 1.0)
             delivery.attempt += 1
-            self._retrying[delivery] = asyncio.get_running_loop().call_later(delay, self._again, delivery)
+            self._retrying[delivery.url][delivery] = asyncio.get_running_loop().call_later(
+                delay, self._again, delivery
+            )
 
     def _again(self, delivery: _Delivery) -> None:
-        del self._retrying[delivery]
+        del self._retrying[delivery.url][delivery]
         self._queues[delivery.url].put_nowait(delivery)  # counted against the bound all along
 
     async def _attempt(self, delivery: _Delivery) -> bool:

@@ -171,6 +171,24 @@ async def test_a_hanging_receiver_times_out_and_signaling_goes_on(app_client: An
     assert len(receiver.attempts) == 6  # 3 events, 2 attempts each, each cut at 0.3 s
 
 
+async def test_a_hanging_receiver_fills_only_its_own_queue(receiver: Receiver) -> None:
+    """Two receivers (a backend and an audit sink, say); one hangs. Its backlog hits the
+    bound and its events are dropped; the healthy one still gets every event."""
+    hung = await Receiver().start()
+    hung.mode = "hang"
+    sender = WebhookSender((hung.url, receiver.url), WEBHOOK_SECRET, timeout=30, max_queue=4)
+    await sender.start()
+    try:
+        for number in range(12):  # paced by the healthy receiver: it alone keeps up
+            sender.hub_event("participant_joined", "room-1", f"user-{number}")
+            await receiver.take(1)
+        assert len(receiver.events) == 12
+        assert sender.dropped["queue_full"] == 12 - 4 - 1  # the hung one's: one in flight, four queued
+    finally:
+        await sender.stop()
+        await hung.close()
+
+
 async def test_redirects_are_never_followed(app_client: Any, receiver: Receiver) -> None:
     target = await Receiver().start()
     try:
