@@ -324,6 +324,8 @@ async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer,
             if kind == "ping":
                 notify(encode_server_message("pong", {}, room_id))
                 continue
+            if slot.peer is not peer:  # kicked, closed or taken over: what it still sent goes nowhere
+                continue
             failure = route(slot, kind, payload, target)
             if failure is not None:
                 _report(sig, peer, failure)

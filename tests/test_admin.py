@@ -13,9 +13,11 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
 from signal_server import hub as hub_module
+from signal_server.context import SIGNALING
 
 from .cluster import wait_until
 from .conftest import SECRET, Connect, join_all, make_token
+from .test_hardening import close_code, raw
 
 ADMIN = {"Authorization": f"Bearer {make_token('backend', admin=True)}"}
 
@@ -149,6 +151,39 @@ async def test_kick_with_ban(client: TestClient[Any, Any], connect: Connect) -> 
     await error_of(
         await client.delete("/webrtc/rooms/room-1/participants/bob", headers=ADMIN), 404, "NOT_FOUND"
     )
+
+
+async def test_a_kicked_connection_relays_nothing_it_had_already_sent(
+    client: TestClient[Any, Any], connect: Connect
+) -> None:
+    """Frames the kicked client sent before the kick, already read by the server, are
+    not relayed after it: nobody gets an offer from a user they were told has left."""
+    hub = client.app[SIGNALING].hub
+    alice = await connect("alice")
+    route, routed_after_kick = hub.route, []
+
+    def kick_on_first_offer(slot: Any, kind: str, payload: Any, target: Any) -> Any:
+        if slot.user_id == "mallory" and hub.rooms["room-1"].slots.get("mallory") is not slot:
+            routed_after_kick.append(payload["sdp"])
+        result = route(slot, kind, payload, target)
+        if payload["sdp"] == "0":  # kicked right after it, with offers 1-4 read already
+            with pytest.raises(StopIteration):
+                hub.kick("room-1", "mallory").send(None)  # no await inside on one node
+        return result
+
+    hub.route = kick_on_first_offer
+    mallory = await raw(client, "mallory")
+    await mallory.expect("room_state")
+    await alice.expect("user_joined")
+    offers = [{"type": "offer", "payload": {"type": "offer", "sdp": str(n)}} for n in range(5)]
+    mallory.writer.write(b"".join(mallory._frame(0x1, json.dumps(offer).encode()) for offer in offers))
+    assert await close_code(mallory) == 4411
+    assert (await alice.expect("offer"))["payload"]["sdp"] == "0"
+    assert (await alice.expect("user_left"))["payload"]["reason"] == "kicked"
+    await alice.send("ping")
+    await alice.expect("pong")  # nothing from mallory in between
+    assert routed_after_kick == []
+    await mallory.aclose()
 
 
 async def test_kick_without_ban_lets_the_user_back(client: TestClient[Any, Any], connect: Connect) -> None:
