@@ -60,6 +60,7 @@ BACKOFF_CAP = 60.0
 REDIS_QUEUE = "sig:wh:q"
 REDIS_SWITCH = "sig:wh:on"
 _SWITCH_MS = 30_000
+_DROP_LOG_EVERY = 1.0  # seconds between log lines about dropped events (per receiver and reason)
 _DRAIN_BATCH = 100
 _DRAIN_IDLE = 0.2  # seconds between polls of an empty Redis list
 
@@ -152,6 +153,7 @@ class WebhookSender:
         self.sent = 0
         self.failed_attempts = 0
         self.dropped: Counter[str] = Counter()
+        self._drop_log: dict[tuple[str, str], tuple[float, int]] = {}  # last line, drops not logged since
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,10 +221,20 @@ class WebhookSender:
         self._queues[delivery.url].put_nowait(delivery)
 
     def _drop(self, delivery: _Delivery, reason: str) -> None:
+        """Count it; log it, at most one line a second per receiver and reason (a dead
+        receiver under churn would otherwise write a line per event)."""
         self.dropped[reason] += 1
+        key = (delivery.url, reason)
+        now = time.monotonic()
+        last, unlogged = self._drop_log.get(key, (-_DROP_LOG_EVERY, 0))
+        if now - last < _DROP_LOG_EVERY:
+            self._drop_log[key] = (last, unlogged + 1)
+            return
+        self._drop_log[key] = (now, 0)
         logger.warning(
-            "webhook %s %s to %s dropped (%s, after %d attempts)", delivery.kind, delivery.event_id,
+            "webhook %s %s to %s dropped (%s, after %d attempts)%s", delivery.kind, delivery.event_id,
             _origin(delivery.url), reason, delivery.attempt - (reason == "queue_full"),
+            f"; {unlogged} more dropped since the last line" if unlogged else "",
             extra={"event_id": delivery.event_id, "reason": reason},
         )
 
