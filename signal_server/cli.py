@@ -38,6 +38,9 @@ PROG = "signal-server"
 # aiohttp's default access line plus the time taken, which JSON logs carry as "duration".
 JSON_ACCESS_LOG_FORMAT = '%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i" %Tf'
 SHUTDOWN_TIMEOUT = 5.0
+# Every step of the shutdown is bounded; should one still hang, the process exits 1
+# at this deadline (below systemd's TimeoutStopSec=15 in deploy/).
+SHUTDOWN_DEADLINE = 12.0
 MAX_HEADERS = 32  # a browser's upgrade has about 15, proxies add a few
 DEV_USERS = (("alice", "Alice"), ("bob", "Bob"))
 ROOMS_HELP = (
@@ -209,8 +212,10 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(settings: Settings, tls: CertificateReloader | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then close every client with 1001 and exit.
+async def serve(
+    settings: Settings, tls: CertificateReloader | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM (or ``stop`` is set), then close every client with 1001 and exit.
 
     With ``tls`` the site serves HTTPS and ``wss://``; SIGHUP and a change of
     the files reload the certificate without dropping a connection.
@@ -239,11 +244,12 @@ async def serve(settings: Settings, tls: CertificateReloader | None = None) -> N
             site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
         await site.start()
         host, port = runner.addresses[0][:2]
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload, tls)
+        if stop is None:
+            stop = asyncio.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, _reload, tls)
         # Announce only once the handlers are in place: a supervisor that
         # signals as soon as it reads the line must not kill the process.
         _announce(settings, host, port, secure=tls is not None)
@@ -252,9 +258,22 @@ async def serve(settings: Settings, tls: CertificateReloader | None = None) -> N
         await stop.wait()
         logger.info("shutting down: closing every connection with 1001")
     finally:
+        deadline = asyncio.get_running_loop().call_later(SHUTDOWN_DEADLINE, _shutdown_stuck)
         if watcher:
             watcher.cancel()
         await runner.cleanup()
+        deadline.cancel()
+
+
+def _shutdown_stuck() -> None:
+    logger.error("shutdown did not finish within %.0f s; exiting now", SHUTDOWN_DEADLINE)
+    _hard_exit(1)
+
+
+def _hard_exit(code: int) -> None:
+    """Exit at once, skipping what hangs (the loop's clean-up included)."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def _reload(tls: CertificateReloader | None) -> None:

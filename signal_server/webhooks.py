@@ -175,12 +175,12 @@ class WebhookSender:
             retrying.clear()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded, like every step of the shutdown
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         if self._session is not None:
-            await self._session.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._session.close(), 2.0)
 
     # --------------------------------------------------------------- events
 

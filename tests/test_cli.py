@@ -306,3 +306,30 @@ def test_public_key_file_is_read_for_rs256(tmp_path: Path) -> None:
     path.write_text("not a key")
     with pytest.raises(SettingsError, match="--jwt-public-key: .* is not a PEM file"):
         load_settings({"jwt-public-key": str(path), "jwt-algorithm": "RS256"}, {})
+
+
+async def test_a_shutdown_that_hangs_ends_the_process_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step of the shutdown is bounded, and if one still hangs (a library's close
+    that never returns) the process exits 1 by the deadline instead of living on with
+    its port closed and its node key alive (a supervisor would wait its whole stop timeout)."""
+    from signal_server import cli
+    from signal_server.hub import Hub
+
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    listening = asyncio.Event()
+    monkeypatch.setattr(cli, "_hard_exit", exited.set_result)
+    monkeypatch.setattr(cli, "SHUTDOWN_DEADLINE", 0.5)
+    monkeypatch.setattr(cli, "_announce", lambda *args, **kwargs: listening.set())
+    never = asyncio.Event()
+
+    async def hang(self: Hub) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(Hub, "stop", hang)
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(cli.serve(make_settings(host="127.0.0.1", port=0), stop=stop))
+    await asyncio.wait_for(listening.wait(), TIMEOUT)
+    stop.set()
+    assert await asyncio.wait_for(exited, TIMEOUT) == 1
+    never.set()
+    await asyncio.wait_for(serving, TIMEOUT)

@@ -184,18 +184,18 @@ class RedisLink:
         await self.flush()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        if self._tasks:  # bounded: a client call may not honour the cancel
+            await asyncio.wait(self._tasks, timeout=2.0)
         try:
             await asyncio.wait_for(
                 self.redis.evalsha(SCRIPT_SHAS["NODE_DOWN"], 0, self.node, self.boot), 2.0
             )
         except (RedisError, OSError, TimeoutError):
             pass
-        await self.redis.aclose()
+        try:
+            await asyncio.wait_for(self.redis.aclose(), 2.0)
+        except (RedisError, OSError, TimeoutError):
+            pass
 
     async def _stop_listening(self) -> None:
         """UNSUBSCRIBE, and let the subscriber hand on every message Redis sent before
@@ -212,10 +212,7 @@ class RedisLink:
         except (RedisError, OSError, TimeoutError):
             pass
         subscriber.cancel()
-        try:
-            await subscriber
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait([subscriber], timeout=2.0)
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait until every command queued so far has been sent (bounded)."""
@@ -332,8 +329,8 @@ class RedisLink:
                 self._link_failed(exc)
             finally:
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except (RedisError, OSError):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
+                except (RedisError, OSError, TimeoutError):
                     pass
             await asyncio.sleep(backoff.next())
 
