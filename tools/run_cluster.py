@@ -107,17 +107,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     balancer, nodes = args.port, [args.port + 1, args.port + 2, args.port + 3]
     redis_port = args.port + 4
     directory = Path(tempfile.mkdtemp(prefix="signal-cluster-"))
-    secret = secrets.token_urlsafe(32)
+    # Your own secret when set (to mint tokens for it elsewhere), else a random one.
+    secret = os.environ.get("SIGNAL_JWT_SECRET") or secrets.token_urlsafe(32)
     signal_server = str(Path(sys.executable).with_name("signal-server"))
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(prefix: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        # A session of its own: Ctrl-C reaches this supervisor only, which then stops
+        # the balancer, the nodes and Redis last, in that order.
         process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
-        processes.append(process)
+        processes[prefix] = process
         threading.Thread(target=_pipe, args=(prefix, process), daemon=True).start()
         return process
+
+    def mint(*extra: str) -> str:
+        return subprocess.run(
+            [signal_server, "token", *extra], env={**os.environ, "SIGNAL_JWT_SECRET": secret},
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
 
     try:
         spawn("redis", [
@@ -134,39 +144,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = directory / "nginx.conf"
         config.write_text(nginx_config(balancer, nodes, directory))
         spawn("nginx", [_command("nginx", sbin=True), "-e", "stderr", "-c", str(config), "-p", str(directory)])
-        tokens = {
-            user: subprocess.run(
-                [signal_server, "token", user, "--name", user.title(), "--ttl", "86400"],
-                env={**os.environ, "SIGNAL_JWT_SECRET": secret}, capture_output=True, text=True, check=True,
-            ).stdout.strip()
-            for user in ("alice", "bob")
-        }
+        tokens = {user: mint(user, "--name", user.title(), "--ttl", "86400") for user in ("alice", "bob")}
+        admin = mint("--admin", "operator", "--ttl", "86400")
         base = f"http://127.0.0.1:{balancer}"
+        pids = ", ".join(f"node{i} {processes[f'node{i}'].pid}" for i in range(1, 4))
         print(
             f"\nrun-cluster: nginx on {base} balances node1-3 on ports {nodes[0]}-{nodes[-1]} "
             f"(Redis on {redis_port}).\nOpen these in two tabs and press Join (each WebSocket goes to the next node):\n"
             + "".join(f"  {user}: {base}/?room=demo&token={token}\n" for user, token in tokens.items())
             + "Which node serves a tab: the [nodeN] 'join room=demo user=...' lines below, or the\n"
             "X-Signal-Node response header of the WebSocket in the browser's developer tools.\n"
+            f"Node pids: {pids}. Kill the node of one tab (kill -9 PID): the tab resumes on another\n"
+            "node within a second or two and the call goes on; the others log 'node ... is gone' after\n"
+            "the node TTL. The cluster keeps running while a node and Redis are up.\n"
+            "The room service API (admin token valid 24 h):\n"
+            f"  SIGNAL_ADMIN_TOKEN={admin} {signal_server} rooms --url {base}/webrtc list\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        while all(process.poll() is None for process in processes):
-            time.sleep(0.5)
-        print("run-cluster: a process exited; stopping the rest", file=sys.stderr)
-        return 1
+        return _supervise(processes)
     except KeyboardInterrupt:
         return 0
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
+        _stop_all(processes)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervise(processes: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Run until Ctrl-C, Redis or nginx exits, or no node is left; report each node that exits."""
+    reported: set[str] = set()
+    while True:
+        for name, process in processes.items():
+            code = process.poll()
+            if code is None or name in reported:
+                continue
+            reported.add(name)
+            if not name.startswith("node"):
+                print(f"run-cluster: {name} exited ({code}); stopping the rest", file=sys.stderr, flush=True)
+                return 1
+            print(f"run-cluster: {name} exited ({code}); its clients go to the other nodes", flush=True)
+        if all(processes[name].poll() is not None for name in processes if name.startswith("node")):
+            print("run-cluster: no node left; stopping", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(0.5)
+
+
+def _stop_all(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    """The balancer first, then the nodes (they deregister from Redis), Redis last."""
+    order = ["nginx", *sorted(name for name in processes if name.startswith("node")), "redis"]
+    for group in (order[:1], order[1:-1], order[-1:]):
+        running = [processes[name] for name in group if name in processes and processes[name].poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
