@@ -51,8 +51,10 @@ system-deps:
 
 ## test: the whole suite, services included; WebRTC tests in a loopback-only namespace
 test: $(VENV)/.installed-dev $(VENV)/.installed-run system-deps
-	$(BIN)/python -m pytest -m "not netns"
-	$(call IN_NETNS,$(BIN)/python -m pytest -m netns)
+	@status=0; \
+	$(BIN)/python -m pytest -m "not netns" || status=$$?; \
+	$(call IN_NETNS,$(BIN)/python -m pytest -m netns) || status=$$?; \
+	exit $$status
 
 ## screenshot: docs/screenshot.png, a real two-party call in the demo page
 screenshot: $(VENV)/.installed-dev system-deps
