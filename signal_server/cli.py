@@ -26,8 +26,9 @@ from aiohttp.web_log import AccessLogger
 from . import __version__
 from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token_for
+from .context import SIGNALING
 from .errors import StartupError
-from .logs import configure_logging
+from .logs import configure_logging, set_node
 from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings
 from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
@@ -171,6 +172,7 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     except TLSError as exc:
         return _fail(str(exc))
     configure_logging(settings.log_level, settings.log_format)
+    set_node(settings.node_id if settings.clustered else None)  # records before the app exists
     if not settings.dev_mode and not settings.allowed_origins:
         logger.warning(
             "no --allowed-origin: a page on any site may open a WebSocket with a token it holds; "
@@ -221,6 +223,7 @@ async def serve(
     the files reload the certificate without dropping a connection.
     """
     app = create_standalone_app(settings)
+    set_node(app[SIGNALING].hub.node)  # a cluster's node id, random unless --node-id
     json_logs = settings.log_format == "json"
     runner = web.AppRunner(
         app,

@@ -124,6 +124,15 @@ ACCESS_FIELDS = {
 }
 
 
+_this_node: str | None = None
+
+
+def set_node(node: str | None) -> None:
+    """In a cluster: every JSON record says which node wrote it (operators filter by it)."""
+    global _this_node
+    _this_node = node
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message and the structured fields.
 
@@ -143,6 +152,8 @@ class JsonFormatter(logging.Formatter):
         for name in RECORD_FIELDS:
             if name in fields:
                 body[name] = fields[name]
+        if _this_node is not None and "node" not in body:
+            body["node"] = _this_node
         for name, short in ACCESS_FIELDS.items():
             if name in fields:
                 body[short] = fields[name]

@@ -535,6 +535,17 @@ async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNo
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
 
 
+async def test_json_logs_of_a_node_carry_its_id(start_nodes: StartNodes, clients: Clients) -> None:
+    """Operators filter a cluster's logs by node: every JSON record of a node says which."""
+    (node,) = await start_nodes(1, "--log-format", "json", prefix="json")
+    member = await clients.connect(node, "alice")
+    await member.ws.close()
+    await node.line_matching(r'"message":"close room=room-1 user=alice')
+    records = [json.loads(line) for line in node.lines if line.startswith("{")]
+    assert any("registered" in record["message"] for record in records)
+    assert records and all(record.get("node") == "json1" for record in records), records
+
+
 async def test_scripts_flushed_under_a_live_node(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
