@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args and args[0] == "rooms":
         from .rooms_cli import rooms_command  # the operator's client of the room service API
 
-        return rooms_command(_settings_parser(f"{PROG} rooms", ROOMS_HELP), args[1:], env)
+        return rooms_command(_settings_parser(f"{PROG} rooms", ROOMS_HELP, "jwt-"), args[1:], env)
     if args and args[0] == "serve":
         args = args[1:]
     return _serve_command(args, env)

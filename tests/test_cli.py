@@ -215,8 +215,9 @@ def test_token_command_mints_for_the_configured_audience_and_issuer() -> None:
     assert verifier.verify(result.stdout.strip()).user_id == "carol"
 
 
-def test_token_help_lists_only_what_minting_uses() -> None:
-    result = run("token", "--help")
+@pytest.mark.parametrize("command", ["token", "rooms"])
+def test_help_of_a_subcommand_lists_only_what_it_uses(command: str) -> None:
+    result = run(command, "--help")
     assert result.returncode == 0 and "--jwt-secret" in result.stdout and "--jwt-audience" in result.stdout
     for server_only in ("--max-participants", "--redis-url", "--tls-cert", "--port"):
         assert server_only not in result.stdout

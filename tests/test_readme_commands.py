@@ -162,3 +162,28 @@ async def test_the_token_command_as_written(terminal):
     claims = jwt.decode(token, secret, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["name"] == "Alice" and claims["rooms"] == ["demo"]
     assert claims["exp"] - claims["iat"] == 3600
+
+
+async def test_the_webhook_receiver_as_written(terminal, tmp_path):
+    """receiver.py from the README, then the server command next to it: a join reaches it, verified."""
+    (receiver_source,) = blocks("The app's backend: room service API and webhooks", "python")
+    (run_block,) = blocks("The app's backend: room service API and webhooks", "sh")
+    (tmp_path / "receiver.py").write_text(receiver_source)
+    script = run_block.replace(".venv/bin/", f"{ROOT / '.venv' / 'bin'}/")
+    shell = await terminal(script, tmp_path)
+    await shell.line("listening on http://127.0.0.1:8080")
+    secret = re.search(r'--jwt-secret "([^"]+)"', run_block)
+    assert secret
+    token = jwt.encode({"sub": "alice", "exp": 2**31 - 1}, secret.group(1), algorithm="HS256")
+    (tmp_path / "join.py").write_text(
+        "import asyncio, aiohttp\n"
+        "async def main():\n"
+        "    async with aiohttp.ClientSession() as s:\n"
+        f"        ws = await s.ws_connect('ws://127.0.0.1:8080/webrtc/ws/demo?token={token}')\n"
+        "        print((await ws.receive()).data[:40])\n"
+        "asyncio.run(main())\n"
+    )
+    join = f"exec {ROOT / '.venv' / 'bin' / 'python'} join.py"
+    await (await terminal(join, tmp_path)).finish()
+    assert "room_started demo" in await shell.line("room_started")
+    assert "'user_id': 'alice'" in await shell.line("participant_joined")
