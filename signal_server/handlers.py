@@ -231,9 +231,10 @@ async def _serve(
                     await hub.leave(slot, peer, "left")
                 else:
                     await hub.drop(slot, peer)
+                code = peer.close_code_sent or ws.close_code  # ours if we closed first, else the client's
                 logger.info(
-                    "close room=%s user=%s clean=%s code=%s", room_id, user, clean, ws.close_code,
-                    extra={"room": room_id, "user": user, "clean": clean, "code": ws.close_code},
+                    "close room=%s user=%s clean=%s code=%s", room_id, user, clean, code,
+                    extra={"room": room_id, "user": user, "clean": clean, "code": code},
                 )
             await peer.wait_closed()
         finally:

@@ -80,7 +80,7 @@ class WebSocketPeer:
         self.room_id = room_id
         self._transport = transport
         self._limit = max_send_buffer
-        self._closing = False
+        self._closing = 0  # the close code we sent, once we started closing
         self._on_limit = on_limit
         self._tasks: set[asyncio.Task[None]] | None = None  # a close in progress, if any
         self.last_seen = time.monotonic()  # stamped by the handler on every frame
@@ -97,7 +97,7 @@ class WebSocketPeer:
 
     @property
     def closing(self) -> bool:
-        return self._closing or self.ws.closed
+        return bool(self._closing) or self.ws.closed
 
     @property
     def lost(self) -> bool:
@@ -169,6 +169,11 @@ class WebSocketPeer:
         """Drop the TCP connection without a close frame (a dead peer)."""
         self._transport.abort()
 
+    @property
+    def close_code_sent(self) -> int | None:
+        """The code of the close frame this server sent (what the client got), if it closed first."""
+        return int(self._closing) or None
+
     def send_error(self, error: SignalError) -> None:
         self.notify(encode_error(error, self.room_id))
 
@@ -178,7 +183,7 @@ class WebSocketPeer:
             return
         if error is not None:
             self.send_error(error)
-        self._closing = True
+        self._closing = code
         tasks = self._tasks = self._tasks or set()
         task = asyncio.get_running_loop().create_task(self._close(code))
         tasks.add(task)
@@ -213,7 +218,7 @@ class WebSocketPeer:
             return
         if error is not None:
             self.send_error(error)
-        self._closing = True
+        self._closing = code
         self._dropped = True  # what sits in the buffer may never be read
         transport = self._transport
         if transport.is_closing():

@@ -282,6 +282,8 @@ async def test_shutdown_closes_clients_with_1001_and_exits_0(start_server, signu
             assert message.type is WSMsgType.CLOSE and message.data == 1001, message
         assert await asyncio.wait_for(server.process.wait(), TIMEOUT) == 0
         assert loop.time() - started < 5
+    for user in ("alice", "bob"):  # the log says the code the client got, not the one it echoed
+        await server.line_matching(rf"close room=room user={user} clean=False code=1001")
 
 
 def test_readme_documents_every_option() -> None:
