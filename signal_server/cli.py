@@ -173,6 +173,8 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
         return _fail(str(exc))
     configure_logging(settings.log_level, settings.log_format)
     set_node(settings.node_id if settings.clustered else None)  # records before the app exists
+    if settings.webhook_secret and not settings.webhook_urls:
+        logger.warning("--webhook-secret is set but no --webhook-url: no webhooks will be sent")
     if not settings.dev_mode and not settings.allowed_origins:
         logger.warning(
             "no --allowed-origin: a page on any site may open a WebSocket with a token it holds; "

@@ -164,6 +164,10 @@ class WebhookSender:
             headers={"User-Agent": "signal-server-webhooks"},
         )
         loop = asyncio.get_running_loop()
+        logger.info(
+            "webhooks: delivering to %s%s", ", ".join(_origin(url) for url in self.urls),
+            " (events from the cluster's registry)" if redis is not None else "",
+        )
         self._tasks = [loop.create_task(self._work(queue)) for queue in self._queues.values()]
         if redis is not None:
             self._tasks.append(loop.create_task(self._drain(redis)))

@@ -336,3 +336,15 @@ async def test_a_shutdown_that_hangs_ends_the_process_anyway(monkeypatch: pytest
     assert await asyncio.wait_for(exited, TIMEOUT) == 1
     never.set()
     await asyncio.wait_for(serving, TIMEOUT)
+
+
+async def test_webhooks_say_at_start_whether_they_are_on(start_server) -> None:
+    """A receiver's origin (never its path or query) when on; a secret with no receiver is pointed out."""
+    hooked = await start_server(
+        "--port", "0", "--webhook-url", "http://127.0.0.1:9/hooks?token=secret-part",
+        env={"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_WEBHOOK_SECRET": "w" * 32},
+    )
+    line = (await hooked.line_matching(r"webhooks: delivering to .*")).group(0)
+    assert "http://127.0.0.1:9" in line and "secret-part" not in line and "/hooks" not in line
+    unhooked = await start_server("--port", "0", env={"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_WEBHOOK_SECRET": "w" * 32})
+    await unhooked.line_matching(r"--webhook-secret is set but no --webhook-url")
