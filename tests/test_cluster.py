@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -934,3 +935,79 @@ async def test_a_frame_reaching_a_draining_node_is_kept(
     assert state["payload"]["resumed"] is True
     if state["payload"]["recovered"]:
         assert (await resumed.expect("offer"))["payload"]["sdp"] == "during-drain"
+
+
+class _LinkWatch:
+    """A RedisLink of this process on the test's redis-server, with its states and pongs seen."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        from signal_server.cluster.link import RedisLink
+        from signal_server.settings import Settings
+
+        self.states: list[bool] = []
+        self.pongs = 0
+        self._changed = asyncio.Event()
+        self.link = RedisLink(
+            Settings(redis_url=redis.url, node_ttl=NODE_TTL), "watch", lambda data: None, self._state, lambda: None
+        )
+        self._dispatch = self.link._dispatch
+        self.on_pong: Callable[[], None] = lambda: None
+        self.link._dispatch = self._seen  # type: ignore[method-assign]
+
+    def _state(self, up: bool) -> None:
+        self.states.append(up)
+        self._changed.set()
+
+    def _seen(self, data: bytes) -> None:
+        self._dispatch(data)
+        if data[:1] == b"p":
+            self.pongs += 1
+            self._changed.set()
+            self.on_pong()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT * 2):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def test_a_stalled_node_loop_does_not_declare_redis_down(redis: RedisServer) -> None:
+    """The node's own loop does nothing for longer than the ping window (a CPU-bound
+    burst, a starved process) while Redis is fine: the replies waiting in its sockets
+    are read on the next turns, and the link never goes down."""
+    from signal_server.cluster.link import PING_WINDOW
+
+    watch = _LinkWatch(redis)
+    await watch.link.start()
+    try:
+        await watch.until(lambda: watch.link.up)
+        stalled: list[int] = []
+
+        def stall_once() -> None:
+            if not stalled:
+                stalled.append(watch.pongs)
+                # The scenario, not a synchronisation: right after a pong (so none is
+                # in flight) the loop blocks for longer than the window.
+                time.sleep(PING_WINDOW + 1.0)
+
+        watch.on_pong = stall_once
+        await watch.until(lambda: bool(stalled) and watch.pongs >= stalled[0] + 3)
+        assert watch.states == [True], watch.states
+    finally:
+        await watch.link.stop()
+
+
+async def test_a_subscription_redis_dropped_is_noticed_and_renewed(redis: RedisServer) -> None:
+    """Redis answers, but no longer has our subscription (our subscriber does not know):
+    the ping's zero receivers take the link down, and it subscribes again."""
+    watch = _LinkWatch(redis)
+    await watch.link.start()
+    try:
+        await watch.until(lambda: watch.link.up)
+        assert watch.link._pubsub is not None
+        await watch.link._pubsub.unsubscribe(watch.link.channel)  # behind the subscriber's back
+        await watch.until(lambda: watch.states[-2:] == [False, True])
+    finally:
+        await watch.link.stop()
+
