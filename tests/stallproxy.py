@@ -5,6 +5,9 @@ the kernel buffers on each side and neither end learns anything: exactly what
 a phone leaving Wi-Fi looks like to the server. It stalls the connections open
 at that moment; later ones are forwarded, as after a switch to another network
 (a browser's reconnect must get through while its old socket hangs).
+
+``pause()`` and ``resume()`` hold traffic instead: what is read waits, in
+order, and passes on ``resume()`` (a node whose link to Redis lags).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class StallProxy:
         self._open: set[asyncio.Event] = set()  # one per connection: set when it is stalled
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def port(self) -> int:
@@ -37,6 +42,14 @@ class StallProxy:
         for stalled in self._open:
             stalled.set()
         return len(self._open)
+
+    def pause(self) -> None:
+        """Hold everything read from now on, both ways, on every connection."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Pass on what was held, in order, and everything after it."""
+        self._flowing.set()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -76,6 +89,7 @@ class StallProxy:
                     read.cancel()
                     await asyncio.Event().wait()  # until close() cancels us
                 data = read.result()
+                await self._flowing.wait()
                 if not data:
                     writer.write_eof()
                     return

@@ -27,6 +27,7 @@ from signal_server.context import SIGNALING
 from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
 from .rawws import RawWebSocket
+from .stallproxy import StallProxy
 
 GRACE = 2.0
 NODE_TTL = 2.0
@@ -1011,3 +1012,42 @@ async def test_a_subscription_redis_dropped_is_noticed_and_renewed(redis: RedisS
     finally:
         await watch.link.stop()
 
+
+async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """alice's slot is held on n1 and she resumes through n3, whose link to Redis lags
+    (a proxy holds it). bob (n2) broadcasts meanwhile: n1 keeps the copy for alice, and
+    n3 gets the copy for carol while alice's JOIN is in flight there. alice gets the
+    message once (the kept copy), carol once."""
+    proxy = await StallProxy("127.0.0.1", redis.port).start()
+    n1, n2 = await start_nodes(2, grace=10.0)
+    n3 = Node("n3", [arg if arg != redis.url else f"redis://127.0.0.1:{proxy.port}" for arg in n1.args])
+    try:
+        await n3.start()
+        bob = await clients.connect(n2, "bob")
+        carol = await clients.connect(n3, "carol")
+        await bob.expect("user_joined")
+        alice = await raw_client(n1, "alice")  # last: nothing unconfirmed when she vanishes
+        for member in (bob, carol):
+            await member.expect("user_joined")
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        proxy.pause()
+        resumed = await clients.connect(n3, "alice", join=False)  # its JOIN waits in the proxy
+        await bob.offer(sdp="once")
+
+        async def kept_by_n1() -> bool:
+            return await kept_count(redis, "room-1", "alice") == 1
+
+        await wait_until(kept_by_n1)
+        proxy.resume()
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "once"
+        await quiet(resumed)
+        assert (await carol.expect("offer"))["payload"]["sdp"] == "once"
+        await quiet(carol)
+    finally:
+        await n3.kill()
+        await proxy.close()

@@ -436,9 +436,12 @@ class ClusterHub(Hub):
                 by_node: dict[str, list[str]] = {}
                 for user, remote in room.remote.items():
                     by_node.setdefault(remote.node, []).append(user)
-                header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": None}) + b"\n"
                 queued = True
                 for node, users in by_node.items():
+                    # Addressed to the members this node believes are there: one who
+                    # moved meanwhile gets it forwarded by the registry, and one who
+                    # is arriving there gets it only through this copy (never twice).
+                    header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": users}) + b"\n"
                     queued = self._publish(room.room_id, node, users, header + frame, frame) and queued
                 if not queued:
                     self.metrics.relayed[kind] += 1
@@ -556,7 +559,7 @@ class ClusterHub(Hub):
     def _relay_in(self, header: dict[str, Any], frame: bytes) -> None:
         room = self.rooms.get(header["r"])
         targets: list[str] | None = header["t"]
-        if targets is None:
+        if targets is None:  # a server message (SEND) to the whole room
             if isinstance(room, ClusterRoom):
                 sender = header["s"]
                 for slot in room.slots.values():
