@@ -1013,6 +1013,19 @@ async def test_a_subscription_redis_dropped_is_noticed_and_renewed(redis: RedisS
         await watch.link.stop()
 
 
+async def proxied_node(redis: RedisServer, node_id: str, args: list[str]) -> tuple[Node, StallProxy]:
+    """A node whose connections to Redis pass through a proxy the test can pause."""
+    proxy = await StallProxy("127.0.0.1", redis.port).start()
+    node = Node(node_id, [f"redis://127.0.0.1:{proxy.port}" if arg == redis.url else arg for arg in args])
+    try:
+        await node.start()
+    except BaseException:
+        await node.kill()
+        await proxy.close()
+        raise
+    return node, proxy
+
+
 async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
@@ -1020,11 +1033,9 @@ async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
     (a proxy holds it). bob (n2) broadcasts meanwhile: n1 keeps the copy for alice, and
     n3 gets the copy for carol while alice's JOIN is in flight there. alice gets the
     message once (the kept copy), carol once."""
-    proxy = await StallProxy("127.0.0.1", redis.port).start()
     n1, n2 = await start_nodes(2, grace=10.0)
-    n3 = Node("n3", [arg if arg != redis.url else f"redis://127.0.0.1:{proxy.port}" for arg in n1.args])
+    n3, proxy = await proxied_node(redis, "n3", n1.args)
     try:
-        await n3.start()
         bob = await clients.connect(n2, "bob")
         carol = await clients.connect(n3, "carol")
         await bob.expect("user_joined")
@@ -1051,3 +1062,34 @@ async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
     finally:
         await n3.kill()
         await proxy.close()
+
+
+async def test_a_message_to_a_resume_in_flight_here_is_not_overtaken(redis: RedisServer, clients: Clients) -> None:
+    """alice (held on n1) resumes through n2, where bob is. bob's offer sent while her JOIN
+    is in flight waits on n2 for her, instead of going to n1 and back through the registry,
+    where his next offer, delivered on n2 directly, would overtake it."""
+    base = ["--redis-url", redis.url, "--node-ttl", str(NODE_TTL), "--reconnect-grace", "10.0", "--heartbeat", "30"]
+    started = [await proxied_node(redis, "n1", base)]
+    try:
+        started.append(await proxied_node(redis, "n2", base))
+        (n1, p1), (n2, p2) = started
+        bob = await clients.connect(n2, "bob")
+        alice = await raw_client(n1, "alice")
+        await bob.expect("user_joined")
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        p2.pause()
+        resumed = await clients.connect(n2, "alice", join=False)  # its JOIN waits in n2's proxy
+        await bob.offer(sdp="first", target_user_id="alice")
+        p1.pause()  # what reaches n1 now waits, as on a busy node
+        p2.resume()
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        await bob.offer(sdp="second", target_user_id="alice")
+        p1.resume()
+        assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(2)] == ["first", "second"]
+        await quiet(resumed)
+    finally:
+        for node, proxy in started:
+            await node.kill()
+            await proxy.close()

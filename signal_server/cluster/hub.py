@@ -435,7 +435,10 @@ class ClusterHub(Hub):
                     return self._unavailable(slot)
                 by_node: dict[str, list[str]] = {}
                 for user, remote in room.remote.items():
-                    by_node.setdefault(remote.node, []).append(user)
+                    if user in room.inflight:  # resuming here: after its kept frames, before live ones
+                        self._buffer(room, user, frame, addressed=True)
+                    else:
+                        by_node.setdefault(remote.node, []).append(user)
                 queued = True
                 for node, users in by_node.items():
                     # Addressed to the members this node believes are there: one who
@@ -456,9 +459,13 @@ class ClusterHub(Hub):
                 found = room.remote.get(target)
                 if found is None:
                     return SignalError("TARGET_NOT_FOUND", f"user {target[:64]!r} is not in this room")
+                frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
+                if target in room.inflight:  # resuming here: not through its old node and back
+                    self._buffer(room, target, frame, addressed=True)
+                    self.metrics.relayed[kind] += 1
+                    return None
                 if not self.link.up:
                     return self._unavailable(slot)
-                frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
                 if not self._publish(room.room_id, found.node, [target], header + frame, frame):
                     return self._unavailable(slot)
