@@ -7,7 +7,8 @@ at that moment; later ones are forwarded, as after a switch to another network
 (a browser's reconnect must get through while its old socket hangs).
 
 ``pause()`` and ``resume()`` hold traffic instead: what is read waits, in
-order, and passes on ``resume()`` (a node whose link to Redis lags).
+order, and passes on ``resume()`` (a node whose link to Redis lags); on every
+connection, or on one (by the order they were accepted in).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class StallProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._flows: list[asyncio.Event] = []  # one per connection, in the order accepted
 
     @property
     def port(self) -> int:
@@ -43,13 +45,19 @@ class StallProxy:
             stalled.set()
         return len(self._open)
 
-    def pause(self) -> None:
-        """Hold everything read from now on, both ways, on every connection."""
-        self._flowing.clear()
+    def upstream_ports(self) -> list[int]:
+        """The local port of each connection to the target, in the order accepted."""
+        return [writer.get_extra_info("sockname")[1] for writer in self._writers[1::2]]
+
+    def pause(self, connection: int | None = None) -> None:
+        """Hold everything read from now on, both ways, on every connection or on one."""
+        (self._flowing if connection is None else self._flows[connection]).clear()
 
     def resume(self) -> None:
-        """Pass on what was held, in order, and everything after it."""
+        """Pass on what was held, in order, and everything after it, on every connection."""
         self._flowing.set()
+        for flowing in self._flows:
+            flowing.set()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -72,12 +80,18 @@ class StallProxy:
         self._writers += [client_writer, server_writer]
         stalled = asyncio.Event()
         self._open.add(stalled)
+        flowing = asyncio.Event()
+        flowing.set()
+        self._flows.append(flowing)
         for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.create_task(self._pipe(reader, writer, stalled))
+            task = asyncio.create_task(self._pipe(reader, writer, stalled, flowing))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, event: asyncio.Event) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, event: asyncio.Event,
+        flowing: asyncio.Event,
+    ) -> None:
         stalled = asyncio.ensure_future(event.wait())
         try:
             while True:
@@ -90,6 +104,7 @@ class StallProxy:
                     await asyncio.Event().wait()  # until close() cancels us
                 data = read.result()
                 await self._flowing.wait()
+                await flowing.wait()
                 if not data:
                     writer.write_eof()
                     return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -1093,3 +1094,44 @@ async def test_a_message_to_a_resume_in_flight_here_is_not_overtaken(redis: Redi
         for node, proxy in started:
             await node.kill()
             await proxy.close()
+
+
+async def command_connection(redis: RedisServer, proxy: StallProxy) -> int:
+    """Which of the proxy's connections is its node's command connection (not the subscriber)."""
+    listed = (await redis.command("CLIENT", "LIST")).decode()
+    subscribers = {int(m) for m in re.findall(r"addr=127\.0\.0\.1:(\d+) .* sub=[1-9]", listed)}
+    found = [i for i, port in enumerate(proxy.upstream_ports()) if port not in subscribers]
+    assert len(found) == 1, (listed, proxy.upstream_ports())
+    return found[0]
+
+
+async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """alice's node dies; bob (n3) sends to her twice while his node still believes her on
+    the dead one and the replies lag (n3's command connection is held), then once after it
+    learned that she resumed through n2. The first two come back with no receiver and the
+    registry forwards them; the third must not overtake them in the same pipeline."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    n3, proxy = await proxied_node(redis, "n3", n1.args)
+    try:
+        bob = await clients.connect(n3, "bob")
+        alice = await raw_client(n1, "alice")
+        await bob.expect("user_joined")
+        await n1.kill()
+        alice.abort()
+        proxy.pause(await command_connection(redis, proxy))  # n3's subscriber goes on
+        await bob.offer(sdp="1", target_user_id="alice")  # written, its reply held
+        await bob.offer(sdp="2", target_user_id="alice")  # queued behind it
+        resumed = await clients.connect(n2, "alice", join=False)
+        assert (await resumed.expect("room_state"))["payload"]["resumed"] is True
+        await clients.connect(n2, "dave")
+        await resumed.expect("user_joined")
+        await bob.expect("user_joined")  # n3 read the takeover event before this one
+        await bob.offer(sdp="3", target_user_id="alice")  # queued, now addressed to n2
+        proxy.resume()
+        assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(3)] == ["1", "2", "3"]
+        await quiet(resumed)
+    finally:
+        await n3.kill()
+        await proxy.close()

@@ -631,8 +631,9 @@ class ClusterHub(Hub):
             local = room.slots.get(user)
             if isinstance(local, ClusterSlot) and node != self.node and local.epoch < int(header["c"]):
                 self._moved_away(room, local, node)
-            elif user in room.remote:
+            elif user in room.remote and room.remote[user].node != node:
                 room.remote[user].node = node
+                self.link.barrier()  # what went to its old node is forwarded before what follows
 
     def _moved_away(self, room: ClusterRoom, slot: ClusterSlot, node: str) -> None:
         """The user took the slot over (or resumed it) through another node."""
@@ -675,6 +676,8 @@ class ClusterHub(Hub):
             room.remote[user] = Remote(username, node, int(seq))
             if known is None:
                 self._notify(room, "user_joined", {"user_id": user, "username": username})
+            elif known.node != node:
+                self.link.barrier()
         if prune:
             for user in [u for u in room.remote if u not in seen]:
                 gone = room.remote.pop(user)

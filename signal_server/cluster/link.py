@@ -93,6 +93,10 @@ class _Command:
     retried: bool = False  # sent again once after NOSCRIPT
 
 
+# In the queue: commands after it wait for the replies of those before it (and
+# for the fallbacks those replies ask for, see send_script_next).
+_BARRIER = _Command(())
+
 SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAMES}
 SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
 
@@ -143,6 +147,7 @@ class RedisLink:
         self._on_registered = on_registered
         self._queue: list[_Command] = []
         self._next: list[_Command] = []
+        self._barriers = 0  # _BARRIER entries in the queue
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_answer = 0.0  # when a reply from Redis was last read (either connection)
@@ -259,6 +264,29 @@ class RedisLink:
             raise LinkDown("the Redis queue is full")
         return await future
 
+    def barrier(self) -> None:
+        """Send what is queued from now on only after the replies to what is queued
+        before, and the fallbacks they ask for: a message published to a node that
+        nobody listens on any more is forwarded (KEEP) before a later one goes
+        directly to where its recipient moved."""
+        if self._queue and self._queue[-1] is not _BARRIER:
+            self._queue.append(_BARRIER)
+            self._barriers += 1
+
+    def _take_batch(self) -> list[_Command]:
+        """The next pipeline: up to MAX_BATCH commands, never across a barrier."""
+        end = MAX_BATCH
+        if self._barriers:
+            try:
+                end = self._queue.index(_BARRIER, 0, MAX_BATCH)
+            except ValueError:
+                pass
+        batch, self._queue = self._queue[:end], self._queue[end:]
+        if not batch and self._queue:  # the barrier itself: what was before it is answered
+            del self._queue[0]
+            self._barriers -= 1
+        return batch
+
     def _enqueue(self, command: _Command) -> bool:
         if len(self._queue) >= MAX_QUEUE:
             return False
@@ -277,7 +305,9 @@ class RedisLink:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                batch = self._take_batch()
+                if not batch:
+                    continue
                 try:
                     self._writing_since = time.monotonic()
                     if not self._scripts_loaded:
