@@ -6,7 +6,7 @@ at the generator's phase marks, and keeps the generator's JSON result. Results
 go to bench/results/latest.json; bench/report.py turns them into
 docs/benchmarks.md and the chart.
 
-Usage: python bench/run.py [--runs 3] [--seconds 10] [--only S1,S3] [--quick] [--out latest.json]
+Usage: python bench/run.py [--runs 3] [--seconds 10] [--only S1,S3] [--quick]
 """
 
 from __future__ import annotations
@@ -145,7 +145,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6")
     parser.add_argument("--quick", action="store_true", help="1 run of 3 s each (a smoke test)")
-    parser.add_argument("--out", default="latest.json", help="file in bench/results (report.py reads latest.json)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.seconds = 1, 3.0
@@ -166,7 +165,7 @@ def main() -> None:
                     results.append(outcome)
                     print(json.dumps({k: v for k, v in outcome.items() if k not in ("join",)}), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps({"runs": args.runs, "seconds": args.seconds,
+    (RESULTS / "latest.json").write_text(json.dumps({"runs": args.runs, "seconds": args.seconds,
                                                      "results": results}, indent=1))
 
 
