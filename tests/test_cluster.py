@@ -1121,8 +1121,8 @@ async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
         await n1.kill()
         alice.abort()
         proxy.pause(await command_connection(redis, proxy))  # n3's subscriber goes on
-        await bob.offer(sdp="1", target_user_id="alice")  # written, its reply held
-        await bob.offer(sdp="2", target_user_id="alice")  # queued behind it
+        await bob.offer(sdp="1", target_user_id="alice")  # to n1: sent or queued, no reply reaches n3
+        await bob.offer(sdp="2", target_user_id="alice")
         resumed = await clients.connect(n2, "alice", join=False)
         assert (await resumed.expect("room_state"))["payload"]["resumed"] is True
         await clients.connect(n2, "dave")
