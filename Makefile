@@ -60,13 +60,14 @@ test: $(VENV)/.installed-dev $(VENV)/.installed-run system-deps
 screenshot: $(VENV)/.installed-dev system-deps
 	$(call IN_NETNS,$(BIN)/python -m tests.screenshot)
 
-## bench: every scenario 3 times against PeerJS and the aiohttp floor, the cluster ones, the failover and webhooks
-## (about 31 minutes), then docs/benchmarks.md, docs/benchmarks.png and docs/failover.png
+## bench: every scenario 3 times against PeerJS and the aiohttp floor, the cluster ones, the failover, the join and
+## resume storms in rounds, and webhooks (about 35 minutes), then docs/benchmarks.md, docs/benchmarks.png and docs/failover.png
 bench: $(VENV)/.installed-bench bench-deps
 	cd bench && npm install --no-audit --no-fund --loglevel=error
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/joins.py
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/report.py

@@ -437,7 +437,7 @@ async function failover(total, interval) {
       const client = new Client(clients.length, `room${r}`, `u${r}x${m}`);
       client.node = (r + m) % ports.length;
       client.token = jwt(client.name);
-      client.received = new Map(); // sender index -> [unique count, duplicates, last seq]
+      client.received = new Map(); // sender index -> [unique count, duplicates, highest seq, seqs seen]
       clients.push(client);
       members.push(client);
     }
@@ -468,9 +468,13 @@ async function failover(total, interval) {
     const seq = tail(data, '"seq":');
     const sender = clients[senderIndex];
     stats.delivered += 1;
-    const seen = client.received.get(senderIndex) ?? [0, 0, 0];
-    if (seq <= seen[2]) seen[1] += 1; // a duplicate (or reordered) delivery
-    else seen[0] += 1;
+    const seen = client.received.get(senderIndex) ?? [0, 0, 0, new Set()];
+    if (seen[3].has(seq)) seen[1] += 1; // a duplicate
+    else {
+      seen[0] += 1;
+      seen[3].add(seq);
+      if (seq < seen[2]) client.reordered = (client.reordered ?? 0) + 1; // arrived after a later one
+    }
     seen[2] = Math.max(seen[2], seq);
     client.received.set(senderIndex, seen);
     if (client.resumedAt !== undefined && client.relayInAt === undefined && tail(data, '"t":') >= client.resumedAt) {
@@ -580,9 +584,15 @@ async function failover(total, interval) {
     }
   }
   let displacedDuplicates = 0;
+  let displacedReordered = 0;
+  let restReordered = 0;
   for (const receiver of clients) {
-    if (!receiver.displaced) continue;
+    if (!receiver.displaced) {
+      restReordered += receiver.reordered ?? 0;
+      continue;
+    }
     for (const [, [, dups]] of receiver.received) displacedDuplicates += dups;
+    displacedReordered += receiver.reordered ?? 0;
   }
   const since = (value) => (value === undefined ? null : (value - killAt) / 1000);
   const resumedTimes = displaced.map((c) => since(c.resumedAt)).filter((t) => t !== null).sort((a, b) => a - b);
@@ -603,7 +613,8 @@ async function failover(total, interval) {
       all_resumed_s: resumedTimes.at(-1) ?? null, all_relaying_s: relayTimes.length === displaced.length ? relayTimes.at(-1) : null,
       relaying: relayTimes.length, median_resumed_s: percentile(resumedTimes, 50),
       peak_resumes_per_s: Math.max(0, ...timeline) * 10, resumes_per_100ms: timeline,
-      rest_expected: expected, rest_lost: lost, rest_duplicated: duplicated, displaced_duplicates: displacedDuplicates,
+      rest_expected: expected, rest_lost: lost, rest_duplicated: duplicated, rest_reordered: restReordered,
+      displaced_duplicates: displacedDuplicates, displaced_reordered: displacedReordered,
     },
   };
 }

@@ -13,7 +13,7 @@ from aiohttp import web
 from .admission import Admission, ClientAddress
 from .auth import TokenVerifier
 from .hub import Hub, HubLimits
-from .metrics import Metrics
+from .metrics import Metrics, TokenCacheCollector
 from .peer import WebSocketPeer
 from .settings import MIN_SECRET_BYTES, Settings
 from .webhooks import WebhookSender
@@ -43,6 +43,7 @@ class Signaling:
         self.admission = Admission(settings)
         self.client_address = ClientAddress(settings.trusted_proxies)
         self.metrics = Metrics(lambda: (self.admission.open, len(self.hub.rooms)))
+        self.metrics.registry.register(TokenCacheCollector(self.verifier.cache))
         limits = HubLimits(
             max_participants=settings.max_participants,
             reconnect_grace=settings.reconnect_grace,

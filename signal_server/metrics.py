@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+if TYPE_CHECKING:
+    from .tokencache import VerifiedTokenCache
+
+__all__ = ["Metrics", "TokenCacheCollector"]
 
 
 class Metrics(Collector):
@@ -77,6 +81,25 @@ class Metrics(Collector):
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+class TokenCacheCollector(Collector):
+    """The verified-token cache's hits, misses, entries and bytes, read at scrape time
+    (the join path only bumps the cache's own integers)."""
+
+    def __init__(self, cache: VerifiedTokenCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        yield _counter("signal_token_cache_hits", "Tokens served from the verified-token cache", cache.hits)
+        yield _counter(
+            "signal_token_cache_misses", "Tokens the cache could not serve (verified in full)", cache.misses
+        )
+        yield GaugeMetricFamily("signal_token_cache_entries", "Tokens in the verified-token cache", value=len(cache))
+        yield GaugeMetricFamily(
+            "signal_token_cache_bytes", "Estimated memory of the verified-token cache", value=cache.size_bytes
+        )
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from signal_server.context import SIGNALING
 from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
 from .rawws import RawWebSocket
+from .stallproxy import StallProxy
 
 GRACE = 2.0
 NODE_TTL = 2.0
@@ -934,3 +937,201 @@ async def test_a_frame_reaching_a_draining_node_is_kept(
     assert state["payload"]["resumed"] is True
     if state["payload"]["recovered"]:
         assert (await resumed.expect("offer"))["payload"]["sdp"] == "during-drain"
+
+
+class _LinkWatch:
+    """A RedisLink of this process on the test's redis-server, with its states and pongs seen."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        from signal_server.cluster.link import RedisLink
+        from signal_server.settings import Settings
+
+        self.states: list[bool] = []
+        self.pongs = 0
+        self._changed = asyncio.Event()
+        self.link = RedisLink(
+            Settings(redis_url=redis.url, node_ttl=NODE_TTL), "watch", lambda data: None, self._state, lambda: None
+        )
+        self._dispatch = self.link._dispatch
+        self.on_pong: Callable[[], None] = lambda: None
+        self.link._dispatch = self._seen  # type: ignore[method-assign]
+
+    def _state(self, up: bool) -> None:
+        self.states.append(up)
+        self._changed.set()
+
+    def _seen(self, data: bytes) -> None:
+        self._dispatch(data)
+        if data[:1] == b"p":
+            self.pongs += 1
+            self._changed.set()
+            self.on_pong()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT * 2):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def test_a_stalled_node_loop_does_not_declare_redis_down(redis: RedisServer) -> None:
+    """The node's own loop does nothing for longer than the ping window (a CPU-bound
+    burst, a starved process) while Redis is fine: the replies waiting in its sockets
+    are read on the next turns, and the link never goes down."""
+    from signal_server.cluster.link import PING_WINDOW
+
+    watch = _LinkWatch(redis)
+    await watch.link.start()
+    try:
+        await watch.until(lambda: watch.link.up)
+        stalled: list[int] = []
+
+        def stall_once() -> None:
+            if not stalled:
+                stalled.append(watch.pongs)
+                # The scenario, not a synchronisation: right after a pong (so none is
+                # in flight) the loop blocks for longer than the window.
+                time.sleep(PING_WINDOW + 1.0)
+
+        watch.on_pong = stall_once
+        await watch.until(lambda: bool(stalled) and watch.pongs >= stalled[0] + 3)
+        assert watch.states == [True], watch.states
+    finally:
+        await watch.link.stop()
+
+
+async def test_a_subscription_redis_dropped_is_noticed_and_renewed(redis: RedisServer) -> None:
+    """Redis answers, but no longer has our subscription (our subscriber does not know):
+    the ping's zero receivers take the link down, and it subscribes again."""
+    watch = _LinkWatch(redis)
+    await watch.link.start()
+    try:
+        await watch.until(lambda: watch.link.up)
+        assert watch.link._pubsub is not None
+        await watch.link._pubsub.unsubscribe(watch.link.channel)  # behind the subscriber's back
+        await watch.until(lambda: watch.states[-2:] == [False, True])
+    finally:
+        await watch.link.stop()
+
+
+async def proxied_node(redis: RedisServer, node_id: str, args: list[str]) -> tuple[Node, StallProxy]:
+    """A node whose connections to Redis pass through a proxy the test can pause."""
+    proxy = await StallProxy("127.0.0.1", redis.port).start()
+    node = Node(node_id, [f"redis://127.0.0.1:{proxy.port}" if arg == redis.url else arg for arg in args])
+    try:
+        await node.start()
+    except BaseException:
+        await node.kill()
+        await proxy.close()
+        raise
+    return node, proxy
+
+
+async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """alice's slot is held on n1 and she resumes through n3, whose link to Redis lags
+    (a proxy holds it). bob (n2) broadcasts meanwhile: n1 keeps the copy for alice, and
+    n3 gets the copy for carol while alice's JOIN is in flight there. alice gets the
+    message once (the kept copy), carol once."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    n3, proxy = await proxied_node(redis, "n3", n1.args)
+    try:
+        bob = await clients.connect(n2, "bob")
+        carol = await clients.connect(n3, "carol")
+        await bob.expect("user_joined")
+        alice = await raw_client(n1, "alice")  # last: nothing unconfirmed when she vanishes
+        for member in (bob, carol):
+            await member.expect("user_joined")
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        proxy.pause()
+        resumed = await clients.connect(n3, "alice", join=False)  # its JOIN waits in the proxy
+        await bob.offer(sdp="once")
+
+        async def kept_by_n1() -> bool:
+            return await kept_count(redis, "room-1", "alice") == 1
+
+        await wait_until(kept_by_n1)
+        proxy.resume()
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "once"
+        await quiet(resumed)
+        assert (await carol.expect("offer"))["payload"]["sdp"] == "once"
+        await quiet(carol)
+    finally:
+        await n3.kill()
+        await proxy.close()
+
+
+async def test_a_message_to_a_resume_in_flight_here_is_not_overtaken(redis: RedisServer, clients: Clients) -> None:
+    """alice (held on n1) resumes through n2, where bob is. bob's offer sent while her JOIN
+    is in flight waits on n2 for her, instead of going to n1 and back through the registry,
+    where his next offer, delivered on n2 directly, would overtake it."""
+    base = ["--redis-url", redis.url, "--node-ttl", str(NODE_TTL), "--reconnect-grace", "10.0", "--heartbeat", "30"]
+    started = [await proxied_node(redis, "n1", base)]
+    try:
+        started.append(await proxied_node(redis, "n2", base))
+        (n1, p1), (n2, p2) = started
+        bob = await clients.connect(n2, "bob")
+        alice = await raw_client(n1, "alice")
+        await bob.expect("user_joined")
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        p2.pause()
+        resumed = await clients.connect(n2, "alice", join=False)  # its JOIN waits in n2's proxy
+        await bob.offer(sdp="first", target_user_id="alice")
+        p1.pause()  # what reaches n1 now waits, as on a busy node
+        p2.resume()
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        await bob.offer(sdp="second", target_user_id="alice")
+        p1.resume()
+        assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(2)] == ["first", "second"]
+        await quiet(resumed)
+    finally:
+        for node, proxy in started:
+            await node.kill()
+            await proxy.close()
+
+
+async def command_connection(redis: RedisServer, proxy: StallProxy) -> int:
+    """Which of the proxy's connections is its node's command connection (not the subscriber)."""
+    listed = (await redis.command("CLIENT", "LIST")).decode()
+    subscribers = {int(m) for m in re.findall(r"addr=127\.0\.0\.1:(\d+) .* sub=[1-9]", listed)}
+    found = [i for i, port in enumerate(proxy.upstream_ports()) if port not in subscribers]
+    assert len(found) == 1, (listed, proxy.upstream_ports())
+    return found[0]
+
+
+async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """alice's node dies; bob (n3) sends to her twice while his node still believes her on
+    the dead one and the replies lag (n3's command connection is held), then once after it
+    learned that she resumed through n2. The first two come back with no receiver and the
+    registry forwards them; the third must not overtake them in the same pipeline."""
+    n1, n2 = await start_nodes(2, grace=10.0)
+    n3, proxy = await proxied_node(redis, "n3", n1.args)
+    try:
+        bob = await clients.connect(n3, "bob")
+        alice = await raw_client(n1, "alice")
+        await bob.expect("user_joined")
+        await n1.kill()
+        alice.abort()
+        proxy.pause(await command_connection(redis, proxy))  # n3's subscriber goes on
+        await bob.offer(sdp="1", target_user_id="alice")  # to n1: sent or queued, no reply reaches n3
+        await bob.offer(sdp="2", target_user_id="alice")
+        resumed = await clients.connect(n2, "alice", join=False)
+        assert (await resumed.expect("room_state"))["payload"]["resumed"] is True
+        await clients.connect(n2, "dave")
+        await resumed.expect("user_joined")
+        await bob.expect("user_joined")  # n3 read the takeover event before this one
+        await bob.offer(sdp="3", target_user_id="alice")  # queued, now addressed to n2
+        proxy.resume()
+        assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(3)] == ["1", "2", "3"]
+        await quiet(resumed)
+    finally:
+        await n3.kill()
+        await proxy.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
+import re
 import time
 
 import pytest
@@ -127,6 +129,22 @@ async def test_metrics_count_what_happened(client):
     text = await (await client.get("/metrics")).text()
     assert 'signal_leaves_total{reason="left"} 1.0' in text
     assert "signal_connections 1.0" in text
+
+
+async def test_token_cache_metrics(client):
+    """Hits, misses, entries and bytes of the verified-token cache, as a reconnect sees them."""
+    token = make_token("alice")
+    url = f"/webrtc/ws/room-1?token={token}"
+    for _ in range(2):  # the first join verifies the token, the second finds it cached
+        ws = await client.ws_connect(url)
+        assert json.loads((await ws.receive()).data)["type"] == "room_state"
+        await ws.close()
+    text = await (await client.get("/metrics")).text()
+    assert "signal_token_cache_hits_total 1.0" in text
+    assert "signal_token_cache_misses_total 1.0" in text
+    assert "signal_token_cache_entries 1.0" in text
+    size = re.search(r"^signal_token_cache_bytes (\S+)$", text, re.M)
+    assert size and float(size.group(1)) > 0
 
 
 async def test_access_log_never_contains_the_token(client, caplog):

@@ -435,10 +435,16 @@ class ClusterHub(Hub):
                     return self._unavailable(slot)
                 by_node: dict[str, list[str]] = {}
                 for user, remote in room.remote.items():
-                    by_node.setdefault(remote.node, []).append(user)
-                header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": None}) + b"\n"
+                    if user in room.inflight:  # resuming here: after its kept frames, before live ones
+                        self._buffer(room, user, frame, addressed=True)
+                    else:
+                        by_node.setdefault(remote.node, []).append(user)
                 queued = True
                 for node, users in by_node.items():
+                    # Addressed to the members this node believes are there: one who
+                    # moved meanwhile gets it forwarded by the registry, and one who
+                    # is arriving there gets it only through this copy (never twice).
+                    header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": users}) + b"\n"
                     queued = self._publish(room.room_id, node, users, header + frame, frame) and queued
                 if not queued:
                     self.metrics.relayed[kind] += 1
@@ -453,9 +459,13 @@ class ClusterHub(Hub):
                 found = room.remote.get(target)
                 if found is None:
                     return SignalError("TARGET_NOT_FOUND", f"user {target[:64]!r} is not in this room")
+                frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
+                if target in room.inflight:  # resuming here: not through its old node and back
+                    self._buffer(room, target, frame, addressed=True)
+                    self.metrics.relayed[kind] += 1
+                    return None
                 if not self.link.up:
                     return self._unavailable(slot)
-                frame = encode_envelope(kind, payload, slot.user_id, room.room_id)
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
                 if not self._publish(room.room_id, found.node, [target], header + frame, frame):
                     return self._unavailable(slot)
@@ -556,7 +566,7 @@ class ClusterHub(Hub):
     def _relay_in(self, header: dict[str, Any], frame: bytes) -> None:
         room = self.rooms.get(header["r"])
         targets: list[str] | None = header["t"]
-        if targets is None:
+        if targets is None:  # a server message (SEND) to the whole room
             if isinstance(room, ClusterRoom):
                 sender = header["s"]
                 for slot in room.slots.values():
@@ -621,8 +631,9 @@ class ClusterHub(Hub):
             local = room.slots.get(user)
             if isinstance(local, ClusterSlot) and node != self.node and local.epoch < int(header["c"]):
                 self._moved_away(room, local, node)
-            elif user in room.remote:
+            elif user in room.remote and room.remote[user].node != node:
                 room.remote[user].node = node
+                self.link.barrier()  # what went to its old node is forwarded before what follows
 
     def _moved_away(self, room: ClusterRoom, slot: ClusterSlot, node: str) -> None:
         """The user took the slot over (or resumed it) through another node."""
@@ -665,6 +676,8 @@ class ClusterHub(Hub):
             room.remote[user] = Remote(username, node, int(seq))
             if known is None:
                 self._notify(room, "user_joined", {"user_id": user, "username": username})
+            elif known.node != node:
+                self.link.barrier()
         if prune:
             for user in [u for u in room.remote if u not in seen]:
                 gone = room.remote.pop(user)

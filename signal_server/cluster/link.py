@@ -7,11 +7,16 @@ messages from one sender to one node are published in the order sent.
 ``publish`` and ``keep`` only append to the queue, so the relay path never
 awaits Redis; ``call`` awaits its own reply.
 
-The subscriber listens on this node's channel. Liveness is a real round trip
-through it: every tick publishes a ping to our own channel, and the link is
-``up`` while pings keep coming back. When the link breaks, both tasks back off
-(capped, jittered) and retry; the owner is told of every up/down change so it
-can log one line and re-register its slots.
+The subscriber listens on this node's channel. The link comes ``up`` when a
+ping published to our own channel comes back through it. It goes down when
+Redis stops answering: a command was written and no reply from Redis (to any
+command, or a ping back) has been read for ``PING_WINDOW``, at ``STRIKES``
+checks in a row, so the loop had turns to read a reply that was waiting; or
+when Redis says nobody listens on our channel. A node that is merely behind
+(its loop stalled or saturated, a long queue of its own commands, a backlog
+on its subscriber) keeps seeing replies and stays up. When the link breaks,
+both tasks back off (capped, jittered) and retry; the owner is told of every
+up/down change so it can log one line and re-register its slots.
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ __all__ = ["RedisLink", "Backoff", "channel_of", "LinkDown"]
 logger = logging.getLogger("signal_server.cluster")
 
 TICK = 0.5  # seconds between readiness pings and reaper runs
-PING_WINDOW = 1.5  # the link is down when no ping came back for this long
+PING_WINDOW = 1.0  # down when a written command, and Redis, stayed silent this long
+CHECK_EVERY = 0.1  # seconds between liveness checks
+STRIKES = 3  # consecutive checks that must find Redis overdue (the loop read what it could in between)
+MAX_BATCH = 1000  # commands per pipeline: each reply comes back soon even with a long queue
 MAX_QUEUE = 10_000  # queued commands while Redis is slow; beyond, frames are lost
 NAMES = (
     "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
@@ -84,6 +92,10 @@ class _Command:
     script: str | None = None
     retried: bool = False  # sent again once after NOSCRIPT
 
+
+# In the queue: commands after it wait for the replies of those before it (and
+# for the fallbacks those replies ask for, see send_script_next).
+_BARRIER = _Command(())
 
 SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAMES}
 SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
@@ -135,9 +147,12 @@ class RedisLink:
         self._on_registered = on_registered
         self._queue: list[_Command] = []
         self._next: list[_Command] = []
+        self._barriers = 0  # _BARRIER entries in the queue
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_pong = 0.0
+        self._last_answer = 0.0  # when a reply from Redis was last read (either connection)
+        self._writing_since: float | None = None  # a pipeline written and not answered yet
+        self._strikes = 0
         self._pubsub: PubSub | None = None
         self._closing = False
         self._scripts_loaded = False
@@ -249,6 +264,29 @@ class RedisLink:
             raise LinkDown("the Redis queue is full")
         return await future
 
+    def barrier(self) -> None:
+        """Send what is queued from now on only after the replies to what is queued
+        before, and the fallbacks they ask for: a message published to a node that
+        nobody listens on any more is forwarded (KEEP) before a later one goes
+        directly to where its recipient moved."""
+        if self._queue and self._queue[-1] is not _BARRIER:
+            self._queue.append(_BARRIER)
+            self._barriers += 1
+
+    def _take_batch(self) -> list[_Command]:
+        """The next pipeline: up to MAX_BATCH commands, never across a barrier."""
+        end = MAX_BATCH
+        if self._barriers:
+            try:
+                end = self._queue.index(_BARRIER, 0, MAX_BATCH)
+            except ValueError:
+                pass
+        batch, self._queue = self._queue[:end], self._queue[end:]
+        if not batch and self._queue:  # the barrier itself: what was before it is answered
+            del self._queue[0]
+            self._barriers -= 1
+        return batch
+
     def _enqueue(self, command: _Command) -> bool:
         if len(self._queue) >= MAX_QUEUE:
             return False
@@ -267,14 +305,19 @@ class RedisLink:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue, []
+                batch = self._take_batch()
+                if not batch:
+                    continue
                 try:
+                    self._writing_since = time.monotonic()
                     if not self._scripts_loaded:
                         await self._load_scripts()
                     async with self.redis.pipeline(transaction=False) as pipe:
                         groups = _pipeline(pipe, batch)
                         results = await pipe.execute(raise_on_error=False)
+                    self._answered()
                 except Exception as exc:  # RedisError, OSError, or a client-library surprise
+                    self._writing_since = None
                     if not isinstance(exc, (RedisError, OSError)):
                         logger.exception("cluster: a write to Redis failed unexpectedly")
                     self._scripts_loaded = False
@@ -337,7 +380,7 @@ class RedisLink:
     def _dispatch(self, data: bytes) -> None:
         if data[:1] == b"p":
             if data[1:] == self.boot.encode():
-                self._last_pong = time.monotonic()
+                self._last_answer = time.monotonic()
                 self._set_up(True)
             return
         try:
@@ -355,7 +398,7 @@ class RedisLink:
         while True:
             now = time.monotonic()
             try:
-                self.publish(self.node, b"p" + self.boot.encode())
+                self.publish(self.node, b"p" + self.boot.encode(), self._ping_result)
                 if now - last_refresh >= refresh_every or not self.up:
                     registered = await self.call("NODE_UP", self.node, self.boot, self._ttl_ms)
                     last_refresh = now
@@ -380,11 +423,35 @@ class RedisLink:
                 await asyncio.sleep(backoff.next())
 
     async def _watch_loop(self) -> None:
-        """Down as soon as pings stop coming back, even while a command hangs."""
+        """Down once Redis is overdue at STRIKES checks in a row, even while a command hangs."""
         while True:
-            await asyncio.sleep(TICK / 2)
-            if self.up and time.monotonic() - self._last_pong > PING_WINDOW:
-                self._set_up(False)
+            await asyncio.sleep(CHECK_EVERY)
+            self.check()
+
+    def check(self) -> None:
+        """One liveness check. Overdue: a pipeline was written PING_WINDOW ago and is
+        unanswered, and nothing else from Redis was read meanwhile. One overdue check is not
+        enough: after a stall of this node's loop the reply may be waiting
+        unread, so the next checks (each on a later turn of the loop) must agree."""
+        now = time.monotonic()
+        overdue = self._writing_since is not None and now - max(self._last_answer, self._writing_since) > PING_WINDOW
+        self._strikes = self._strikes + 1 if overdue else 0
+        if self.up and self._strikes >= STRIKES:
+            self._set_up(False)
+
+    def _answered(self) -> None:
+        self._last_answer = time.monotonic()
+        self._writing_since = None
+
+    def _ping_result(self, receivers: Any) -> None:
+        """Redis answered our ping: 0 receivers means it has no subscription of
+        ours, whatever our subscriber believes: down, and subscribe again."""
+        if receivers != 0 or self._closing or not self.up:
+            return
+        logger.warning("cluster: Redis lost this node's subscription; subscribing again")
+        self._set_up(False)
+        self._tasks[1].cancel()
+        self._tasks[1] = asyncio.get_running_loop().create_task(self._subscribe_loop())
 
     # ---------------------------------------------------------------- state
 
