@@ -33,6 +33,7 @@ from aiohttp import web
 from run import BENCH, SECRET, free_port, raise_file_limit, rss_kib
 
 from signal_server.app import create_standalone_app
+from signal_server.context import SIGNALING
 from signal_server.settings import Settings
 
 # The limits of run.py's NO_LIMITS, as Settings fields: one address opens every connection.
@@ -111,7 +112,8 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
         port=port, jwt_secret=SECRET, log_level="warning", heartbeat=2.0 if keepalive else 15.0, **NO_LIMITS
     )
 
-    runner = web.AppRunner(create_standalone_app(settings), access_log=None)
+    app = create_standalone_app(settings)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -124,7 +126,7 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
             types_before, counts_before = type_counts()
         rss_before = rss_kib(os.getpid())
         config = {"target": "signal", "port": port, "scenario": "S4", "secret": SECRET,
-                  "connections": connections, "hold": 30, "concurrency": 100}
+                  "connections": connections, "hold": 30, "concurrency": 100, "answer_pings": keepalive}
         generator = await asyncio.create_subprocess_exec(
             "node", str(BENCH / "loadgen.mjs"), json.dumps(config), cwd=BENCH, stdout=subprocess.PIPE,
         )
@@ -139,6 +141,11 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
             await asyncio.sleep(3)
         gc.collect()
         result["rss_kib_per_connection"] = (rss_kib(os.getpid()) - rss_before) / connections
+        # A figure is only worth something if every connection is still open (a client
+        # that missed its pongs would have been dropped, its memory freed).
+        result["live_connections"] = len(app[SIGNALING].peers)
+        if result["live_connections"] != connections:
+            raise RuntimeError(f"only {result['live_connections']} of {connections} connections are live")
         if traced:
             after = tracemalloc.take_snapshot()
             types_after, counts_after = type_counts()
