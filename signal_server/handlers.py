@@ -189,6 +189,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if transport is None:  # the client went away during the handshake
         return ws
     release_http_parser(request)
+    # The handshake's response headers are on the wire; nothing reads them again,
+    # and a WebSocket would hold them (about 0.5 KiB) for its whole life.
+    ws.headers.clear()
     room_id = request.match_info["room_id"]
     peer = WebSocketPeer(
         ws, transport, room_id if ROOM_ID.match(room_id) else None,
@@ -222,8 +225,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 # JSON logs carry room and user as fields.
                 logger.info("join room=%s user=%s", room_id, user, extra={"room": room_id, "user": user})
                 clean = False
-                limiter = MessageRateLimiter(settings.rate_limit, settings.rate_burst, time.monotonic())
                 try:
+                    limiter = MessageRateLimiter(settings.rate_limit, settings.rate_burst, time.monotonic())
                     while True:  # the per-message loop
                         message = await ws.receive()
                         kind_of_frame = message.type

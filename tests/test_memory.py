@@ -32,7 +32,7 @@ def handler_coroutines(task: asyncio.Task[Any]) -> list[str]:
     return names
 
 
-async def test_an_idle_connection_keeps_no_http_parser_no_parsed_query_and_one_coroutine(app_client) -> None:
+async def test_an_idle_connection_keeps_no_http_parser_query_or_response_headers_and_one_coroutine(app_client) -> None:
     client = await app_client()
     sig = client.app[SIGNALING]
     members = await join_all(connector(client), "alice", "bob", "carol")
@@ -46,6 +46,8 @@ async def test_an_idle_connection_keeps_no_http_parser_no_parsed_query_and_one_c
     # The token was read from the raw request line: no parsed query (a MultiDict holding
     # the decoded token) is cached on the request or its URL for the connection's life.
     assert [o for o in gc.get_objects() if isinstance(o, (MultiDict, MultiDictProxy)) and "token" in o] == []
+    # The handshake's response headers, sent long ago, are not kept.
+    assert [dict(peer.ws.headers) for peer in sig.peers] == [{}] * 3
     # One coroutine of ours per connection: admission, relay and leave are not a chain of them.
     chains = [handler_coroutines(task) for task in asyncio.all_tasks()]
     handlers = [names for names in chains if "websocket_handler" in names]
