@@ -11,6 +11,8 @@ read separately without tracemalloc (its own overhead would count), in a
 second run. Results go to bench/results/memory.json and are printed.
 
 Usage: python bench/memory.py [--connections 2000] [--keepalive] [--traced-connections 2000]
+(make bench: RSS at 10,000 with keepalive, then the breakdown at 2,000 without: a traced server is
+slow enough that clients are dropped by the keepalive while they wait to be read.)
   --keepalive: hold the connections past keepalive pings (heartbeat 6 s), answered, as a real idle client does.
   (A shorter heartbeat drops clients whose pongs wait behind a loop stalled by tracemalloc for 3 s.)
 """

@@ -248,6 +248,7 @@ def _pem_file(path: str) -> str:
 
 
 def read_pem(path: str) -> str:
+    """The PEM text in ``path`` (a public key: nothing else is looked at here)."""
     pem = _read_key_file(path)
     if "-----BEGIN" not in pem:
         raise ValueError(f"{path!r} is not a PEM file")
