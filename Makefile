@@ -72,7 +72,7 @@ bench: $(VENV)/.installed-bench bench-deps
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/memory.py --connections 10000 --keepalive --traced-connections 0
-	$(BIN)/python bench/memory.py --connections 2000
+	$(BIN)/python bench/memory.py --connections 1000
 	$(BIN)/python bench/report.py
 
 $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
