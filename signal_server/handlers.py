@@ -190,7 +190,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
     release_http_parser(request)
     # The handshake's response headers are on the wire; nothing reads them again,
-    # and a WebSocket would hold them (about 0.5 KiB) for its whole life.
+    # and a WebSocket would hold them (a few hundred bytes) for its whole life.
     ws.headers.clear()
     room_id = request.match_info["room_id"]
     peer = WebSocketPeer(
