@@ -25,7 +25,6 @@ from yarl import URL
 from .auth import Identity
 from .context import SIGNALING, Signaling
 from .errors import CloseCode, SignalError
-from .hub import Slot
 from .intake import meter_intake
 from .peer import CLOSE_TIMEOUT, WebSocketPeer, close_bounded
 from .protocol import encode_server_message, parse_client_message
@@ -166,7 +165,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     Admits (limits, origin, token, room), joins, relays until the connection
     ends, then leaves or holds the slot. Refuses in-band; never lets a bug
-    take the socket silently. One coroutine for all of it, its steps
+    take the socket silently. One coroutine for all of it, its rare steps
     synchronous helpers: every idle connection keeps each coroutine of its
     handler's chain (a few hundred bytes apiece) and each bound method a
     frame caches (64 bytes), so there are none to keep.
@@ -244,8 +243,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                                     await _refuse(ws, peer, sig, SignalError("RATE_LIMITED", "sustained flooding"))
                                     break
                                 _rate_limited(sig, peer, verdict)
-                            elif kind_of_frame is _TEXT:
-                                _route(sig, peer, slot, message.data)
+                            elif kind_of_frame is _TEXT:  # the hot path, inline: no call per message
+                                try:
+                                    kind, payload, target = parse_client_message(message.data)
+                                except SignalError as error:
+                                    _report(sig, peer, error)
+                                    continue
+                                if kind == "ping":
+                                    peer.notify(encode_server_message("pong", {}, room_id))
+                                elif slot.peer is peer:  # else kicked, closed or taken over: it goes nowhere
+                                    failure = hub.route(slot, kind, payload, target)
+                                    if failure is not None:
+                                        _report(sig, peer, failure)
                             else:
                                 _control(sig, peer, kind_of_frame, message.data)
                         elif kind_of_frame is _PONG:
@@ -330,23 +339,6 @@ def _rate_limited(sig: Signaling, peer: WebSocketPeer, verdict: Verdict) -> None
     sig.metrics.rate_limited += 1
     if verdict is Verdict.DROP_AND_REPORT:
         _report(sig, peer, SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False))
-
-
-def _route(sig: Signaling, peer: WebSocketPeer, slot: Slot, data: bytes) -> None:
-    """One text message: parse it, answer an app-level ping, or relay it."""
-    try:
-        kind, payload, target = parse_client_message(data)
-    except SignalError as error:
-        _report(sig, peer, error)
-        return
-    if kind == "ping":
-        peer.notify(encode_server_message("pong", {}, slot.room.room_id))
-        return
-    if slot.peer is not peer:  # kicked, closed or taken over: what it still sent goes nowhere
-        return
-    failure = sig.hub.route(slot, kind, payload, target)
-    if failure is not None:
-        _report(sig, peer, failure)
 
 
 def _control(sig: Signaling, peer: WebSocketPeer, kind_of_frame: WSMsgType, data: Any) -> None:
