@@ -61,7 +61,8 @@ screenshot: $(VENV)/.installed-dev system-deps
 	$(call IN_NETNS,$(BIN)/python -m tests.screenshot)
 
 ## bench: every scenario 3 times against PeerJS and the aiohttp floor, the cluster ones, the failover, the join and
-## resume storms in rounds, and webhooks (about 35 minutes), then docs/benchmarks.md, docs/benchmarks.png and docs/failover.png
+## resume storms in rounds, webhooks and memory per idle connection (about 40 minutes), then docs/benchmarks.md,
+## docs/benchmarks.png and docs/failover.png
 bench: $(VENV)/.installed-bench bench-deps
 	cd bench && npm install --no-audit --no-fund --loglevel=error
 	$(BIN)/python bench/run.py
@@ -70,6 +71,8 @@ bench: $(VENV)/.installed-bench bench-deps
 	$(BIN)/python bench/joins.py
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/instructions.py
+	$(BIN)/python bench/memory.py --connections 10000 --keepalive --traced-connections 0
+	$(BIN)/python bench/memory.py --connections 1000
 	$(BIN)/python bench/report.py
 
 $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python

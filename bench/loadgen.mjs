@@ -130,7 +130,12 @@ class Client {
       socket.on("error", reject);
       socket.on("close", () => !this.joined && reject(new Error("closed before joining")));
       socket.on("data", (chunk) => {
-        if (this.joined) return; // later frames (user_joined...) are not needed
+        if (this.joined) {
+          // Later frames (user_joined...) are not needed; pings are answered when asked to,
+          // as a real idle client does (the server's keepalive drops a silent one).
+          if (config.answer_pings) this.answerPings(chunk);
+          return;
+        }
         received = Buffer.concat([received, chunk]);
         const headerEnd = received.indexOf("\r\n\r\n");
         if (headerEnd < 0) return;
@@ -150,9 +155,30 @@ class Client {
           return;
         }
         this.joined = true;
+        this.unread = Buffer.alloc(0);
+        if (config.answer_pings) this.answerPings(frame);
         resolve(now() - started);
       });
     });
+  }
+
+  /** Read the server's (unmasked) frames in `chunk` and answer each ping with a masked pong. */
+  answerPings(chunk) {
+    let data = Buffer.concat([this.unread, chunk]);
+    for (;;) {
+      if (data.length < 2) break;
+      const short = data[1] & 0x7f;
+      const offset = short === 126 ? 4 : short === 127 ? 10 : 2;
+      if (data.length < offset) break;
+      const length = short < 126 ? short : short === 126 ? data.readUInt16BE(2) : Number(data.readBigUInt64BE(2));
+      if (data.length < offset + length) break;
+      if ((data[0] & 0x0f) === 0x9) {
+        const payload = data.subarray(offset, offset + length); // a zero mask leaves it as it is
+        this.socket.write(Buffer.concat([Buffer.from([0x8a, 0x80 | length, 0, 0, 0, 0]), payload]));
+      }
+      data = data.subarray(offset + length);
+    }
+    this.unread = Buffer.from(data);
   }
 
   send(to) {

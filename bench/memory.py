@@ -10,8 +10,14 @@ objects that own them) and by object type (``gc`` counts times
 read separately without tracemalloc (its own overhead would count), in a
 second run. Results go to bench/results/memory.json and are printed.
 
-Usage: python bench/memory.py [--connections 2000] [--keepalive]
-  --keepalive: hold the connections past one keepalive ping (heartbeat 2 s), as a real idle client is.
+The clients answer pings in every run, as a browser does, and a run in which
+any connection is no longer live when measured fails instead of reporting.
+
+Usage: python bench/memory.py [--connections 2000] [--keepalive] [--traced-connections 2000]
+  --keepalive: a 6 s heartbeat, held until every connection has been pinged and answered.
+  --traced-connections: the tracemalloc run's size (0: none). make bench takes RSS at 10,000
+  with --keepalive, then the breakdown at 1,000: traced, the server takes thousands of
+  handshakes so slowly that the first clients are dropped before the last have joined.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import asyncio
 import gc
 import json
+import linecache
 import os
 import subprocess
 import sys
@@ -33,6 +40,7 @@ from aiohttp import web
 from run import BENCH, SECRET, free_port, raise_file_limit, rss_kib
 
 from signal_server.app import create_standalone_app
+from signal_server.context import SIGNALING
 from signal_server.settings import Settings
 
 # The limits of run.py's NO_LIMITS, as Settings fields: one address opens every connection.
@@ -40,6 +48,8 @@ NO_LIMITS: dict[str, Any] = {
     "rate_limit": 1e7, "rate_burst": 10_000_000, "max_connections": 1_000_000, "max_connections_per_ip": 1_000_000,
     "ip_connect_rate": 1e7, "ip_connect_burst": 10_000_000,
 }
+
+HEARTBEAT = 6.0  # seconds, with --keepalive: a silent peer is pinged after 3 s, dropped after 9 s
 
 # Allocation sites (file fragment, function or line fragment) -> who owns the memory.
 OWNERS = [
@@ -84,7 +94,9 @@ def allocation_site(frames: tracemalloc.Traceback) -> str:
     for frame in reversed(frames):
         if any(fragment in frame.filename for fragment, _ in OWNERS):
             name = "/".join(Path(frame.filename).parts[-2:])
-            return f"{name}:{frame.lineno} (allocated at {Path(last.filename).name}:{last.lineno})"
+            # The line's own text names the object better than its number (which moves between versions).
+            code = linecache.getline(frame.filename, frame.lineno).strip()[:70]
+            return f"{name}:{frame.lineno} `{code}` (allocated at {Path(last.filename).name}:{last.lineno})"
     return f"{Path(last.filename).name}:{last.lineno}"
 
 
@@ -108,10 +120,11 @@ def type_counts() -> tuple[Counter[str], Counter[str]]:
 async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> dict[str, Any]:
     port = free_port()
     settings = Settings(
-        port=port, jwt_secret=SECRET, log_level="warning", heartbeat=2.0 if keepalive else 15.0, **NO_LIMITS
+        port=port, jwt_secret=SECRET, log_level="warning", heartbeat=HEARTBEAT if keepalive else 15.0, **NO_LIMITS
     )
 
-    runner = web.AppRunner(create_standalone_app(settings), access_log=None)
+    app = create_standalone_app(settings)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -124,7 +137,7 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
             types_before, counts_before = type_counts()
         rss_before = rss_kib(os.getpid())
         config = {"target": "signal", "port": port, "scenario": "S4", "secret": SECRET,
-                  "connections": connections, "hold": 30, "concurrency": 100}
+                  "connections": connections, "hold": 30, "concurrency": 100, "answer_pings": True}
         generator = await asyncio.create_subprocess_exec(
             "node", str(BENCH / "loadgen.mjs"), json.dumps(config), cwd=BENCH, stdout=subprocess.PIPE,
         )
@@ -135,10 +148,17 @@ async def serve_and_measure(connections: int, traced: bool, keepalive: bool) -> 
                 raise RuntimeError("load generator ended before connecting")
             if json.loads(line)["phase"] == "connected":
                 break
-        if keepalive:  # let two keepalive sweeps ping every connection (and the pongs come back)
-            await asyncio.sleep(3)
+        if keepalive:  # let the keepalive sweeps ping every connection (and the pongs come back)
+            await asyncio.sleep(HEARTBEAT * 1.25)
         gc.collect()
         result["rss_kib_per_connection"] = (rss_kib(os.getpid()) - rss_before) / connections
+        # A figure is only worth something if every connection is still open (a client
+        # that missed its pongs would have been dropped, its memory freed).
+        peers = app[SIGNALING].peers
+        result["live_connections"] = len(peers)
+        result["pinged_connections"] = sum(1 for peer in peers if peer._pings_out is not None)
+        if result["live_connections"] != connections:
+            raise RuntimeError(f"only {result['live_connections']} of {connections} connections are live")
         if traced:
             after = tracemalloc.take_snapshot()
             types_after, counts_after = type_counts()
@@ -167,11 +187,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--keepalive", action="store_true")
+    parser.add_argument(
+        "--traced-connections", type=int, default=2000,
+        help="connections of the tracemalloc run (at most --connections; 0: none; tracing 25 frames deep "
+        "makes the server too slow to take 10,000 handshakes in time)",
+    )
     args = parser.parse_args()
     raise_file_limit()
     outcomes = []
     for traced in (False, True):
-        outcome = uvloop.run(serve_and_measure(args.connections, traced, args.keepalive))
+        connections = min(args.connections, args.traced_connections) if traced else args.connections
+        if connections <= 0:
+            continue  # --traced-connections 0: RSS only
+        outcome = uvloop.run(serve_and_measure(connections, traced, args.keepalive))
         print(json.dumps(outcome, indent=1), flush=True)
         outcomes.append(outcome)
     (BENCH / "results").mkdir(exist_ok=True)

@@ -70,6 +70,34 @@ class Identity:
         return self.rooms is None or room_id in self.rooms
 
 
+@dataclass(frozen=True, slots=True)
+class _Config:
+    """What a token is verified against; swapped whole by :meth:`TokenVerifier.reconfigure`."""
+
+    key: Any
+    algorithms: list[str]
+    audience: str | None
+    issuer: str | None
+    options: Any
+
+
+def _configuration(settings: Settings) -> _Config:
+    key = settings.jwt_public_key or settings.jwt_secret
+    if not key:
+        raise ValueError("no JWT secret or public key configured")
+    return _Config(
+        key=prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key)),
+        algorithms=[settings.jwt_algorithm],
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        options={
+            "require": ["exp", "sub"],
+            "verify_aud": settings.jwt_audience is not None,
+            "verify_iss": settings.jwt_issuer is not None,
+        },
+    )
+
+
 def _unauthorized(detail: str) -> SignalError:
     return SignalError("UNAUTHORIZED", detail)
 
@@ -86,30 +114,21 @@ class TokenVerifier:
     def __init__(self, settings: Settings, leeway: float = 5.0, cache: VerifiedTokenCache | None = None) -> None:
         self._leeway = leeway
         self.cache = VerifiedTokenCache() if cache is None else cache
-        self.reconfigure(settings)
+        self._config = _configuration(settings)
 
     def reconfigure(self, settings: Settings) -> None:
         """Verify with the key, algorithm, audience and issuer of ``settings`` from now on.
 
         The new key is prepared first: one that does not fit raises
-        :class:`KeyConfigError` and the verifier keeps the old configuration.
-        Otherwise every cached token is forgotten, so none verified under the
-        old configuration is accepted without being verified again.
+        :class:`KeyConfigError` and the verifier keeps the old configuration
+        and its cache. Otherwise the new configuration replaces the old one
+        in a single assignment and every cached token is forgotten in the
+        same step (no await between them), so no token verified under the
+        old key is accepted without being verified again.
         """
-        key = settings.jwt_public_key or settings.jwt_secret
-        if not key:
-            raise ValueError("no JWT secret or public key configured")
-        prepared = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
+        config = _configuration(settings)
+        self._config = config
         self.cache.clear()
-        self._key = prepared
-        self._algorithms = [settings.jwt_algorithm]
-        self._audience = settings.jwt_audience
-        self._issuer = settings.jwt_issuer
-        self._options: Any = {
-            "require": ["exp", "sub"],
-            "verify_aud": settings.jwt_audience is not None,
-            "verify_iss": settings.jwt_issuer is not None,
-        }
 
     def verify(self, token: str | None) -> Identity:
         """Verify ``token`` and read its claims (from the cache when it was verified recently).
@@ -155,15 +174,16 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         """The verified claims of ``token`` (signature, algorithm, expiry, audience, issuer)."""
+        config = self._config
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
+                config.key,
+                algorithms=config.algorithms,
+                audience=config.audience,
+                issuer=config.issuer,
                 leeway=self._leeway,
-                options=self._options,
+                options=config.options,
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("token has expired") from None

@@ -26,10 +26,10 @@ from aiohttp.web_log import AccessLogger
 from . import __version__
 from .app import create_standalone_app
 from .auth import KeyConfigError, TokenVerifier, mint_token_for
-from .context import SIGNALING
+from .context import SIGNALING, Signaling
 from .errors import StartupError
 from .logs import configure_logging, set_node
-from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings
+from .settings import EXAMPLE_SECRETS, OPTIONS, Settings, SettingsError, load_settings, read_key_files
 from .tls import CertificateReloader, TLSError, TLSSite, tls_from_settings
 
 __all__ = ["main"]
@@ -143,6 +143,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _example_secret(settings: Settings) -> str | None:
+    """Why the secret must not serve a non-loopback address, if it is one our documentation prints."""
+    if settings.jwt_secret in EXAMPLE_SECRETS and not _is_loopback(settings.host):
+        option = "--jwt-secret-file" if settings.jwt_secret_file else "--jwt-secret"
+        return (
+            f"{option}: this is an example secret from the documentation, fine on loopback only; "
+            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return None
+
+
 def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
     parser = _settings_parser(PROG, "WebRTC signaling server (aiohttp).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -158,11 +169,9 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
                 f"set a secret to listen on {settings.host}"
             )
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
-    if settings.jwt_secret in EXAMPLE_SECRETS and not _is_loopback(settings.host):
-        return _fail(
-            "--jwt-secret: this is an example secret from the documentation, fine on loopback only; "
-            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        )
+    problem = _example_secret(settings)
+    if problem:
+        return _fail(problem)
     try:
         TokenVerifier(settings)  # a key that cannot verify stops here, not as a 5xx later
     except KeyConfigError as exc:
@@ -254,7 +263,7 @@ async def serve(
             stop = asyncio.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, _reload, tls)
+            loop.add_signal_handler(signal.SIGHUP, _reload, tls, app[SIGNALING])
         # Announce only once the handlers are in place: a supervisor that
         # signals as soon as it reads the line must not kill the process.
         _announce(settings, host, port, secure=tls is not None)
@@ -281,14 +290,44 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
-def _reload(tls: CertificateReloader | None) -> None:
-    """SIGHUP (systemd's ExecReload): reload the TLS files; never the default, which exits."""
+def _reload(tls: CertificateReloader | None, sig: Signaling) -> None:
+    """SIGHUP (systemd's ExecReload): reload the JWT key file and the TLS files; never the default, which exits."""
+    keys = _reload_key(sig)
     if tls is None:
-        logger.info("SIGHUP: nothing to reload (no --tls-cert)")
+        if not keys:
+            logger.info("SIGHUP: nothing to reload (no --tls-cert, no --jwt-public-key or --jwt-secret-file)")
     else:
         task = asyncio.get_running_loop().create_task(tls.reload_async())
         _reloads.add(task)  # a reference until done (the loop keeps only weak ones)
         task.add_done_callback(_reloads.discard)
+
+
+def _reload_key(sig: Signaling) -> bool:
+    """Read the key file again and swap the verifier to it (emptying the token cache).
+
+    A file that cannot be read or holds no usable key changes nothing: the
+    old key stays in service and one line says why. False when the key did
+    not come from a file (nothing to reload).
+    """
+    settings = sig.settings
+    source = settings.jwt_public_key_file or settings.jwt_secret_file
+    if not source:
+        return False
+    try:
+        fresh = read_key_files(settings)
+        problem = _example_secret(fresh)
+        if problem:
+            raise SettingsError(problem)
+        if (fresh.jwt_secret, fresh.jwt_public_key) == (settings.jwt_secret, settings.jwt_public_key):
+            logger.info("SIGHUP: JWT key in %s unchanged", source)
+            return True
+        sig.verifier.reconfigure(fresh)
+    except (SettingsError, KeyConfigError) as exc:
+        logger.error("JWT key reload failed, still verifying with the previous key: %s", exc)
+        return True
+    sig.settings = fresh
+    logger.info("JWT key reloaded from %s: tokens of the previous key are refused from now on", source)
+    return True
 
 
 _reloads: set[asyncio.Task[bool]] = set()

@@ -16,19 +16,20 @@ import logging
 import re
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 from yarl import URL
 
 from .auth import Identity
 from .context import SIGNALING, Signaling
 from .errors import CloseCode, SignalError
-from .hub import Slot
 from .intake import meter_intake
 from .peer import CLOSE_TIMEOUT, WebSocketPeer, close_bounded
 from .protocol import encode_server_message, parse_client_message
 from .ratelimit import MessageRateLimiter, Verdict
+from .upgraded import release_http_parser
 
 __all__ = ["config_handler", "websocket_handler", "OPERATIONS"]
 
@@ -160,7 +161,15 @@ async def _refuse(ws: web.WebSocketResponse, peer: WebSocketPeer, sig: Signaling
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """GET /ws/{room_id}: one participant's signaling connection."""
+    """GET /ws/{room_id}: one participant's signaling connection.
+
+    Admits (limits, origin, token, room), joins, relays until the connection
+    ends, then leaves or holds the slot. Refuses in-band; never lets a bug
+    take the socket silently. One coroutine for all of it, its rare steps
+    synchronous helpers: every idle connection keeps each coroutine of its
+    handler's chain (a few hundred bytes apiece) and each bound method a
+    frame caches (64 bytes), so there are none to keep.
+    """
     sig = request.app[SIGNALING]
     settings = sig.settings
     ws = web.WebSocketResponse(
@@ -178,6 +187,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     if transport is None:  # the client went away during the handshake
         return ws
+    release_http_parser(request)
+    # The handshake's response headers are on the wire; nothing reads them again,
+    # and a WebSocket would hold them (a few hundred bytes) for its whole life.
+    ws.headers.clear()
     room_id = request.match_info["room_id"]
     peer = WebSocketPeer(
         ws, transport, room_id if ROOM_ID.match(room_id) else None,
@@ -195,59 +208,92 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             sig.metrics.refused[limit] += 1
             await _refuse(ws, peer, sig, error)
             return ws
-        await _serve(sig, request, ws, peer, room_id)
+        try:
+            identity = _admit(sig, request, room_id)
+            # Nothing below reads the request (aiohttp's own frames still hold it).
+            del request
+            user = identity.user_id
+            user_refusal = sig.admission.admit_user(user)
+            if user_refusal is not None:
+                sig.metrics.refused["user_concurrent"] += 1
+                raise user_refusal
+            sig.peers.add(peer)
+            try:
+                hub = sig.hub
+                slot = await hub.join(room_id, identity, peer)
+                # JSON logs carry room and user as fields.
+                logger.info("join room=%s user=%s", room_id, user, extra={"room": room_id, "user": user})
+                clean = False
+                try:
+                    limiter = MessageRateLimiter(settings.rate_limit, settings.rate_burst, time.monotonic())
+                    while True:  # the per-message loop
+                        message = await ws.receive()
+                        kind_of_frame = message.type
+                        now = peer.last_seen = time.monotonic()
+                        # Every frame a client can send costs us work, so every one counts
+                        # toward its rate, except the pong answering a ping of ours.
+                        if (
+                            kind_of_frame is _TEXT or kind_of_frame is _BINARY or kind_of_frame is _PING
+                            or (kind_of_frame is _PONG and not peer.take_pong(message.data))
+                        ):
+                            verdict = limiter.check(now)
+                            if verdict is not _ALLOW:
+                                if verdict is Verdict.CLOSE:
+                                    sig.metrics.limit_closes["rate_limit"] += 1
+                                    await _refuse(ws, peer, sig, SignalError("RATE_LIMITED", "sustained flooding"))
+                                    break
+                                _rate_limited(sig, peer, verdict)
+                            elif kind_of_frame is _TEXT:  # the hot path, inline: no call per message
+                                try:
+                                    kind, payload, target = parse_client_message(message.data)
+                                except SignalError as error:
+                                    _report(sig, peer, error)
+                                    continue
+                                if kind == "ping":
+                                    peer.notify(encode_server_message("pong", {}, room_id))
+                                elif slot.peer is peer:  # else kicked, closed or taken over: it goes nowhere
+                                    failure = hub.route(slot, kind, payload, target)
+                                    if failure is not None:
+                                        _report(sig, peer, failure)
+                            else:
+                                _control(sig, peer, kind_of_frame, message.data)
+                        elif kind_of_frame is _PONG:
+                            continue  # an answer to our keepalive ping: last_seen is already stamped
+                        else:
+                            clean = _ended(sig, message)
+                            break
+                finally:
+                    if clean:
+                        await hub.leave(slot, peer, "left")
+                    else:
+                        await hub.drop(slot, peer)
+                    code = peer.close_code_sent or ws.close_code  # ours if we closed first, else the client's
+                    logger.info(
+                        "close room=%s user=%s clean=%s code=%s", room_id, user, clean, code,
+                        extra={"room": room_id, "user": user, "clean": clean, "code": code},
+                    )
+                await peer.wait_closed()
+            finally:
+                sig.peers.discard(peer)
+                sig.admission.release_user(user)
+        except SignalError as error:
+            await _refuse(ws, peer, sig, error)
+        except Exception:
+            # A bug, not the client's doing: the hub is all-or-nothing, so the
+            # room is intact; log it once and tell the client with 1011.
+            logger.exception("internal error on a connection to room %r", peer.room_id)
+            sig.metrics.errors["INTERNAL_ERROR"] += 1
+            await close_bounded(ws, peer.transport, CloseCode.INTERNAL_ERROR, b"INTERNAL_ERROR")
     finally:
         sig.admission.release_address(address, refusal)
     return ws
 
 
-async def _serve(
-    sig: Signaling, request: web.Request, ws: web.WebSocketResponse, peer: WebSocketPeer, room_id: str
-) -> None:
-    """Admit, join, relay until the connection ends, then leave or hold the slot.
-
-    Refuses in-band; never lets a bug take the socket silently. One coroutine
-    for all of it (not one per step): every idle connection keeps each
-    coroutine of its handler's chain, a few hundred bytes apiece.
-    """
-    try:
-        identity = _admit(sig, request, room_id)
-        user = identity.user_id
-        user_refusal = sig.admission.admit_user(user)
-        if user_refusal is not None:
-            sig.metrics.refused["user_concurrent"] += 1
-            raise user_refusal
-        sig.peers.add(peer)
-        try:
-            hub = sig.hub
-            slot = await hub.join(room_id, identity, peer)
-            # JSON logs carry room and user as fields.
-            logger.info("join room=%s user=%s", room_id, user, extra={"room": room_id, "user": user})
-            clean = False
-            try:
-                clean = await _relay(sig, ws, peer, slot)
-            finally:
-                if clean:
-                    await hub.leave(slot, peer, "left")
-                else:
-                    await hub.drop(slot, peer)
-                code = peer.close_code_sent or ws.close_code  # ours if we closed first, else the client's
-                logger.info(
-                    "close room=%s user=%s clean=%s code=%s", room_id, user, clean, code,
-                    extra={"room": room_id, "user": user, "clean": clean, "code": code},
-                )
-            await peer.wait_closed()
-        finally:
-            sig.peers.discard(peer)
-            sig.admission.release_user(user)
-    except SignalError as error:
-        await _refuse(ws, peer, sig, error)
-    except Exception:
-        # A bug, not the client's doing: the hub is all-or-nothing, so the
-        # room is intact; log it once and tell the client with 1011.
-        logger.exception("internal error on a connection to room %r", peer.room_id)
-        sig.metrics.errors["INTERNAL_ERROR"] += 1
-        await close_bounded(ws, peer.transport, CloseCode.INTERNAL_ERROR, b"INTERNAL_ERROR")
+_TEXT = WSMsgType.TEXT
+_BINARY = WSMsgType.BINARY
+_PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
+_ALLOW = Verdict.ALLOW
 
 
 @functools.cache
@@ -255,11 +301,28 @@ def _warn_unmetered() -> None:
     logger.warning("this aiohttp version hides the WebSocket parser: --receive-rate is not enforced")
 
 
+def query_tokens(request: web.Request) -> list[str]:
+    """Every ``token`` query parameter, decoded as aiohttp's URL parser decodes it.
+
+    Read from the raw request target, not ``request.query``: that parses the
+    whole query into a MultiDict cached on the request and its URL, which a
+    WebSocket would then keep for its whole life (about 0.5 KiB, the
+    decoded token included).
+    """
+    query = request.raw_path.partition("?")[2].partition("#")[0]
+    tokens = []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "token" or (("%" in name or "+" in name) and unquote_plus(name) == "token"):
+            tokens.append(unquote_plus(value))
+    return tokens
+
+
 def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     """Origin, token, room id and the token's room list, in that order."""
     if not _origin_allowed(sig, request):
         raise SignalError("FORBIDDEN", "this origin is not allowed")
-    tokens = request.query.getall("token", [])
+    tokens = query_tokens(request)
     if len(tokens) > 1:
         raise SignalError("UNAUTHORIZED", "two token parameters; send one")
     token = (tokens[0] if tokens else None) or bearer_token(request)
@@ -271,75 +334,31 @@ def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     return identity
 
 
-async def _relay(sig: Signaling, ws: web.WebSocketResponse, peer: WebSocketPeer, slot: Slot) -> bool:
-    """The per-message loop. Returns True when the client closed cleanly."""
-    hub = sig.hub
-    metrics = sig.metrics
-    room_id = slot.room.room_id
-    limiter = MessageRateLimiter(sig.settings.rate_limit, sig.settings.rate_burst, time.monotonic())
-    check = limiter.check
-    monotonic = time.monotonic
-    receive = ws.receive
-    route = hub.route
-    notify = peer.notify
-    text = WSMsgType.TEXT
-    binary = WSMsgType.BINARY
-    ping = WSMsgType.PING
-    pong = WSMsgType.PONG
-    allow = Verdict.ALLOW
-    while True:
-        message = await receive()
-        kind_of_frame = message.type
-        now = peer.last_seen = monotonic()
-        # Every frame a client can send costs us work, so every one counts
-        # toward its rate, except the pong answering a ping of ours.
-        if (
-            kind_of_frame is text or kind_of_frame is binary or kind_of_frame is ping
-            or (kind_of_frame is pong and not peer.take_pong(message.data))
-        ):
-            verdict = check(now)
-            if verdict is not allow:
-                if verdict is Verdict.CLOSE:
-                    metrics.limit_closes["rate_limit"] += 1
-                    await _refuse(ws, peer, sig, SignalError("RATE_LIMITED", "sustained flooding"))
-                    return False
-                metrics.rate_limited += 1
-                if verdict is Verdict.DROP_AND_REPORT:
-                    error = SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False)
-                    _report(sig, peer, error)
-                continue
-            if kind_of_frame is ping:
-                peer.pong(message.data)
-                continue
-            if kind_of_frame is pong:
-                continue
-            if kind_of_frame is binary:
-                error = SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text")
-                _report(sig, peer, error)
-                continue
-            try:
-                kind, payload, target = parse_client_message(message.data)
-            except SignalError as error:
-                _report(sig, peer, error)
-                continue
-            if kind == "ping":
-                notify(encode_server_message("pong", {}, room_id))
-                continue
-            if slot.peer is not peer:  # kicked, closed or taken over: what it still sent goes nowhere
-                continue
-            failure = route(slot, kind, payload, target)
-            if failure is not None:
-                _report(sig, peer, failure)
-        elif kind_of_frame is pong:
-            continue  # an answer to our keepalive ping: last_seen is already stamped
-        elif kind_of_frame is WSMsgType.CLOSE:
-            return message.data in CLEAN_CLOSE_CODES
-        else:  # CLOSING (we closed it), CLOSED (transport lost), ERROR
-            if message.type is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
-                if message.data.code == CloseCode.MESSAGE_TOO_BIG:
-                    metrics.limit_closes["message_too_large"] += 1
-                    metrics.errors["MESSAGE_TOO_LARGE"] += 1
-            return False
+def _rate_limited(sig: Signaling, peer: WebSocketPeer, verdict: Verdict) -> None:
+    """A frame over the message rate: dropped, and reported once in a while."""
+    sig.metrics.rate_limited += 1
+    if verdict is Verdict.DROP_AND_REPORT:
+        _report(sig, peer, SignalError("RATE_LIMITED", "too many messages; message dropped", fatal=False))
+
+
+def _control(sig: Signaling, peer: WebSocketPeer, kind_of_frame: WSMsgType, data: Any) -> None:
+    """A ping (answered), an unsolicited pong (counted, nothing else) or a binary frame (refused)."""
+    if kind_of_frame is _PING:
+        peer.pong(data)
+    elif kind_of_frame is _BINARY:
+        _report(sig, peer, SignalError("INVALID_MESSAGE", "binary frames are not supported; send JSON text"))
+
+
+def _ended(sig: Signaling, message: WSMessage) -> bool:
+    """The frame that ends the loop: True for a clean close by the client."""
+    if message.type is WSMsgType.CLOSE:
+        return message.data in CLEAN_CLOSE_CODES
+    # CLOSING (we closed it), CLOSED (transport lost), ERROR
+    if message.type is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+        if message.data.code == CloseCode.MESSAGE_TOO_BIG:
+            sig.metrics.limit_closes["message_too_large"] += 1
+            sig.metrics.errors["MESSAGE_TOO_LARGE"] += 1
+    return False
 
 
 # ------------------------------------------------------------ operations

@@ -84,7 +84,7 @@ class Metrics(Collector):
 
 
 class TokenCacheCollector(Collector):
-    """The verified-token cache's hits, misses, entries and bytes, read at scrape time
+    """The verified-token cache's hits, misses, flushes, entries and bytes, read at scrape time
     (the join path only bumps the cache's own integers)."""
 
     def __init__(self, cache: VerifiedTokenCache) -> None:
@@ -96,6 +96,7 @@ class TokenCacheCollector(Collector):
         yield _counter(
             "signal_token_cache_misses", "Tokens the cache could not serve (verified in full)", cache.misses
         )
+        yield _counter("signal_token_cache_flushes", "Cache flushes: the key or the claims changed", cache.flushes)
         yield GaugeMetricFamily("signal_token_cache_entries", "Tokens in the verified-token cache", value=len(cache))
         yield GaugeMetricFamily(
             "signal_token_cache_bytes", "Estimated memory of the verified-token cache", value=cache.size_bytes

@@ -10,7 +10,9 @@ drift apart. Precedence: flag, then environment, then file, then default.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,7 +20,9 @@ from typing import Any
 
 from yarl import URL
 
-__all__ = ["Settings", "Option", "OPTIONS", "SettingsError", "load_settings", "EXAMPLE_SECRETS"]
+__all__ = [
+    "Settings", "Option", "OPTIONS", "SettingsError", "load_settings", "read_key_files", "EXAMPLE_SECRETS",
+]
 
 NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -46,6 +50,9 @@ class Settings:
     port: int = 8080
     jwt_secret: str | None = None
     jwt_public_key: str | None = None  # PEM text, read from --jwt-public-key FILE
+    # Where the key came from (paths): SIGHUP reads them again (key rotation, cli.py).
+    jwt_public_key_file: str | None = None
+    jwt_secret_file: str | None = None
     jwt_algorithm: str = "HS256"
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
@@ -206,15 +213,61 @@ def _webhook_url(text: str) -> str:
     return text
 
 
-def _pem_file(path: str) -> str:
+MAX_KEY_FILE = 64 * 1024  # bytes: far above any real key
+
+
+def _read_key_file(path: str) -> str:
+    """A regular file's text, bounded; opened without blocking, so a FIFO in its
+    place is refused instead of stalling a reload (SIGHUP runs on the event loop)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            pem = handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE:
+        raise ValueError(f"{path!r} is larger than {MAX_KEY_FILE // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path!r} is not UTF-8 text") from None
+
+
+def _pem_file(path: str) -> str:
+    """Checks the file at parse time (one-line error naming the option); returns the path."""
+    read_pem(path)
+    return path
+
+
+def read_pem(path: str) -> str:
+    """The PEM text in ``path`` (a public key: nothing else is looked at here)."""
+    pem = _read_key_file(path)
     if "-----BEGIN" not in pem:
         raise ValueError(f"{path!r} is not a PEM file")
     return pem
+
+
+def _secret_file(path: str) -> str:
+    """Checks the file at parse time; returns the path."""
+    read_secret(path)
+    return path
+
+
+def read_secret(path: str) -> str:
+    """The secret in ``path``: the whole file but its trailing line break (``echo`` adds one)."""
+    text = _read_key_file(path).rstrip("\r\n")
+    try:
+        return _secret(text)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -238,8 +291,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "port", _int(0, 65535), "port to bind (default 8080; 0 picks a free one)"),
     Option("jwt-secret", "jwt_secret", _secret, "HS256 shared secret, at least 32 bytes; none = dev mode"),
     Option(
-        "jwt-public-key", "jwt_public_key", _pem_file,
-        "PEM public key FILE for RS256/ES256 tokens", metavar="FILE",
+        "jwt-public-key", "jwt_public_key_file", _pem_file,
+        "PEM public key FILE for RS256/ES256 tokens; SIGHUP reads it again", metavar="FILE",
+    ),
+    Option(
+        "jwt-secret-file", "jwt_secret_file", _secret_file,
+        "FILE holding the HS256 secret (instead of --jwt-secret); SIGHUP reads it again", metavar="FILE",
     ),
     Option(
         "jwt-algorithm", "jwt_algorithm", _choice(JWT_ALGORITHMS, str.upper),
@@ -414,8 +471,30 @@ def load_settings(
         raw = flags.get(option.flag)
         if raw is not None and raw != []:
             values[option.field] = _parse(option, raw if not option.repeat else list(raw), f"--{option.flag}")
+    if values.get("jwt_secret") and values.get("jwt_secret_file"):
+        raise SettingsError("--jwt-secret-file: give either --jwt-secret or --jwt-secret-file, not both")
     settings = replace(Settings(), **values)
+    settings = read_key_files(settings)
     _check_consistency(settings)
+    return settings
+
+
+def read_key_files(settings: Settings) -> Settings:
+    """``settings`` with the secret or public key read (again) from their files, if they came from files.
+
+    Raises:
+        SettingsError: naming the option, when a file cannot be read or holds no usable text.
+    """
+    try:
+        if settings.jwt_public_key_file:
+            settings = replace(settings, jwt_public_key=read_pem(settings.jwt_public_key_file))
+    except ValueError as exc:
+        raise SettingsError(f"--jwt-public-key: {exc}") from None
+    try:
+        if settings.jwt_secret_file:
+            settings = replace(settings, jwt_secret=read_secret(settings.jwt_secret_file))
+    except ValueError as exc:
+        raise SettingsError(f"--jwt-secret-file: {exc}") from None
     return settings
 
 

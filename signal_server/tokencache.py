@@ -56,7 +56,7 @@ def _footprint(identity: Identity) -> int:
 class VerifiedTokenCache:
     """Identities of tokens verified recently, bounded in entries and bytes."""
 
-    __slots__ = ("max_entries", "max_bytes", "size_bytes", "hits", "misses", "_entries")
+    __slots__ = ("max_entries", "max_bytes", "size_bytes", "hits", "misses", "flushes", "_entries")
 
     def __init__(self, max_entries: int = 20_000, max_bytes: int = 16 * 1024 * 1024) -> None:
         self.max_entries = max_entries
@@ -64,6 +64,7 @@ class VerifiedTokenCache:
         self.size_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.flushes = 0  # clears: key or claims configuration changes
         # digest -> (identity, not_before, expires, footprint)
         self._entries: OrderedDict[bytes, tuple[Identity, int, int, int]] = OrderedDict()
 
@@ -107,6 +108,7 @@ class VerifiedTokenCache:
         """Forget everything (the verifier's key or claims configuration changed)."""
         self._entries.clear()
         self.size_bytes = 0
+        self.flushes += 1
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)

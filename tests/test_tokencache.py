@@ -20,7 +20,8 @@ import jwt
 import pytest
 
 import signal_server.auth
-from signal_server.auth import KeyConfigError, TokenVerifier
+from signal_server.auth import Identity, KeyConfigError, TokenVerifier
+from signal_server.context import Signaling
 from signal_server.errors import SignalError
 from signal_server.tokencache import VerifiedTokenCache, token_digest
 
@@ -245,6 +246,63 @@ def test_the_footprint_estimate_covers_what_an_entry_really_costs(clock: Clock) 
         tracemalloc.stop()
     assert len(identities) == 500
     assert verifier.cache.size_bytes >= after - before
+
+
+@pytest.mark.parametrize(
+    ("configured", "good", "bad"),
+    [
+        ({"jwt_audience": "signal"}, {"aud": "signal"}, [{"aud": "other"}, {}]),
+        ({"jwt_issuer": "https://id.example"}, {"iss": "https://id.example"},
+         [{"iss": "https://evil.example"}, {}]),
+    ],
+    ids=["aud", "iss"],
+)
+def test_the_audience_and_issuer_are_checked_before_anything_is_cached(
+    clock: Clock, decodes: list[str], configured: dict[str, str], good: dict[str, str], bad: list[dict[str, str]]
+) -> None:
+    """A token for another audience or issuer (or none) is refused every time and never cached;
+    the right one is cached and served."""
+    verifier = TokenVerifier(make_settings(**configured))
+    for claims in bad:
+        wrong = token(**claims)
+        refused(verifier, wrong)
+        refused(verifier, wrong)
+        assert decodes.count(wrong) == 2  # decoded (and refused) again: no entry to hit
+    assert len(verifier.cache) == 0
+    right = token(**good)
+    verifier.verify(right)
+    verifier.verify(right)
+    assert decodes.count(right) == 1 and len(verifier.cache) == 1
+
+
+def test_the_cache_itself_serves_only_inside_nbf_and_exp() -> None:
+    """The pure cache, without a verifier: [not_before, expires), no leeway either side."""
+    cache = VerifiedTokenCache()
+    identity = Identity("alice", "Alice", None)
+    token_now = "header.claims.signature"
+    cache.put(token_now, identity, 100, 200, now=150)
+    assert cache.get(token_now, 99.999) is None  # before nbf: not served, and forgotten
+    assert len(cache) == 0
+    cache.put(token_now, identity, 100, 200, now=100)
+    assert cache.get(token_now, 100) is identity and cache.get(token_now, 199.999) is identity
+    assert cache.get(token_now, 200) is None and len(cache) == 0  # exp itself is too late
+    cache.put(token_now, identity, 100, 200, now=99)  # not valid yet at put time: never stored
+    cache.put(token_now, identity, 100, 200, now=200)  # expired at put time: never stored
+    assert len(cache) == 0 and cache.misses == 2 and cache.hits == 2
+
+
+def test_a_key_change_flushes_the_cache_and_is_counted_in_the_metrics(clock: Clock) -> None:
+    settings = make_settings()
+    sig = Signaling(settings)
+    sig.verifier.verify(token())
+    sig.verifier.verify(token())
+    text = sig.metrics.exposition().decode()
+    assert "signal_token_cache_hits_total 1.0" in text and "signal_token_cache_misses_total 1.0" in text
+    assert "signal_token_cache_entries 1.0" in text and "signal_token_cache_flushes_total 0.0" in text
+    sig.verifier.reconfigure(make_settings(jwt_secret=OTHER_SECRET))
+    text = sig.metrics.exposition().decode()
+    assert "signal_token_cache_entries 0.0" in text and "signal_token_cache_bytes 0.0" in text
+    assert "signal_token_cache_flushes_total 1.0" in text
 
 
 # ---------------------------------------------------------- through a server
