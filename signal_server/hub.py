@@ -356,7 +356,7 @@ class Hub:
         return True
 
     def webhook_source(self) -> Any:
-        """Where a cluster's webhook events wait (its Redis client); None alone: the hub calls ``on_event``."""
+        """Where a cluster's webhook events wait (cluster/events.py); None alone: the hub calls ``on_event``."""
         return None
 
     def close_all(self, code: CloseCode) -> None:

@@ -35,6 +35,7 @@ from ..hub import Hub, HubLimits, Peer, Room, Slot
 from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
+from .events import ClusterEvents
 from .link import TICK, LinkDown, RedisLink
 
 __all__ = ["ClusterHub"]
@@ -144,9 +145,9 @@ class ClusterHub(Hub):
     def available(self) -> bool:
         return self.link.up
 
-    def webhook_source(self) -> Any:
-        """The scripts push webhook events on a Redis list; webhooks.py pops them from here."""
-        return self.link.redis
+    def webhook_source(self) -> ClusterEvents:
+        """The scripts push webhook events on a Redis list; webhooks.py takes them from here."""
+        return ClusterEvents(self.link.redis, self.node, self.link.boot)
 
     def cancel_timers(self) -> None:
         for room in self.rooms.values():

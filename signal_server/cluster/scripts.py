@@ -65,15 +65,35 @@ local function members(mkey)
   return cjson.encode(out)
 end
 -- A webhook event, decided here atomically with the change it describes, for
--- one node to pop and deliver (webhooks.py); only while some node delivers
+-- one node to take and deliver (webhooks.py); only while some node delivers
 -- webhooks (sig:wh:on), and at most 10,000 waiting (then counted, dropped).
+-- Its id is made here, so a delivery repeated after a node died carries the
+-- same one: Redis' clock in microseconds (also the event's time, ``us``, a
+-- string: cjson writes numbers with 14 digits), then a counter. ``t`` (ms) is
+-- for nodes of an earlier version.
 local function webhook(kind, R, U, name, reason)
   if redis.call('EXISTS', 'sig:wh:on') == 0 then return end
   if redis.call('LLEN', 'sig:wh:q') >= 10000 then
     redis.call('INCR', 'sig:wh:dropped')
     return
   end
-  redis.call('RPUSH', 'sig:wh:q', cjson.encode({e = kind, r = R, u = U, n = name, why = reason, t = now_ms()}))
+  local t = redis.call('TIME')
+  local us = t[1] .. string.format('%06d', tonumber(t[2]))
+  local id = 'evt_' .. us .. '_' .. redis.call('INCR', 'sig:wh:n')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('RPUSH', 'sig:wh:q', cjson.encode(
+    {id = id, e = kind, r = R, u = U, n = name, why = reason, t = ms, us = us}))
+end
+-- The events a node took (sig:wh:f:<node>:<boot>) and did not finish, when that
+-- process is gone: back to the head of the queue, in their order. Bounded per
+-- call; what is left stays in sig:wh:orphans for the next tick of any node.
+local function give_back_webhooks(limit)
+  for _, owner in ipairs(redis.call('SMEMBERS', 'sig:wh:orphans')) do
+    local taken = 'sig:wh:f:' .. owner
+    while limit > 0 and redis.call('LMOVE', taken, 'sig:wh:q', 'RIGHT', 'LEFT') do limit = limit - 1 end
+    if limit == 0 then return end
+    redis.call('SREM', 'sig:wh:orphans', owner)
+  end
 end
 local function finished_if_empty(mkey, R)
   if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
@@ -241,25 +261,37 @@ end
 return reaped
 """
 
-# Announce this node. ARGV: node, boot id, ttl_ms
+# Announce this node; a node that delivers webhooks also (re)sets the switch
+# that makes the scripts push events (after Redis restarted empty, before this
+# node's re-registration runs). The webhook events a previous process with this
+# id took and never finished are given back (it died and nobody noticed yet);
+# this process's own, given back because it was wrongly found dead, stay its own.
+# ARGV: node, boot id, ttl_ms, webhook switch ms (0: this node delivers none)
 # -> 0 the id is held by another live process; 1 refreshed; 2 (re)registered
 # (first start, or Redis lost us: the caller re-registers its slots)
 NODE_UP = r"""
-local node, boot, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local node, boot, ttl, switch = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local key = 'sig:node:' .. node
 local current = redis.call('GET', key)
 if current and current ~= boot then return 0 end
 redis.call('SET', key, boot, 'PX', ttl)
+if switch > 0 then redis.call('SET', 'sig:wh:on', '1', 'PX', switch) end
 local known = redis.call('HGET', 'sig:nodes', node)
 redis.call('HSET', 'sig:nodes', node, boot)
 if known == boot then return 1 end
+if known then redis.call('SADD', 'sig:wh:orphans', node .. ':' .. known) end
+redis.call('SREM', 'sig:wh:orphans', node .. ':' .. boot)
 return 2
 """
 
-# ARGV: node, boot id
+# ARGV: node, boot id (its unfinished webhook events are given back)
 NODE_DOWN = r"""
 if redis.call('GET', 'sig:node:' .. ARGV[1]) == ARGV[2] then redis.call('DEL', 'sig:node:' .. ARGV[1]) end
 if redis.call('HGET', 'sig:nodes', ARGV[1]) == ARGV[2] then redis.call('HDEL', 'sig:nodes', ARGV[1]) end
+if redis.call('EXISTS', 'sig:wh:f:' .. ARGV[1] .. ':' .. ARGV[2]) == 1 then
+  redis.call('SADD', 'sig:wh:orphans', ARGV[1] .. ':' .. ARGV[2])
+  give_back_webhooks(1000)
+end
 return redis.call('HLEN', 'sig:nodes')
 """
 
@@ -269,14 +301,19 @@ return redis.call('HLEN', 'sig:nodes')
 # same step makes the release happen exactly once. The node's room set is
 # deleted once processed (its held records are reaped or resumed later, each
 # without it); its size is bounded by the rooms where that node had members.
+# The webhook events the node took and did not finish go back to the queue
+# (at most 1,000 per call, the rest on the next ticks).
 # ARGV: grace_ms -> {live node count, released node ids...}
 RELEASE_NODES = r"""
 local grace = tonumber(ARGV[1])
 local released = {}
 local now = now_ms()
-for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
+local nodes = redis.call('HGETALL', 'sig:nodes')
+for n = 1, #nodes, 2 do
+  local node = nodes[n]
   if redis.call('EXISTS', 'sig:node:' .. node) == 0 then
     redis.call('HDEL', 'sig:nodes', node)
+    redis.call('SADD', 'sig:wh:orphans', node .. ':' .. nodes[n + 1])
     released[#released + 1] = node
     for _, R in ipairs(redis.call('SMEMBERS', 'sig:n:' .. node .. ':r')) do
       local mkey = room_keys(R)
@@ -295,6 +332,7 @@ for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
     redis.call('DEL', 'sig:n:' .. node .. ':r')
   end
 end
+give_back_webhooks(1000)
 local reply = {redis.call('HLEN', 'sig:nodes')}
 for i = 1, #released do reply[#reply + 1] = released[i] end
 return reply
