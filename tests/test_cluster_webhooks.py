@@ -4,6 +4,7 @@ processes, a real receiver that verifies every signature."""
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -153,3 +154,52 @@ async def test_events_dropped_because_the_redis_queue_is_full_are_a_metric(
     await wait_until(counted)
     assert await n2.metric("signal_webhook_cluster_queue") == 10_000
     assert int(await redis.command("GET", "sig:wh:dropped")) == 2
+
+
+async def test_after_an_empty_redis_restart_the_outage_leaves_and_ends_are_sent(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer, receiver: Receiver
+) -> None:
+    """Redis restarts empty (switch and queue gone). Webhooks resume, the leaves of
+    the outage are sent with their reason, a room they emptied finishes; the members
+    the backend knows are not announced again, and a room another node re-registers
+    later is not finished."""
+    n1, n2 = await start_nodes(2, *hooks(receiver), grace=30)
+    alice = await clients.connect(n1, "alice", "room-1")
+    carol = await clients.connect(n1, "carol", "room-2")
+    bob = await clients.connect(n2, "bob", "room-1")
+    await clients.connect(n2, "dave", "room-3")
+    await alice.expect("user_joined")
+    assert len(await receiver.take(7)) == 7
+
+    await redis.stop()
+    for node in (n1, n2):
+        await node.wait_ready(False, timeout=2.5)
+    await alice.ws.close()
+    await carol.ws.close()
+
+    async def both_left() -> bool:
+        return await n1.metric('signal_leaves_total{reason="left"}') == 2
+
+    await wait_until(both_left)
+    n2.signal(signal.SIGSTOP)  # node 1 re-registers first: room-1 is empty in Redis for a while
+    try:
+        await redis.start()  # empty
+        assert sorted(summary(await receiver.take(2))) == [
+            ("participant_left", "room-1", "alice", "left"), ("participant_left", "room-2", "carol", "left"),
+        ]
+    finally:
+        n2.signal(signal.SIGCONT)
+    assert summary(await receiver.take(1, timeout=15)) == [("room_finished", "room-2", None, None)]
+
+    erin = await clients.connect(n1, "erin", "room-4")  # webhooks go on; nothing else was sent meanwhile
+    await erin.ws.close()
+    assert by_room(await receiver.take(4)) == {"room-4": [
+        ("room_started", "room-4", None, None), ("participant_joined", "room-4", "erin", None),
+        ("participant_left", "room-4", "erin", "left"), ("room_finished", "room-4", None, None),
+    ]}
+    await bob.ws.close()  # room-1 lived on through node 2's re-registration: it finishes now, once
+    assert summary(await receiver.take(2)) == [
+        ("participant_left", "room-1", "bob", "left"), ("room_finished", "room-1", None, None),
+    ]
+    assert len({event["id"] for event in receiver.events}) == len(receiver.events) == 16
+    assert receiver.rejected == 0

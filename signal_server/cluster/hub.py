@@ -735,6 +735,9 @@ class ClusterHub(Hub):
         self._dirty -= names
         rooms = [self.rooms.get(name) or ClusterRoom(name) for name in sorted(names)]
         restored = 0
+        # A room this leaves empty is finished (webhook) only if no other node
+        # re-registers members in it within two node TTLs.
+        settle_ms = int(2000 * self.link.settings.node_ttl)
         for room in rooms:
             assert isinstance(room, ClusterRoom)
             mine: list[list[Any]] = []
@@ -759,7 +762,7 @@ class ClusterHub(Hub):
                     room.pending = []
             try:
                 reply = await self.link.call(
-                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left)
+                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left), settle_ms
                 )
             except (LinkDown, RedisError, OSError):
                 self._apply_pending(room)

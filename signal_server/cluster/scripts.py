@@ -140,6 +140,7 @@ else
   if count >= maxp then return {0, count} end
   if count == 0 then
     redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
+    if redis.call('ZREM', 'sig:wh:fin', R) == 1 then webhook('room_finished', R) end
     webhook('room_started', R)
   end
   rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
@@ -258,6 +259,12 @@ for _, item in ipairs(due) do
     end
   end
 end
+-- Rooms a re-registration left empty, once the other nodes had time to re-register theirs.
+for _, R in ipairs(redis.call('ZRANGEBYSCORE', 'sig:wh:fin', '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', 'sig:wh:fin', R)
+  local mkey = room_keys(R)
+  if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
+end
 return reaped
 """
 
@@ -344,11 +351,17 @@ return reply
 # remains of their grace), records of this node that it no longer has are
 # removed. Users that left this node while Redis was away (``gone``) are
 # announced to the other nodes even when Redis lost their record.
+# Webhooks: participant_left for each of those leaves (the backend heard of
+# their join); none for the slots added back (it heard of them too). If the
+# room is empty afterwards, its room_finished waits ``settle`` ms for the other
+# nodes to re-register their members (REAP sends it; a re-registration that
+# brings members back, or a new first join, cancels or precedes it).
 # ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...],
-# gone-json [[user, username, reason], ...]
+# gone-json [[user, username, reason], ...], settle_ms
 # -> {version, members-json, [user, [username, reason]-json, ...] of who left during the outage}
 RESTORE = r"""
 local R, node = ARGV[1], ARGV[2]
+local left = 0
 local mkey, vkey = room_keys(R)
 local gkey = 'sig:{' .. R .. '}:g'
 
@@ -384,6 +397,8 @@ for _, g in ipairs(cjson.decode(ARGV[4])) do
     if not redis.call('HGET', mkey, g[1]) then
       local ver = redis.call('INCR', vkey)
       emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
+      webhook('participant_left', R, g[1], g[2], g[3])
+      left = left + 1
       -- Nodes that re-register after this one learn it from the reply instead.
       redis.call('HSET', gkey, g[1], cjson.encode({g[2], g[3]}))
       redis.call('PEXPIRE', gkey, 60000)
@@ -399,10 +414,17 @@ for i = 1, #all, 2 do
     redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
     local ver = redis.call('INCR', vkey)
     emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = why[all[i]] or 'left', v = ver})
+    webhook('participant_left', R, all[i], rec.u, why[all[i]] or 'left')
+    left = left + 1
   end
 end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
-if redis.call('HLEN', mkey) > 0 then redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX') end
+if redis.call('HLEN', mkey) > 0 then
+  redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX')
+  redis.call('ZREM', 'sig:wh:fin', R)
+elseif left > 0 then
+  redis.call('ZADD', 'sig:wh:fin', now + tonumber(ARGV[5]), R)
+end
 forget_node_room(mkey, vkey, node, R)
 return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGETALL', gkey)}
 """
