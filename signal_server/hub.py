@@ -31,7 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from .auth import Identity
 from .errors import CloseCode, SignalError
@@ -63,6 +63,10 @@ class Peer(Protocol):
 
     def close(self, code: CloseCode, error: SignalError | None = None) -> None: ...
 
+
+# What became of a server message: sent to live connections; for a held target,
+# kept for its resume, or not (past the kept bounds, or already lost).
+Sent: TypeAlias = Literal["sent", "kept", "lost"]
 
 # (event, room id, user id, username, reason): membership news for the webhooks
 # (webhooks.WebhookSender.hub_event); called after the change, never on the relay path.
@@ -432,21 +436,24 @@ class Hub:
             self._remove(slot, "room_closed")
         return True
 
-    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> Sent | None:
         """Deliver a ``server_message`` (encoded by the caller) to the room or one
-        participant, kept for held slots like any message. False when nobody is there."""
+        participant, kept for held slots like any message. None when nobody is there."""
         room = self.rooms.get(room_id)
         if room is None:
-            return False
+            return None
         if target is None:
             for slot in room.slots.values():
                 self._deliver(slot, frame)
-            return True
+            return "sent"
         recipient = room.slots.get(target)
         if recipient is None:
-            return False
+            return None
+        if recipient.peer is not None:
+            self._deliver(recipient, frame)
+            return "sent"
         self._deliver(recipient, frame)
-        return True
+        return "lost" if recipient.incomplete else "kept"
 
     def _ban(self, room_id: str, user_id: str | None, seconds: float) -> None:
         now = time.monotonic()

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import ClientSession
 
 from . import test_cluster
-from .cluster import Clients, Node, RedisServer
+from .cluster import Clients, Node, RedisServer, wait_until
 from .conftest import make_token
 from .test_cluster import StartNodes
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
@@ -160,3 +160,45 @@ async def test_the_api_says_unavailable_without_redis(
     ):
         status, body = await api(n1, method, path)
         assert (status, body["error"]) == (503, "UNAVAILABLE"), (method, path, body)
+
+
+async def test_a_server_message_to_a_held_participant_on_any_node(start_nodes: StartNodes, clients: Clients) -> None:
+    """Held on a live node: kept in Redis for the resume through any node (answer: held).
+    On a node that died: nothing can be kept (its resume says recovered false), so the
+    API says 409 NOT_DELIVERED, before and after the node is found dead."""
+    n1, n2, n3 = await start_nodes(3, grace=30)
+    alice = await clients.connect(n1, "alice")
+    await clients.connect(n3, "carol")
+    await alice.expect("user_joined")
+    bob = await clients.connect(n2, "bob")  # joins last: has read nothing a resume must replay
+    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+
+    async def state_of(user: str) -> str:
+        _, body = await api(n1, "GET", "/rooms/room-1")
+        return str(next(p["state"] for p in body["participants"] if p["user_id"] == user))
+
+    async def bob_held() -> bool:
+        return await state_of("bob") == "held"
+
+    await wait_until(bob_held)
+    status, body = await api(n3, "POST", "/rooms/room-1/messages", json={"payload": {"n": 1}, "target_user_id": "bob"})
+    assert (status, body) == (200, {"room_id": "room-1", "sent": True, "held": True})
+    back = await clients.connect(n1, "bob", join=False)
+    state = await back.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert (await back.expect("server_message"))["payload"] == {"n": 1}
+
+    await n3.kill()  # carol's node dies: her slot's frames can no longer be vouched for
+    to_carol = {"payload": {"n": 2}, "target_user_id": "carol"}
+    status, body = await api(n1, "POST", "/rooms/room-1/messages", json=to_carol)
+    assert (status, body["error"]) == (409, "NOT_DELIVERED")
+
+    async def carol_held() -> bool:
+        return await state_of("carol") == "held"
+
+    await wait_until(carol_held)  # found dead: held for the grace
+    status, body = await api(n2, "POST", "/rooms/room-1/messages", json=to_carol)
+    assert (status, body["error"]) == (409, "NOT_DELIVERED")
+    again = await clients.connect(n2, "carol", join=False)
+    state = await again.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from ..auth import Identity
 from ..errors import CloseCode, SignalError
-from ..hub import Hub, HubLimits, Peer, Room, Slot
+from ..hub import Hub, HubLimits, Peer, Room, Sent, Slot
 from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
@@ -844,8 +844,14 @@ class ClusterHub(Hub):
     async def close_room(self, room_id: str, ban: float = 0) -> bool:
         return int(await self._registry("CLOSE", room_id, int(ban * 1000))) > 0
 
-    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
-        return int(await self._registry("SEND", room_id, target or "", frame)) == 1
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> Sent | None:
+        """Through the registry: to the nodes with members, or kept for a held target
+        (even one whose node died: then not kept, and the answer says so)."""
+        limits = self.limits
+        result = int(await self._registry(
+            "SEND", room_id, target or "", frame, limits.kept_messages, limits.kept_bytes
+        ))
+        return _SENT.get(result)
 
     def _closed(self, room: ClusterRoom) -> None:
         """The room was closed through the room service: close and drop every local slot."""
@@ -859,6 +865,7 @@ class ClusterHub(Hub):
         self._discard_if_empty(room)
 
 
+_SENT: dict[int, Sent] = {1: "sent", 2: "kept", 3: "lost"}  # the SEND script's answers
 _ROOM_KEY = re.compile(rb"sig:\{([A-Za-z0-9._~-]{1,64})\}:m\Z")
 
 

@@ -98,6 +98,36 @@ end
 local function finished_if_empty(mkey, R)
   if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
 end
+-- KEEP's work (see KEEP), shared with SEND.
+local function keep(R, U, node, frame, maxn, maxb)
+  local mkey = room_keys(R)
+  local raw = redis.call('HGET', mkey, U)
+  if not raw then return 0 end
+  local rec = cjson.decode(raw)
+  if rec.h == 0 then
+    if rec.n ~= node then
+      local header = cjson.encode({r = R, s = '', t = {U}})
+      if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
+    end
+    rec.o = 1
+    redis.call('HSET', mkey, U, cjson.encode(rec))
+    return 0
+  end
+  if rec.o == 1 then return 0 end
+  local kkey = kept_key(R, U)
+  if redis.call('LLEN', kkey) >= maxn or rec.b + #frame > maxb then
+    rec.o = 1
+    rec.b = 0
+    redis.call('DEL', kkey)
+    redis.call('HSET', mkey, U, cjson.encode(rec))
+    return 3
+  end
+  redis.call('RPUSH', kkey, frame)
+  redis.call('PEXPIREAT', kkey, rec.h + 5000)
+  rec.b = rec.b + #frame
+  redis.call('HSET', mkey, U, cjson.encode(rec))
+  return 1
+end
 local function forget_node_room(mkey, vkey, node, R)
   if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
   if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey, 'sig:{' .. R .. '}:c') end
@@ -202,34 +232,7 @@ return 1
 # ARGV: room, user, node the frame was meant for, frame, max count, max bytes
 # -> 0 dropped, 1 kept, 2 forwarded, 3 overflowed
 KEEP = r"""
-local R, U, node, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local mkey = room_keys(R)
-local raw = redis.call('HGET', mkey, U)
-if not raw then return 0 end
-local rec = cjson.decode(raw)
-if rec.h == 0 then
-  if rec.n ~= node then
-    local header = cjson.encode({r = R, s = '', t = {U}})
-    if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
-  end
-  rec.o = 1
-  redis.call('HSET', mkey, U, cjson.encode(rec))
-  return 0
-end
-if rec.o == 1 then return 0 end
-local kkey = kept_key(R, U)
-if redis.call('LLEN', kkey) >= tonumber(ARGV[5]) or rec.b + #frame > tonumber(ARGV[6]) then
-  rec.o = 1
-  rec.b = 0
-  redis.call('DEL', kkey)
-  redis.call('HSET', mkey, U, cjson.encode(rec))
-  return 3
-end
-redis.call('RPUSH', kkey, frame)
-redis.call('PEXPIREAT', kkey, rec.h + 5000)
-rec.b = rec.b + #frame
-redis.call('HSET', mkey, U, cjson.encode(rec))
-return 1
+return keep(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 """
 
 # Remove every held slot whose deadline has passed; each removal is one
@@ -475,16 +478,20 @@ return #all / 2
 """
 
 # Room service: a server_message (already encoded) to the nodes with members,
-# or to the node of one participant. ARGV: room, target user or '', frame -> 1 sent, 0 nobody there
+# or to one participant: to its node when live, else kept for its resume like a
+# relayed frame (KEEP's rules and bounds).
+# ARGV: room, target user or '', frame, max kept count, max kept bytes
+# -> 0 nobody there; 1 sent; with a target, 2 kept (held), 3 not kept (held past
+# the bounds, or its node died: its resume says recovered false)
 SEND = r"""
 local R, T, frame = ARGV[1], ARGV[2], ARGV[3]
 local mkey = room_keys(R)
 if T ~= '' then
-  local raw = redis.call('HGET', mkey, T)
-  if not raw then return 0 end
-  local header = cjson.encode({r = R, s = '', t = {T}})
-  redis.call('PUBLISH', 'sig:ch:' .. cjson.decode(raw).n, 'm' .. header .. '\n' .. frame)
-  return 1
+  if redis.call('HEXISTS', mkey, T) == 0 then return 0 end
+  local kept = keep(R, T, '', frame, tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if kept == 2 then return 1 end
+  if kept == 1 then return 2 end
+  return 3
 end
 if redis.call('HLEN', mkey) == 0 then return 0 end
 local header = '{"r":' .. cjson.encode(R) .. ',"s":"","t":null}'
