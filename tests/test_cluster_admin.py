@@ -6,13 +6,14 @@ registry in Redis decides, and the events reach the node holding the slot.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from aiohttp import ClientSession
+from aiohttp import ClientSession, WSMsgType
 
 from . import test_cluster
 from .cluster import Clients, Node, RedisServer, wait_until
-from .conftest import make_token
+from .conftest import TIMEOUT, make_token
 from .test_cluster import StartNodes
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
 
@@ -162,13 +163,15 @@ async def test_the_api_says_unavailable_without_redis(
         assert (status, body["error"]) == (503, "UNAVAILABLE"), (method, path, body)
 
 
-async def test_a_server_message_to_a_held_participant_on_any_node(start_nodes: StartNodes, clients: Clients) -> None:
+async def test_a_server_message_to_a_held_participant_on_any_node(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
     """Held on a live node: kept in Redis for the resume through any node (answer: held).
     On a node that died: nothing can be kept (its resume says recovered false), so the
     API says 409 NOT_DELIVERED, before and after the node is found dead."""
     n1, n2, n3 = await start_nodes(3, grace=30)
     alice = await clients.connect(n1, "alice")
-    await clients.connect(n3, "carol")
+    carol = await clients.connect(n3, "carol")  # kept referenced: its connection stays open
     await alice.expect("user_joined")
     bob = await clients.connect(n2, "bob")  # joins last: has read nothing a resume must replay
     bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]
@@ -189,16 +192,24 @@ async def test_a_server_message_to_a_held_participant_on_any_node(start_nodes: S
     assert (await back.expect("server_message"))["payload"] == {"n": 1}
 
     await n3.kill()  # carol's node dies: her slot's frames can no longer be vouched for
+    async with asyncio.timeout(TIMEOUT):  # her connection ended with it
+        while (await carol.ws.receive()).type is WSMsgType.TEXT:
+            pass
+
+    async def unsubscribed() -> bool:  # Redis saw its connection close (not yet found dead)
+        return int(list(await redis.command("PUBSUB", "NUMSUB", "sig:ch:n3"))[1]) == 0
+
+    await wait_until(unsubscribed)
     to_carol = {"payload": {"n": 2}, "target_user_id": "carol"}
     status, body = await api(n1, "POST", "/rooms/room-1/messages", json=to_carol)
-    assert (status, body["error"]) == (409, "NOT_DELIVERED")
+    assert (status, body.get("error")) == (409, "NOT_DELIVERED"), body
 
     async def carol_held() -> bool:
         return await state_of("carol") == "held"
 
     await wait_until(carol_held)  # found dead: held for the grace
     status, body = await api(n2, "POST", "/rooms/room-1/messages", json=to_carol)
-    assert (status, body["error"]) == (409, "NOT_DELIVERED")
+    assert (status, body.get("error")) == (409, "NOT_DELIVERED"), body
     again = await clients.connect(n2, "carol", join=False)
     state = await again.expect("room_state")
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
