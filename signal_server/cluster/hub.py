@@ -255,8 +255,10 @@ class ClusterHub(Hub):
         user = identity.user_id
         members = _members(reply[6])
         kept: list[bytes] = reply[7:]
-        buffered = room.inflight.pop(user, None) or Inflight([])
+        # Events held back until this reply (the room is new here) apply first, with
+        # this join still in flight: a close among them is kept for this user (missed).
         self._sync(room, members, version)
+        buffered = room.inflight.pop(user, None) or Inflight([])
         slot = room.slots.get(user)
         if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
             old = slot.peer

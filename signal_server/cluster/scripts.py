@@ -170,6 +170,7 @@ else
   if count >= maxp then return {0, count} end
   if count == 0 then
     redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
+    redis.call('PERSIST', vkey)  -- reopened after a close: counts on from it, for good now
     if redis.call('ZREM', 'sig:wh:fin', R) == 1 then webhook('room_finished', R) end
     webhook('room_started', R)
   end
@@ -424,6 +425,7 @@ end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
 if redis.call('HLEN', mkey) > 0 then
   redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX')
+  redis.call('PERSIST', vkey)
   redis.call('ZREM', 'sig:wh:fin', R)
 elseif left > 0 then
   redis.call('ZADD', 'sig:wh:fin', now + tonumber(ARGV[5]), R)
@@ -454,6 +456,9 @@ return 1
 """
 
 # Room service: end a room; every node with members closes them with ROOM_CLOSED.
+# A join that Redis runs after this opens the room again (unless banned): its
+# version is newer than the close's, so its node keeps it even if it hears the
+# close later; a join Redis ran before is closed by its node, whenever it hears it.
 # ARGV: room, ban_ms (0: the room may be reopened at once) -> participants removed
 CLOSE = r"""
 local R, ban = ARGV[1], tonumber(ARGV[2])
@@ -471,7 +476,10 @@ for i = 1, #all, 2 do
 end
 webhook('room_finished', R)
 local ver = redis.call('INCR', vkey)
-redis.call('DEL', mkey, vkey, 'sig:{' .. R .. '}:c')
+-- The version goes on (for a minute) rather than starting over: a node that hears
+-- this close while a join of the reopened room is in flight tells the two apart.
+redis.call('PEXPIRE', vkey, 60000)
+redis.call('DEL', mkey, 'sig:{' .. R .. '}:c')
 local msg = 'x' .. cjson.encode({r = R, v = ver}) .. '\n'
 for node, _ in pairs(targets) do redis.call('PUBLISH', 'sig:ch:' .. node, msg) end
 return #all / 2
