@@ -31,12 +31,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from .auth import Identity
 from .errors import CloseCode, SignalError
 from .metrics import Metrics
 from .protocol import encode_envelope, encode_server_message
+
+if TYPE_CHECKING:
+    from .webhooks import EventSource
 
 __all__ = ["Peer", "Slot", "Room", "Hub", "HubLimits"]
 
@@ -359,7 +362,7 @@ class Hub:
         """False while the hub cannot admit joins (a cluster hub without Redis)."""
         return True
 
-    def webhook_source(self) -> Any:
+    def webhook_source(self) -> EventSource | None:
         """Where a cluster's webhook events wait (cluster/events.py); None alone: the hub calls ``on_event``."""
         return None
 

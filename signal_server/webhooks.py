@@ -46,8 +46,7 @@ from prometheus_client.registry import Collector
 from yarl import URL
 
 __all__ = [
-    "verify", "sign", "WebhookVerificationError", "WebhookSender", "SIGNATURE_HEADER", "EVENT_TYPES",
-    "REDIS_QUEUE", "REDIS_SWITCH",
+    "verify", "sign", "WebhookVerificationError", "WebhookSender", "EventSource", "SIGNATURE_HEADER", "EVENT_TYPES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,10 +57,6 @@ EVENT_TYPES = frozenset(
 )
 BACKOFF_BASE = 0.5  # seconds before the first retry; doubled each time, times 0.5-1.0
 BACKOFF_CAP = 60.0
-# The cluster's event list and the key that says some node delivers webhooks
-# (the scripts push events only while it exists; see cluster/scripts.py).
-REDIS_QUEUE = "sig:wh:q"
-REDIS_SWITCH = "sig:wh:on"
 _DROP_LOG_EVERY = 1.0  # seconds between log lines about dropped events (per receiver and reason)
 _DRAIN_BATCH = 100
 _DRAIN_IDLE = 0.2  # seconds between polls of an empty Redis list

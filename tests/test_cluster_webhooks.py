@@ -132,6 +132,37 @@ async def test_a_node_restarted_under_its_id_gives_back_what_its_predecessor_too
         await again.kill()
 
 
+async def test_a_node_stopped_cleanly_gives_back_what_it_had_not_delivered(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer, receiver: Receiver
+) -> None:
+    """SIGTERM on a node holding events: it deregisters (nobody will find it dead),
+    and its events go back to the queue as it does; the other node sends them."""
+    receiver.mode = "hang"
+    nodes = await start_nodes(2, *hooks(receiver, "--webhook-timeout", "60"), grace=30)
+    for index in range(4):
+        member = await clients.connect(nodes[index % 2], f"u{index}", f"r{index}")
+        await member.ws.close()
+
+    async def all_taken() -> bool:
+        return int(await redis.command("LLEN", "sig:wh:q")) == 0 and sum((await in_flight(redis)).values()) == 16
+
+    await wait_until(all_taken)
+    taken = await in_flight(redis)
+    stopping = next(node for node in nodes if node.node_id == max(taken, key=lambda n: taken[n]))
+    stopping.signal(signal.SIGTERM)
+    assert await stopping.wait() == 0
+    assert await redis.command("HEXISTS", "sig:nodes", stopping.node_id) == 0  # deregistered
+    receiver.release()
+    events = await receiver.wait_unique(16, timeout=20)
+    assert by_room(events) == {
+        f"r{index}": [
+            ("room_started", f"r{index}", None, None), ("participant_joined", f"r{index}", f"u{index}", None),
+            ("participant_left", f"r{index}", f"u{index}", "left"), ("room_finished", f"r{index}", None, None),
+        ]
+        for index in range(4)
+    }
+
+
 async def test_events_dropped_because_the_redis_queue_is_full_are_a_metric(
     start_nodes: StartNodes, clients: Clients, redis: RedisServer, receiver: Receiver
 ) -> None:
