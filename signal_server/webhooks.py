@@ -181,7 +181,7 @@ class WebhookSender:
         loop = asyncio.get_running_loop()
         logger.info(
             "webhooks: delivering to %s%s", ", ".join(_origin(url) for url in self.urls),
-            " (events from the cluster's registry)" if redis is not None else "",
+            " (events from the cluster's registry)" if source is not None else "",
         )
         self._tasks = [loop.create_task(self._work(queue)) for queue in self._queues.values()]
         self._source = source
