@@ -20,6 +20,11 @@ live), ``o`` 1 when kept frames were lost (resume says recovered false),
 Room service (admin API): ``sig:{R}:c`` when the room was created (ms),
 ``sig:{R}:ban:U`` a user banned from the room, ``sig:{R}:closed`` a room
 closed with a ban; both bans expire by themselves (PX).
+
+Webhooks (webhooks.py, events.py): ``sig:wh:q`` the events the scripts
+decide, ``sig:wh:f:N:B`` those node N (process B) took and has not finished,
+``sig:wh:orphans`` in-flight lists to give back, ``sig:wh:fin`` rooms whose
+room_finished waits for the re-registrations, ``sig:wh:on`` the switch.
 """
 
 from __future__ import annotations
