@@ -219,14 +219,8 @@ async def test_a_server_message_to_a_held_participant_on_any_node(
 
 async def _node_b(redis: RedisServer, app_client: AppClient) -> tuple[Any, Any]:
     """A node in this process (its hub reachable), with the test nodes' TTL."""
-    client = await app_client(redis_url=redis.url, node_id="b", node_ttl=test_cluster.NODE_TTL, reconnect_grace=30.0)
-    hub = client.app[SIGNALING].hub
-
-    async def ready() -> bool:
-        return bool(hub.available)
-
-    await wait_until(ready)
-    return client, hub
+    client = await test_cluster.in_process_node(redis, app_client, reconnect_grace=30.0)
+    return client, client.app[SIGNALING].hub
 
 
 def _hold_joins(hub: Any, *, before: asyncio.Event | None = None) -> tuple[asyncio.Event, asyncio.Event]:
