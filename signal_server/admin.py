@@ -183,11 +183,19 @@ async def send_message(request: web.Request, sig: Signaling, identity: Identity)
     if target is not None:
         target = _user_id(target, "'target_user_id'")
     frame = encode_envelope(SERVER_MESSAGE, payload, SERVER_SENDER_ID, room_id)
-    if not await sig.hub.server_message(room_id, frame, target):
+    sent = await sig.hub.server_message(room_id, frame, target)
+    if sent is None:
         if target is not None:
             return _not_found(f"no participant {target[:64]!r} in room {room_id!r}")
         return _not_found(f"no room {room_id!r}")
-    return web.json_response({"room_id": room_id, "sent": True})
+    if target is None:
+        return web.json_response({"room_id": room_id, "sent": True})
+    if sent == "lost":
+        return error_response(409, "NOT_DELIVERED", (
+            f"participant {target[:64]!r} is disconnected and messages for it can no longer be kept "
+            "(too many kept, or its node died); its resume will say recovered: false"
+        ))
+    return web.json_response({"room_id": room_id, "sent": True, "held": sent == "kept"})
 
 
 def add_admin_routes(app: web.Application, prefix: str) -> None:

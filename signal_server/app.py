@@ -151,9 +151,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await keepalive
     sig.hub.cancel_timers()
-    await sig.hub.stop()
-    if sig.webhooks is not None:
+    if sig.webhooks is not None:  # first: a cluster node's unfinished events go back as it deregisters
         await sig.webhooks.stop()
+    await sig.hub.stop()
 
 
 async def _close_connections(app: web.Application) -> None:

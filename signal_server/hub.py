@@ -31,12 +31,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from .auth import Identity
 from .errors import CloseCode, SignalError
 from .metrics import Metrics
 from .protocol import encode_envelope, encode_server_message
+
+if TYPE_CHECKING:
+    from .webhooks import EventSource
 
 __all__ = ["Peer", "Slot", "Room", "Hub", "HubLimits"]
 
@@ -63,6 +66,10 @@ class Peer(Protocol):
 
     def close(self, code: CloseCode, error: SignalError | None = None) -> None: ...
 
+
+# What became of a server message: sent to live connections; for a held target,
+# kept for its resume, or not (past the kept bounds, or already lost).
+Sent: TypeAlias = Literal["sent", "kept", "lost"]
 
 # (event, room id, user id, username, reason): membership news for the webhooks
 # (webhooks.WebhookSender.hub_event); called after the change, never on the relay path.
@@ -355,8 +362,8 @@ class Hub:
         """False while the hub cannot admit joins (a cluster hub without Redis)."""
         return True
 
-    def webhook_source(self) -> Any:
-        """Where a cluster's webhook events wait (its Redis client); None alone: the hub calls ``on_event``."""
+    def webhook_source(self) -> EventSource | None:
+        """Where a cluster's webhook events wait (cluster/events.py); None alone: the hub calls ``on_event``."""
         return None
 
     def close_all(self, code: CloseCode) -> None:
@@ -432,21 +439,24 @@ class Hub:
             self._remove(slot, "room_closed")
         return True
 
-    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> Sent | None:
         """Deliver a ``server_message`` (encoded by the caller) to the room or one
-        participant, kept for held slots like any message. False when nobody is there."""
+        participant, kept for held slots like any message. None when nobody is there."""
         room = self.rooms.get(room_id)
         if room is None:
-            return False
+            return None
         if target is None:
             for slot in room.slots.values():
                 self._deliver(slot, frame)
-            return True
+            return "sent"
         recipient = room.slots.get(target)
         if recipient is None:
-            return False
+            return None
+        if recipient.peer is not None:
+            self._deliver(recipient, frame)
+            return "sent"
         self._deliver(recipient, frame)
-        return True
+        return "lost" if recipient.incomplete else "kept"
 
     def _ban(self, room_id: str, user_id: str | None, seconds: float) -> None:
         now = time.monotonic()

@@ -16,8 +16,11 @@ event dropped (queue full, or every attempt failed) is counted
 origin only: never the secret, a token, or the URL's path and query.
 
 In a cluster the Lua scripts decide the events (atomically with the change
-they describe) and push them on one Redis list; every node with webhooks pops
-from it, so each event is sent by exactly one node.
+they describe, ids included) and push them on one Redis list; every node with
+webhooks takes batches from it into its own in-flight list in Redis and
+finishes each event there once every receiver answered it or it was given up,
+so an event is sent by one node, and again by another if that node died first
+(cluster/events.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -43,8 +46,7 @@ from prometheus_client.registry import Collector
 from yarl import URL
 
 __all__ = [
-    "verify", "sign", "WebhookVerificationError", "WebhookSender", "SIGNATURE_HEADER", "EVENT_TYPES",
-    "REDIS_QUEUE", "REDIS_SWITCH",
+    "verify", "sign", "WebhookVerificationError", "WebhookSender", "EventSource", "SIGNATURE_HEADER", "EVENT_TYPES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,18 @@ EVENT_TYPES = frozenset(
 )
 BACKOFF_BASE = 0.5  # seconds before the first retry; doubled each time, times 0.5-1.0
 BACKOFF_CAP = 60.0
-# The cluster's event list and the key that says some node delivers webhooks
-# (the scripts push events only while it exists; see cluster/scripts.py).
-REDIS_QUEUE = "sig:wh:q"
-REDIS_SWITCH = "sig:wh:on"
-_SWITCH_MS = 30_000
 _DROP_LOG_EVERY = 1.0  # seconds between log lines about dropped events (per receiver and reason)
 _DRAIN_BATCH = 100
 _DRAIN_IDLE = 0.2  # seconds between polls of an empty Redis list
+_IN_FLIGHT = 1000  # cluster events one node holds at most (taken, not yet finished)
+
+
+class EventSource(Protocol):
+    """Where a cluster's events wait (cluster/events.py): taken in order, finished when done."""
+
+    async def take(self, limit: int) -> tuple[list[bytes], int, int]: ...
+
+    async def finish(self, events: list[bytes]) -> None: ...
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -130,6 +136,7 @@ class _Delivery:
     event_id: str
     kind: str
     attempt: int = 1
+    source: bytes | None = None  # the cluster event it came from, finished once every receiver is done
 
 
 class WebhookSender:
@@ -154,11 +161,19 @@ class WebhookSender:
         self.failed_attempts = 0
         self.dropped: Counter[str] = Counter()
         self._drop_log: dict[tuple[str, str], tuple[float, int]] = {}  # last line, drops not logged since
+        # Cluster events taken from Redis: deliveries still open for each, then
+        # the ones done, waiting to be finished in Redis.
+        self._open: dict[bytes, int] = {}
+        self._done: list[bytes] = []
+        self._done_ready = asyncio.Event()
+        self._source: EventSource | None = None
+        self.cluster_dropped: int | None = None  # sig:wh:dropped, read with every take
+        self.cluster_queued: int | None = None
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, redis: Any = None) -> None:
-        """Start the workers; with ``redis`` (a cluster) also take events from the cluster's list."""
+    async def start(self, source: EventSource | None = None) -> None:
+        """Start the workers; with ``source`` (a cluster) also take events from the cluster's list."""
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers={"User-Agent": "signal-server-webhooks"},
@@ -166,13 +181,17 @@ class WebhookSender:
         loop = asyncio.get_running_loop()
         logger.info(
             "webhooks: delivering to %s%s", ", ".join(_origin(url) for url in self.urls),
-            " (events from the cluster's registry)" if redis is not None else "",
+            " (events from the cluster's registry)" if source is not None else "",
         )
         self._tasks = [loop.create_task(self._work(queue)) for queue in self._queues.values()]
-        if redis is not None:
-            self._tasks.append(loop.create_task(self._drain(redis)))
+        self._source = source
+        if source is not None:
+            self._tasks.append(loop.create_task(self._drain(source)))
+            self._tasks.append(loop.create_task(self._finish_loop(source)))
 
     async def stop(self) -> None:
+        """Stop delivering. Cluster events not finished stay in this node's in-flight
+        list, which the cluster gives back to the queue when the node deregisters."""
         for retrying in self._retrying.values():
             for handle in retrying.values():
                 handle.cancel()
@@ -182,6 +201,9 @@ class WebhookSender:
         if self._tasks:  # bounded, like every step of the shutdown
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
+        if self._source is not None and self._done:
+            with contextlib.suppress(Exception):  # redis-py's errors: then they are sent again
+                await asyncio.wait_for(self._source.finish(self._done), 2.0)
         if self._session is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session.close(), 2.0)
@@ -193,10 +215,16 @@ class WebhookSender:
         reason: str | None = None, at: float | None = None,
     ) -> None:
         """Queue one event for every receiver; never blocks, never raises."""
+        self._queue_event(kind, room_id, user_id, username, reason, at, "evt_" + secrets.token_hex(12))
+
+    def _queue_event(
+        self, kind: str, room_id: str, user_id: str | None, username: str | None, reason: str | None,
+        at: float | None, event_id: str, source: bytes | None = None,
+    ) -> None:
         event: dict[str, Any] = {
-            "id": "evt_" + secrets.token_hex(12),
+            "id": event_id,
             "event": kind,
-            "created_at": round(time.time() if at is None else at, 3),
+            "created_at": round(time.time() if at is None else at, 6),
             "room_id": room_id,
         }
         if user_id is not None:
@@ -205,8 +233,10 @@ class WebhookSender:
                 participant["reason"] = reason
             event["participant"] = participant
         body = orjson.dumps(event)
+        if source is not None:
+            self._open[source] = len(self.urls)
         for url in self.urls:
-            self._put(_Delivery(url, body, event["id"], kind))
+            self._put(_Delivery(url, body, event_id, kind, source=source))
 
     @property
     def waiting(self) -> int:
@@ -228,6 +258,7 @@ class WebhookSender:
         """Count it; log it, at most one line a second per receiver and reason (a dead
         receiver under churn would otherwise write a line per event)."""
         self.dropped[reason] += 1
+        self._delivered(delivery)  # given up: finished all the same
         key = (delivery.url, reason)
         now = time.monotonic()
         last, unlogged = self._drop_log.get(key, (-_DROP_LOG_EVERY, 0))
@@ -242,6 +273,20 @@ class WebhookSender:
             extra={"event_id": delivery.event_id, "reason": reason},
         )
 
+    def _delivered(self, delivery: _Delivery) -> None:
+        """One receiver is done with it (answered, or given up): the cluster event is
+        finished in Redis once every receiver is."""
+        source = delivery.source
+        if source is None:
+            return
+        left = self._open.get(source, 1) - 1
+        if left > 0:
+            self._open[source] = left
+            return
+        self._open.pop(source, None)
+        self._done.append(source)
+        self._done_ready.set()
+
     # ------------------------------------------------------------- delivery
 
     async def _work(self, queue: asyncio.Queue[_Delivery]) -> None:
@@ -249,6 +294,7 @@ class WebhookSender:
             delivery = await queue.get()
             if await self._attempt(delivery):
                 self.sent += 1
+                self._delivered(delivery)
                 continue
             self.failed_attempts += 1
             if delivery.attempt >= self._max_attempts:
@@ -288,16 +334,13 @@ class WebhookSender:
 
     # -------------------------------------------------------------- cluster
 
-    async def _drain(self, redis: Any) -> None:
-        """Take the cluster's events from Redis (each popped by one node only)."""
-        switched = 0.0
+    async def _drain(self, source: EventSource) -> None:
+        """Take the cluster's events from Redis, in order, while this node holds
+        fewer than ``_IN_FLIGHT`` (each event is taken by one node only)."""
         while True:
+            room = _IN_FLIGHT - len(self._open) - len(self._done)
             try:
-                now = time.monotonic()
-                if now - switched > _SWITCH_MS / 3000:
-                    await redis.set(REDIS_SWITCH, 1, px=_SWITCH_MS)
-                    switched = now
-                items = await redis.lpop(REDIS_QUEUE, _DRAIN_BATCH)
+                items, self.cluster_dropped, self.cluster_queued = await source.take(min(_DRAIN_BATCH, room))
             except Exception as exc:  # redis-py's errors; this module never imports redis
                 logger.debug("webhooks: cannot read the cluster's events: %s", type(exc).__name__)
                 await asyncio.sleep(1.0)
@@ -306,13 +349,36 @@ class WebhookSender:
                 await asyncio.sleep(_DRAIN_IDLE)
                 continue
             for raw in items:
+                if raw in self._open:  # given back while this node still had it (found dead wrongly)
+                    self._done.append(raw)  # the second copy on the in-flight list
+                    self._done_ready.set()
+                    continue
                 try:
                     item = orjson.loads(raw)
-                    self.hub_event(
-                        item["e"], item["r"], item.get("u"), item.get("n"), item.get("why"), item["t"] / 1000
+                    at = int(item["us"]) / 1e6 if "us" in item else item["t"] / 1000
+                    event_id = str(item.get("id") or "evt_" + secrets.token_hex(12))  # pushed by an older node
+                    self._queue_event(
+                        item["e"], item["r"], item.get("u"), item.get("n"), item.get("why"), at, event_id, raw
                     )
                 except (orjson.JSONDecodeError, KeyError, TypeError):
                     logger.warning("webhooks: a malformed event in Redis was skipped")
+                    self._done.append(raw)
+                    self._done_ready.set()
+
+    async def _finish_loop(self, source: EventSource) -> None:
+        """Finish done events in Redis, in batches; on an error, again a second later."""
+        while True:
+            await self._done_ready.wait()
+            self._done_ready.clear()
+            while self._done:
+                batch = self._done[:]
+                try:
+                    await source.finish(batch)
+                except Exception as exc:  # redis-py's errors
+                    logger.debug("webhooks: cannot finish events in Redis: %s", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    continue
+                del self._done[:len(batch)]
 
     # -------------------------------------------------------------- metrics
 
@@ -343,3 +409,14 @@ class _WebhookCollector(Collector):
             "signal_webhook_queue", "Webhook deliveries waiting (queued or between retries)",
             value=sender.waiting,
         )
+        if sender.cluster_dropped is not None:  # as read with the last take from Redis
+            yield CounterMetricFamily(
+                "signal_webhook_cluster_events_dropped",
+                "Cluster webhook events not queued because the Redis queue was full (cluster-wide)",
+                value=sender.cluster_dropped,
+            )
+        if sender.cluster_queued is not None:
+            yield GaugeMetricFamily(
+                "signal_webhook_cluster_queue", "Cluster webhook events waiting in Redis (cluster-wide)",
+                value=sender.cluster_queued,
+            )

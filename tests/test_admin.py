@@ -16,7 +16,7 @@ from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
 
 from .cluster import wait_until
-from .conftest import SECRET, Connect, join_all, make_token
+from .conftest import SECRET, Connect, connector, join_all, make_token
 from .test_hardening import close_code, raw
 
 ADMIN = {"Authorization": f"Bearer {make_token('backend', admin=True)}"}
@@ -274,6 +274,52 @@ async def test_server_messages(client: TestClient[Any, Any], connect: Connect) -
     await error_of(
         await client.post("/webrtc/rooms/nowhere/messages", headers=ADMIN, json={"payload": {}}), 404, "NOT_FOUND"
     )
+
+
+async def test_a_server_message_to_a_held_participant_is_kept_or_refused(app_client: Any) -> None:
+    """Kept for the resume like relayed messages (the answer says held); past the kept
+    bounds refused with 409 NOT_DELIVERED, and the resume says recovered false."""
+    client = await app_client(reconnect_grace=30, kept_messages=2)
+    connect = connector(client)
+    alice, bob = await join_all(connect, "alice", "bob")
+    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held
+    await alice.send("ping")
+    await alice.expect("pong")
+
+    async def send(user: str, text: str) -> Any:
+        return await client.post(
+            "/webrtc/rooms/room-1/messages", headers=ADMIN, json={"payload": {"text": text}, "target_user_id": user}
+        )
+
+    async def bob_held() -> bool:
+        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+        return any(p["user_id"] == "bob" and p["state"] == "held" for p in body["participants"])
+
+    await wait_until(bob_held)
+    response = await send("bob", "one")
+    assert response.status == 200 and await response.json() == {"room_id": "room-1", "sent": True, "held": True}
+    back = await connect("bob", join=False)
+    state = await back.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert (await back.expect("server_message"))["payload"] == {"text": "one"}
+    assert await (await send("bob", "live")).json() == {"room_id": "room-1", "sent": True, "held": False}
+    assert (await back.expect("server_message"))["payload"] == {"text": "live"}
+
+    carol = await connect("carol")  # has read nothing a resume would have to replay
+    carol.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+
+    async def carol_held() -> bool:
+        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+        return any(p["user_id"] == "carol" and p["state"] == "held" for p in body["participants"])
+
+    await wait_until(carol_held)
+    for text in ("a", "b"):
+        assert (await send("carol", text)).status == 200
+    body = await error_of(await send("carol", "c"), 409, "NOT_DELIVERED")  # past --kept-messages
+    assert "recovered: false" in body["message"]
+    await error_of(await send("carol", "d"), 409, "NOT_DELIVERED")
+    state = await (await connect("carol", join=False)).expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
 
 
 def _deep(levels: int) -> dict[str, Any]:

@@ -421,13 +421,25 @@ async def test_leave_during_an_outage_reaches_redis_when_it_returns(
     assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
 
 
+async def in_process_node(redis: RedisServer, app_client: AppClient, **overrides: Any) -> TestClient[Any, Any]:
+    """Node "b" in this process (its hub reachable), once it is ready: its link to Redis is up."""
+    client = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, **overrides)
+    hub = client.app[SIGNALING].hub
+
+    async def ready() -> bool:
+        return bool(hub.available)
+
+    await wait_until(ready)
+    return client
+
+
 async def _room_over_a_and_b(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
 ) -> tuple[Node, Any, Member, Member, Member]:
     """Node A (a process) with alice and bob, node B (in this process: its hub is
     reachable) with carol; then Redis stops and bob leaves during the outage."""
     (node_a,) = await start_nodes(1, grace=30.0)
-    node_b = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, reconnect_grace=30.0)
+    node_b = await in_process_node(redis, app_client, reconnect_grace=30.0)
     alice = await clients.connect(node_a, "alice")
     bob = await clients.connect(node_a, "bob")
     carol = await connector(node_b)("carol")

@@ -71,11 +71,30 @@ class Receiver:
             return web.Response(status=500)
         if self.mode == "hang":
             await self._release.wait()
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=204)  # the sender is gone: it never heard the answer
         if self.mode == "redirect":
             raise web.HTTPTemporaryRedirect(self.redirect_to)
         self.events.append(event)
         self._arrived.set()
         return web.Response(status=204)
+
+    def release(self) -> None:
+        """Answer the held requests, and every later one, at once."""
+        self.mode = "ok"
+        self._release.set()
+
+    async def wait_unique(self, count: int, timeout: float = TIMEOUT * 4) -> list[dict[str, Any]]:
+        """Wait until ``count`` distinct event ids were answered; the first copy of each, in arrival order."""
+        async with asyncio.timeout(timeout):
+            while True:
+                first: dict[str, dict[str, Any]] = {}
+                for event in self.events:
+                    first.setdefault(event["id"], event)
+                if len(first) >= count:
+                    return list(first.values())
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def take(self, count: int, timeout: float = TIMEOUT * 2) -> list[dict[str, Any]]:
         """Wait until ``count`` events past the ones already taken have arrived; return them."""

@@ -31,10 +31,11 @@ from redis.exceptions import RedisError
 
 from ..auth import Identity
 from ..errors import CloseCode, SignalError
-from ..hub import Hub, HubLimits, Peer, Room, Slot
+from ..hub import Hub, HubLimits, Peer, Room, Sent, Slot
 from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
+from .events import ClusterEvents
 from .link import TICK, LinkDown, RedisLink
 
 __all__ = ["ClusterHub"]
@@ -144,9 +145,9 @@ class ClusterHub(Hub):
     def available(self) -> bool:
         return self.link.up
 
-    def webhook_source(self) -> Any:
-        """The scripts push webhook events on a Redis list; webhooks.py pops them from here."""
-        return self.link.redis
+    def webhook_source(self) -> ClusterEvents:
+        """The scripts push webhook events on a Redis list; webhooks.py takes them from here."""
+        return ClusterEvents(self.link.redis, self.node, self.link.boot)
 
     def cancel_timers(self) -> None:
         for room in self.rooms.values():
@@ -254,8 +255,10 @@ class ClusterHub(Hub):
         user = identity.user_id
         members = _members(reply[6])
         kept: list[bytes] = reply[7:]
-        buffered = room.inflight.pop(user, None) or Inflight([])
+        # Events held back until this reply (the room is new here) apply first, with
+        # this join still in flight: a close among them is kept for this user (missed).
         self._sync(room, members, version)
+        buffered = room.inflight.pop(user, None) or Inflight([])
         slot = room.slots.get(user)
         if isinstance(slot, ClusterSlot):  # a takeover or resume of this node's own slot
             old = slot.peer
@@ -734,6 +737,9 @@ class ClusterHub(Hub):
         self._dirty -= names
         rooms = [self.rooms.get(name) or ClusterRoom(name) for name in sorted(names)]
         restored = 0
+        # A room this leaves empty is finished (webhook) only if no other node
+        # re-registers members in it within two node TTLs.
+        settle_ms = int(2000 * self.link.settings.node_ttl)
         for room in rooms:
             assert isinstance(room, ClusterRoom)
             mine: list[list[Any]] = []
@@ -758,7 +764,7 @@ class ClusterHub(Hub):
                     room.pending = []
             try:
                 reply = await self.link.call(
-                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left)
+                    "RESTORE", room.room_id, self.node, orjson.dumps(mine), orjson.dumps(left), settle_ms
                 )
             except (LinkDown, RedisError, OSError):
                 self._apply_pending(room)
@@ -840,8 +846,14 @@ class ClusterHub(Hub):
     async def close_room(self, room_id: str, ban: float = 0) -> bool:
         return int(await self._registry("CLOSE", room_id, int(ban * 1000))) > 0
 
-    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> bool:
-        return int(await self._registry("SEND", room_id, target or "", frame)) == 1
+    async def server_message(self, room_id: str, frame: bytes, target: str | None) -> Sent | None:
+        """Through the registry: to the nodes with members, or kept for a held target
+        (even one whose node died: then not kept, and the answer says so)."""
+        limits = self.limits
+        result = int(await self._registry(
+            "SEND", room_id, target or "", frame, limits.kept_messages, limits.kept_bytes
+        ))
+        return _SENT.get(result)
 
     def _closed(self, room: ClusterRoom) -> None:
         """The room was closed through the room service: close and drop every local slot."""
@@ -855,6 +867,7 @@ class ClusterHub(Hub):
         self._discard_if_empty(room)
 
 
+_SENT: dict[int, Sent] = {1: "sent", 2: "kept", 3: "lost"}  # the SEND script's answers
 _ROOM_KEY = re.compile(rb"sig:\{([A-Za-z0-9._~-]{1,64})\}:m\Z")
 
 

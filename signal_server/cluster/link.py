@@ -158,6 +158,10 @@ class RedisLink:
         self._scripts_loaded = False
         self._ttl_ms = int(settings.node_ttl * 1000)
         self._grace_ms = int(settings.reconnect_grace * 1000)
+        # A node that delivers webhooks keeps the scripts' switch on with every
+        # registration and refresh (three refreshes long, at least 30 s).
+        switch_ms = max(30_000, 3 * self._ttl_ms) if settings.webhook_urls else 0
+        self._node_up = (node, self.boot, self._ttl_ms, switch_ms)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,7 +173,7 @@ class RedisLink:
         """
         try:
             await self._load_scripts()
-            result = await self.redis.evalsha(SCRIPT_SHAS["NODE_UP"], 0, self.node, self.boot, self._ttl_ms)
+            result = await self.redis.evalsha(SCRIPT_SHAS["NODE_UP"], 0, *self._node_up)
         except (RedisError, OSError) as exc:
             # Start anyway, not ready: the tasks below keep trying with backoff.
             logger.warning("cluster: Redis unreachable at start-up (%s); retrying", exc)
@@ -234,7 +238,7 @@ class RedisLink:
         if not self._tasks or not self.up:
             return
         try:
-            await asyncio.wait_for(self.call("NODE_UP", self.node, self.boot, self._ttl_ms), timeout)
+            await asyncio.wait_for(self.call("NODE_UP", *self._node_up), timeout)
         except (LinkDown, TimeoutError, RedisError):
             pass
 
@@ -400,7 +404,7 @@ class RedisLink:
             try:
                 self.publish(self.node, b"p" + self.boot.encode(), self._ping_result)
                 if now - last_refresh >= refresh_every or not self.up:
-                    registered = await self.call("NODE_UP", self.node, self.boot, self._ttl_ms)
+                    registered = await self.call("NODE_UP", *self._node_up)
                     last_refresh = now
                     if int(registered) == 2:
                         self._on_registered()

@@ -20,6 +20,11 @@ live), ``o`` 1 when kept frames were lost (resume says recovered false),
 Room service (admin API): ``sig:{R}:c`` when the room was created (ms),
 ``sig:{R}:ban:U`` a user banned from the room, ``sig:{R}:closed`` a room
 closed with a ban; both bans expire by themselves (PX).
+
+Webhooks (webhooks.py, events.py): ``sig:wh:q`` the events the scripts
+decide, ``sig:wh:f:N:B`` those node N (process B) took and has not finished,
+``sig:wh:orphans`` in-flight lists to give back, ``sig:wh:fin`` rooms whose
+room_finished waits for the re-registrations, ``sig:wh:on`` the switch.
 """
 
 from __future__ import annotations
@@ -65,18 +70,68 @@ local function members(mkey)
   return cjson.encode(out)
 end
 -- A webhook event, decided here atomically with the change it describes, for
--- one node to pop and deliver (webhooks.py); only while some node delivers
+-- one node to take and deliver (webhooks.py); only while some node delivers
 -- webhooks (sig:wh:on), and at most 10,000 waiting (then counted, dropped).
+-- Its id is made here, so a delivery repeated after a node died carries the
+-- same one: Redis' clock in microseconds (also the event's time, ``us``, a
+-- string: cjson writes numbers with 14 digits), then a counter. ``t`` (ms) is
+-- for nodes of an earlier version.
 local function webhook(kind, R, U, name, reason)
   if redis.call('EXISTS', 'sig:wh:on') == 0 then return end
   if redis.call('LLEN', 'sig:wh:q') >= 10000 then
     redis.call('INCR', 'sig:wh:dropped')
     return
   end
-  redis.call('RPUSH', 'sig:wh:q', cjson.encode({e = kind, r = R, u = U, n = name, why = reason, t = now_ms()}))
+  local t = redis.call('TIME')
+  local us = t[1] .. string.format('%06d', tonumber(t[2]))
+  local id = 'evt_' .. us .. '_' .. redis.call('INCR', 'sig:wh:n')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('RPUSH', 'sig:wh:q', cjson.encode(
+    {id = id, e = kind, r = R, u = U, n = name, why = reason, t = ms, us = us}))
+end
+-- The events a node took (sig:wh:f:<node>:<boot>) and did not finish, when that
+-- process is gone: back to the head of the queue, in their order. Bounded per
+-- call; what is left stays in sig:wh:orphans for the next tick of any node.
+local function give_back_webhooks(limit)
+  for _, owner in ipairs(redis.call('SMEMBERS', 'sig:wh:orphans')) do
+    local taken = 'sig:wh:f:' .. owner
+    while limit > 0 and redis.call('LMOVE', taken, 'sig:wh:q', 'RIGHT', 'LEFT') do limit = limit - 1 end
+    if limit == 0 then return end
+    redis.call('SREM', 'sig:wh:orphans', owner)
+  end
 end
 local function finished_if_empty(mkey, R)
   if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
+end
+-- KEEP's work (see KEEP), shared with SEND.
+local function keep(R, U, node, frame, maxn, maxb)
+  local mkey = room_keys(R)
+  local raw = redis.call('HGET', mkey, U)
+  if not raw then return 0 end
+  local rec = cjson.decode(raw)
+  if rec.h == 0 then
+    if rec.n ~= node then
+      local header = cjson.encode({r = R, s = '', t = {U}})
+      if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
+    end
+    rec.o = 1
+    redis.call('HSET', mkey, U, cjson.encode(rec))
+    return 0
+  end
+  if rec.o == 1 then return 0 end
+  local kkey = kept_key(R, U)
+  if redis.call('LLEN', kkey) >= maxn or rec.b + #frame > maxb then
+    rec.o = 1
+    rec.b = 0
+    redis.call('DEL', kkey)
+    redis.call('HSET', mkey, U, cjson.encode(rec))
+    return 3
+  end
+  redis.call('RPUSH', kkey, frame)
+  redis.call('PEXPIREAT', kkey, rec.h + 5000)
+  rec.b = rec.b + #frame
+  redis.call('HSET', mkey, U, cjson.encode(rec))
+  return 1
 end
 local function forget_node_room(mkey, vkey, node, R)
   if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
@@ -120,6 +175,8 @@ else
   if count >= maxp then return {0, count} end
   if count == 0 then
     redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
+    redis.call('PERSIST', vkey)  -- reopened after a close: counts on from it, for good now
+    if redis.call('ZREM', 'sig:wh:fin', R) == 1 then webhook('room_finished', R) end
     webhook('room_started', R)
   end
   rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
@@ -181,34 +238,7 @@ return 1
 # ARGV: room, user, node the frame was meant for, frame, max count, max bytes
 # -> 0 dropped, 1 kept, 2 forwarded, 3 overflowed
 KEEP = r"""
-local R, U, node, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local mkey = room_keys(R)
-local raw = redis.call('HGET', mkey, U)
-if not raw then return 0 end
-local rec = cjson.decode(raw)
-if rec.h == 0 then
-  if rec.n ~= node then
-    local header = cjson.encode({r = R, s = '', t = {U}})
-    if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
-  end
-  rec.o = 1
-  redis.call('HSET', mkey, U, cjson.encode(rec))
-  return 0
-end
-if rec.o == 1 then return 0 end
-local kkey = kept_key(R, U)
-if redis.call('LLEN', kkey) >= tonumber(ARGV[5]) or rec.b + #frame > tonumber(ARGV[6]) then
-  rec.o = 1
-  rec.b = 0
-  redis.call('DEL', kkey)
-  redis.call('HSET', mkey, U, cjson.encode(rec))
-  return 3
-end
-redis.call('RPUSH', kkey, frame)
-redis.call('PEXPIREAT', kkey, rec.h + 5000)
-rec.b = rec.b + #frame
-redis.call('HSET', mkey, U, cjson.encode(rec))
-return 1
+return keep(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 """
 
 # Remove every held slot whose deadline has passed; each removal is one
@@ -238,28 +268,46 @@ for _, item in ipairs(due) do
     end
   end
 end
+-- Rooms a re-registration left empty, once the other nodes had time to re-register theirs.
+for _, R in ipairs(redis.call('ZRANGEBYSCORE', 'sig:wh:fin', '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', 'sig:wh:fin', R)
+  local mkey = room_keys(R)
+  if redis.call('HLEN', mkey) == 0 then webhook('room_finished', R) end
+end
 return reaped
 """
 
-# Announce this node. ARGV: node, boot id, ttl_ms
+# Announce this node; a node that delivers webhooks also (re)sets the switch
+# that makes the scripts push events (after Redis restarted empty, before this
+# node's re-registration runs). The webhook events a previous process with this
+# id took and never finished are given back (it died and nobody noticed yet);
+# this process's own, given back because it was wrongly found dead, stay its own.
+# ARGV: node, boot id, ttl_ms, webhook switch ms (0: this node delivers none)
 # -> 0 the id is held by another live process; 1 refreshed; 2 (re)registered
 # (first start, or Redis lost us: the caller re-registers its slots)
 NODE_UP = r"""
-local node, boot, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local node, boot, ttl, switch = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local key = 'sig:node:' .. node
 local current = redis.call('GET', key)
 if current and current ~= boot then return 0 end
 redis.call('SET', key, boot, 'PX', ttl)
+if switch > 0 then redis.call('SET', 'sig:wh:on', '1', 'PX', switch) end
 local known = redis.call('HGET', 'sig:nodes', node)
 redis.call('HSET', 'sig:nodes', node, boot)
 if known == boot then return 1 end
+if known then redis.call('SADD', 'sig:wh:orphans', node .. ':' .. known) end
+redis.call('SREM', 'sig:wh:orphans', node .. ':' .. boot)
 return 2
 """
 
-# ARGV: node, boot id
+# ARGV: node, boot id (its unfinished webhook events are given back)
 NODE_DOWN = r"""
 if redis.call('GET', 'sig:node:' .. ARGV[1]) == ARGV[2] then redis.call('DEL', 'sig:node:' .. ARGV[1]) end
 if redis.call('HGET', 'sig:nodes', ARGV[1]) == ARGV[2] then redis.call('HDEL', 'sig:nodes', ARGV[1]) end
+if redis.call('EXISTS', 'sig:wh:f:' .. ARGV[1] .. ':' .. ARGV[2]) == 1 then
+  redis.call('SADD', 'sig:wh:orphans', ARGV[1] .. ':' .. ARGV[2])
+  give_back_webhooks(1000)
+end
 return redis.call('HLEN', 'sig:nodes')
 """
 
@@ -269,14 +317,19 @@ return redis.call('HLEN', 'sig:nodes')
 # same step makes the release happen exactly once. The node's room set is
 # deleted once processed (its held records are reaped or resumed later, each
 # without it); its size is bounded by the rooms where that node had members.
+# The webhook events the node took and did not finish go back to the queue
+# (at most 1,000 per call, the rest on the next ticks).
 # ARGV: grace_ms -> {live node count, released node ids...}
 RELEASE_NODES = r"""
 local grace = tonumber(ARGV[1])
 local released = {}
 local now = now_ms()
-for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
+local nodes = redis.call('HGETALL', 'sig:nodes')
+for n = 1, #nodes, 2 do
+  local node = nodes[n]
   if redis.call('EXISTS', 'sig:node:' .. node) == 0 then
     redis.call('HDEL', 'sig:nodes', node)
+    redis.call('SADD', 'sig:wh:orphans', node .. ':' .. nodes[n + 1])
     released[#released + 1] = node
     for _, R in ipairs(redis.call('SMEMBERS', 'sig:n:' .. node .. ':r')) do
       local mkey = room_keys(R)
@@ -295,6 +348,7 @@ for _, node in ipairs(redis.call('HKEYS', 'sig:nodes')) do
     redis.call('DEL', 'sig:n:' .. node .. ':r')
   end
 end
+give_back_webhooks(1000)
 local reply = {redis.call('HLEN', 'sig:nodes')}
 for i = 1, #released do reply[#reply + 1] = released[i] end
 return reply
@@ -306,11 +360,17 @@ return reply
 # remains of their grace), records of this node that it no longer has are
 # removed. Users that left this node while Redis was away (``gone``) are
 # announced to the other nodes even when Redis lost their record.
+# Webhooks: participant_left for each of those leaves (the backend heard of
+# their join); none for the slots added back (it heard of them too). If the
+# room is empty afterwards, its room_finished waits ``settle`` ms for the other
+# nodes to re-register their members (REAP sends it; a re-registration that
+# brings members back, or a new first join, cancels or precedes it).
 # ARGV: room, node, slots-json [[user, username, epoch, held_ms_left or 0, lost 0/1], ...],
-# gone-json [[user, username, reason], ...]
+# gone-json [[user, username, reason], ...], settle_ms
 # -> {version, members-json, [user, [username, reason]-json, ...] of who left during the outage}
 RESTORE = r"""
 local R, node = ARGV[1], ARGV[2]
+local left = 0
 local mkey, vkey = room_keys(R)
 local gkey = 'sig:{' .. R .. '}:g'
 
@@ -346,6 +406,8 @@ for _, g in ipairs(cjson.decode(ARGV[4])) do
     if not redis.call('HGET', mkey, g[1]) then
       local ver = redis.call('INCR', vkey)
       emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
+      webhook('participant_left', R, g[1], g[2], g[3])
+      left = left + 1
       -- Nodes that re-register after this one learn it from the reply instead.
       redis.call('HSET', gkey, g[1], cjson.encode({g[2], g[3]}))
       redis.call('PEXPIRE', gkey, 60000)
@@ -361,10 +423,18 @@ for i = 1, #all, 2 do
     redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
     local ver = redis.call('INCR', vkey)
     emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = why[all[i]] or 'left', v = ver})
+    webhook('participant_left', R, all[i], rec.u, why[all[i]] or 'left')
+    left = left + 1
   end
 end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
-if redis.call('HLEN', mkey) > 0 then redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX') end
+if redis.call('HLEN', mkey) > 0 then
+  redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX')
+  redis.call('PERSIST', vkey)
+  redis.call('ZREM', 'sig:wh:fin', R)
+elseif left > 0 then
+  redis.call('ZADD', 'sig:wh:fin', now + tonumber(ARGV[5]), R)
+end
 forget_node_room(mkey, vkey, node, R)
 return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGETALL', gkey)}
 """
@@ -391,6 +461,9 @@ return 1
 """
 
 # Room service: end a room; every node with members closes them with ROOM_CLOSED.
+# A join that Redis runs after this opens the room again (unless banned): its
+# version is newer than the close's, so its node keeps it even if it hears the
+# close later; a join Redis ran before is closed by its node, whenever it hears it.
 # ARGV: room, ban_ms (0: the room may be reopened at once) -> participants removed
 CLOSE = r"""
 local R, ban = ARGV[1], tonumber(ARGV[2])
@@ -408,23 +481,30 @@ for i = 1, #all, 2 do
 end
 webhook('room_finished', R)
 local ver = redis.call('INCR', vkey)
-redis.call('DEL', mkey, vkey, 'sig:{' .. R .. '}:c')
+-- The version goes on (for a minute) rather than starting over: a node that hears
+-- this close while a join of the reopened room is in flight tells the two apart.
+redis.call('PEXPIRE', vkey, 60000)
+redis.call('DEL', mkey, 'sig:{' .. R .. '}:c')
 local msg = 'x' .. cjson.encode({r = R, v = ver}) .. '\n'
 for node, _ in pairs(targets) do redis.call('PUBLISH', 'sig:ch:' .. node, msg) end
 return #all / 2
 """
 
 # Room service: a server_message (already encoded) to the nodes with members,
-# or to the node of one participant. ARGV: room, target user or '', frame -> 1 sent, 0 nobody there
+# or to one participant: to its node when live, else kept for its resume like a
+# relayed frame (KEEP's rules and bounds).
+# ARGV: room, target user or '', frame, max kept count, max kept bytes
+# -> 0 nobody there; 1 sent; with a target, 2 kept (held), 3 not kept (held past
+# the bounds, or its node died: its resume says recovered false)
 SEND = r"""
 local R, T, frame = ARGV[1], ARGV[2], ARGV[3]
 local mkey = room_keys(R)
 if T ~= '' then
-  local raw = redis.call('HGET', mkey, T)
-  if not raw then return 0 end
-  local header = cjson.encode({r = R, s = '', t = {T}})
-  redis.call('PUBLISH', 'sig:ch:' .. cjson.decode(raw).n, 'm' .. header .. '\n' .. frame)
-  return 1
+  if redis.call('HEXISTS', mkey, T) == 0 then return 0 end
+  local kept = keep(R, T, '', frame, tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if kept == 2 then return 1 end
+  if kept == 1 then return 2 end
+  return 3
 end
 if redis.call('HLEN', mkey) == 0 then return 0 end
 local header = '{"r":' .. cjson.encode(R) .. ',"s":"","t":null}'
