@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient
 
 from signal_server.context import SIGNALING
 
@@ -198,6 +199,18 @@ async def test_the_api_says_unavailable_without_redis(
         assert (status, body["error"]) == (503, "UNAVAILABLE"), (method, path, body)
 
 
+async def in_process_node(redis: RedisServer, app_client: AppClient) -> tuple[TestClient[Any, Any], Any]:
+    """Node b in this process (its hub reachable, to hold back a reply or an event), once ready."""
+    node = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, reconnect_grace=GRACE)
+    hub = node.app[SIGNALING].hub
+
+    async def ready() -> bool:
+        return bool(hub.available)
+
+    await wait_until(ready)
+    return node, hub
+
+
 @pytest.mark.parametrize("event_first", [True, False], ids=["event-first", "reply-first"])
 @pytest.mark.parametrize("emptied_by", ["close", "kick", "reap"])
 async def test_a_room_emptied_while_a_join_is_in_flight_leaves_no_ghost(
@@ -211,13 +224,7 @@ async def test_a_room_emptied_while_a_join_is_in_flight_leaves_no_ghost(
     Redis lists exactly who is connected, and B hears what follows (it had ignored joins whose
     version was below its stale one, and closed the new slot without releasing its record)."""
     (node_a,) = await start_nodes(1)
-    node_b = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, reconnect_grace=GRACE)
-    hub = node_b.app[SIGNALING].hub
-
-    async def b_ready() -> bool:
-        return bool(hub.available)
-
-    await wait_until(b_ready)
+    node_b, hub = await in_process_node(redis, app_client)
     old = await connector(node_b)("old")
     for index in range(3):  # the room's version climbs past what a fresh room would start at
         passer = await clients.connect(node_a, f"passer{index}")
@@ -298,13 +305,7 @@ async def test_a_slot_dropped_on_news_from_the_registry_never_leaves_its_record(
     """Whatever news makes a node drop a slot (here a close event it is handed directly, as if
     one meant for an older room had been applied to this slot), Redis does not keep a record
     of a slot that no longer exists: the node releases it."""
-    node = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, reconnect_grace=GRACE)
-    hub = node.app[SIGNALING].hub
-
-    async def ready() -> bool:
-        return bool(hub.available)
-
-    await wait_until(ready)
+    node, hub = await in_process_node(redis, app_client)
     alice = await connector(node)("alice")
     assert await test_cluster.record(redis, "room-1", "alice") is not None
     hub._on_message(b'x{"r":"room-1","v":1000000}\n')
