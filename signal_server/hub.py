@@ -414,8 +414,9 @@ class Hub:
 
     async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
         """Remove a participant now (no grace): ``KICKED`` and close 4411 to it,
-        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out.
-        False when the participant is not in the room."""
+        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out
+        (``FORBIDDEN``), and for the grace its joins are told ``KICKED`` again (a held
+        or half-open connection's reconnect). False when the participant is not in the room."""
         room = self.rooms.get(room_id)
         slot = room.slots.get(user_id) if room is not None else None
         if slot is None:
@@ -430,8 +431,9 @@ class Hub:
         return True
 
     async def close_room(self, room_id: str, ban: float = 0) -> bool:
-        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held.
-        ``ban`` seconds keep the room from being reopened. False when there is no such room."""
+        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held; for the
+        grace its members' joins are told ``ROOM_CLOSED`` again. ``ban`` seconds keep the room
+        from being reopened by anyone. False when there is no such room."""
         room = self.rooms.get(room_id)
         if room is None:
             return False
