@@ -41,7 +41,7 @@ from .protocol import encode_envelope, encode_server_message
 if TYPE_CHECKING:
     from .webhooks import EventSource
 
-__all__ = ["Peer", "Slot", "Room", "Hub", "HubLimits"]
+__all__ = ["Peer", "Slot", "Room", "Hub", "HubLimits", "removed_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,16 @@ Sent: TypeAlias = Literal["sent", "kept", "lost"]
 # (event, room id, user id, username, reason): membership news for the webhooks
 # (webhooks.WebhookSender.hub_event); called after the change, never on the relay path.
 EventSink: TypeAlias = "Callable[[str, str, str | None, str | None, str | None], None]"
+
+
+# What a participant the room service removed is told: when it happens, and when it
+# comes back within the grace (its client's automatic reconnect must learn it too).
+_REMOVED = {"KICKED": "removed from the room by the server", "ROOM_CLOSED": "the room was closed by the server"}
+
+
+def removed_error(code: str) -> SignalError:
+    """``KICKED`` or ``ROOM_CLOSED`` (close 4411 / 4412), with the usual detail."""
+    return SignalError(code, _REMOVED[code])
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,10 @@ class Hub:
         self._user_rooms: Counter[str] = Counter()
         self.slot_count = 0
         self.kept_total = 0  # bytes kept for held slots, all together
-        # Bans of the room service API: (room, user or None for the whole room) -> monotonic end.
-        self._bans: dict[tuple[str, str | None], float] = {}
+        # Bans of the room service API: (room, user or None for the whole room, the error a
+        # join gets) -> monotonic end. FORBIDDEN for a ?ban=; KICKED or ROOM_CLOSED for the
+        # grace after a user was kicked or its room closed (its reconnect must not undo that).
+        self._bans: dict[tuple[str, str | None, str], float] = {}
         self.on_event: EventSink | None = None  # set when webhooks are configured (one node)
 
     # ------------------------------------------------------------ membership
@@ -409,23 +421,26 @@ class Hub:
 
     async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
         """Remove a participant now (no grace): ``KICKED`` and close 4411 to it,
-        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out.
-        False when the participant is not in the room."""
+        ``user_left`` reason ``kicked`` to the others; ``ban`` seconds keep it out
+        (``FORBIDDEN``), and for the grace its joins are told ``KICKED`` again (a held
+        or half-open connection's reconnect). False when the participant is not in the room."""
         room = self.rooms.get(room_id)
         slot = room.slots.get(user_id) if room is not None else None
         if slot is None:
             return False
         if ban > 0:
             self._ban(room_id, user_id, ban)
+        self._ban(room_id, user_id, self.limits.reconnect_grace, "KICKED")
         peer = slot.peer
         self._remove(slot, "kicked")  # slot.peer is None now: the handler's leave or drop is a no-op
         if peer is not None:
-            peer.close(CloseCode.KICKED, SignalError("KICKED", "removed from the room by the server"))
+            peer.close(CloseCode.KICKED, removed_error("KICKED"))
         return True
 
     async def close_room(self, room_id: str, ban: float = 0) -> bool:
-        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held.
-        ``ban`` seconds keep the room from being reopened. False when there is no such room."""
+        """End the room: ``ROOM_CLOSED`` and close 4412 to everyone, no slot held; for the
+        grace its members' joins are told ``ROOM_CLOSED`` again. ``ban`` seconds keep the room
+        from being reopened by anyone. False when there is no such room."""
         room = self.rooms.get(room_id)
         if room is None:
             return False
@@ -433,8 +448,9 @@ class Hub:
             self._ban(room_id, None, ban)
         slots = list(room.slots.values())
         for slot in slots:  # closed first, so nobody is sent the others' user_left
+            self._ban(room_id, slot.user_id, self.limits.reconnect_grace, "ROOM_CLOSED")
             if slot.peer is not None:
-                slot.peer.close(CloseCode.ROOM_CLOSED, SignalError("ROOM_CLOSED", "the room was closed by the server"))
+                slot.peer.close(CloseCode.ROOM_CLOSED, removed_error("ROOM_CLOSED"))
         for slot in slots:
             self._remove(slot, "room_closed")
         return True
@@ -458,16 +474,24 @@ class Hub:
         self._deliver(recipient, frame)
         return "lost" if recipient.incomplete else "kept"
 
-    def _ban(self, room_id: str, user_id: str | None, seconds: float) -> None:
+    def _ban(self, room_id: str, user_id: str | None, seconds: float, code: str = "FORBIDDEN") -> None:
+        if seconds <= 0:
+            return
         now = time.monotonic()
         for key in [key for key, end in self._bans.items() if end <= now]:
             del self._bans[key]  # expired ones go, so the table holds only live bans
-        self._bans[(room_id, user_id)] = now + seconds
+        self._bans[(room_id, user_id, code)] = now + seconds
 
     def _check_ban(self, room_id: str, user_id: str) -> None:
         now = time.monotonic()
-        for key in ((room_id, None), (room_id, user_id)):
+        for key in (
+            (room_id, None, "FORBIDDEN"), (room_id, user_id, "FORBIDDEN"),
+            (room_id, user_id, "KICKED"), (room_id, user_id, "ROOM_CLOSED"),
+        ):
             end = self._bans.get(key)
-            if end is not None and end > now:
-                what = "this room is closed" if key[1] is None else "this user was removed from this room"
-                raise SignalError("FORBIDDEN", f"{what} for another {int(end - now) + 1} s")
+            if end is None or end <= now:
+                continue
+            if key[2] != "FORBIDDEN":
+                raise removed_error(key[2])
+            what = "this room is closed" if key[1] is None else "this user was removed from this room"
+            raise SignalError("FORBIDDEN", f"{what} for another {int(end - now) + 1} s")

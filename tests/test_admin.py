@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -186,14 +187,48 @@ async def test_a_kicked_connection_relays_nothing_it_had_already_sent(
     await mallory.aclose()
 
 
-async def test_kick_without_ban_lets_the_user_back(client: TestClient[Any, Any], connect: Connect) -> None:
+def after_the_grace(monkeypatch: pytest.MonkeyPatch, grace: float = 20.0) -> None:
+    """The hub's clock jumps past the reconnect grace (default 20 s)."""
+    later = time.monotonic() + grace + 1
+    monkeypatch.setattr(hub_module, "time", SimpleNamespace(monotonic=lambda: later, time=time.time))
+
+
+async def test_kick_without_ban_lets_the_user_back_after_the_grace(
+    client: TestClient[Any, Any], connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
     alice, bob = await join_all(connect, "alice", "bob")
     assert (await client.delete("/webrtc/rooms/room-1/participants/bob", headers=ADMIN)).status == 200
     await bob.expect_error("KICKED")
     await alice.expect("user_left")
+    # Within the grace a join of bob is his client's reconnect as far as the server can
+    # tell (a connection it thought live may have been half-open): told KICKED again.
+    again = await connect("bob", join=False)
+    await again.expect_error("KICKED")
+    await again.expect_close(4411)
+    after_the_grace(monkeypatch)
     back = await connect("bob")
     await back.send("ping")
     await back.expect("pong")
+    assert (await alice.expect("user_joined"))["payload"]["user_id"] == "bob"
+
+
+async def test_a_participant_kicked_while_disconnected_is_told_on_its_reconnect(app_client: Any) -> None:
+    """Its slot was held (no close frame): the kick removes it, and the reconnect its client
+    makes is answered KICKED, not let in as a fresh join that undoes the kick."""
+    client = await app_client(reconnect_grace=60)
+    connect = connector(client)
+    alice, mallory = await join_all(connect, "alice", "mallory")
+    mallory.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held, not left
+    await wait_until(held(client, "mallory"))
+    assert (await client.delete("/webrtc/rooms/room-1/participants/mallory", headers=ADMIN)).status == 200
+    assert (await alice.expect("user_left"))["payload"]["reason"] == "kicked"
+    back = await connect("mallory", join=False)
+    await back.expect_error("KICKED")
+    await back.expect_close(4411)
+    body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+    assert [p["user_id"] for p in body["participants"]] == ["alice"]
+    await alice.send("ping")
+    await alice.expect("pong")  # no user_joined for mallory
 
 
 async def test_the_ban_ends(
@@ -226,27 +261,48 @@ async def test_close_room(client: TestClient[Any, Any], connect: Connect) -> Non
     await error_of(await client.delete("/webrtc/rooms/room-1", headers=ADMIN), 404, "NOT_FOUND")
 
 
-async def test_a_closed_room_without_ban_reopens(client: TestClient[Any, Any], connect: Connect) -> None:
+async def test_a_closed_room_without_ban_reopens(
+    client: TestClient[Any, Any], connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
     alice = await connect("alice")
     assert (await client.delete("/webrtc/rooms/room-1", headers=ADMIN)).status == 200
     await alice.expect_error("ROOM_CLOSED")
+    carol = await connect("carol")  # anyone who was not in it: a new room at once
+    refused = await connect("alice", join=False)  # its member, within the grace: still closed
+    await refused.expect_error("ROOM_CLOSED")
+    await refused.expect_close(4412)
+    after_the_grace(monkeypatch)
     again = await connect("alice")
     await again.send("ping")
     await again.expect("pong")
+    assert (await carol.expect("user_joined"))["payload"]["user_id"] == "alice"
 
 
-async def test_a_closed_room_holds_no_slot(app_client: Any) -> None:
+def held(client: TestClient[Any, Any], user: str) -> Callable[[], Awaitable[bool]]:
+    """Whether ``user``'s slot in room-1 is held (the server noticed the drop on its own time)."""
+
+    async def check() -> bool:
+        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+        return any(p["user_id"] == user and p["state"] == "held" for p in body["participants"])
+
+    return check
+
+
+async def test_a_closed_room_holds_no_slot_and_is_not_reopened_by_a_reconnect(app_client: Any) -> None:
+    """bob's slot was held when the room closed: his client's reconnect is told ROOM_CLOSED
+    (it used to re-create the room that the backend had just closed)."""
     client = await app_client(reconnect_grace=60)
-    from .conftest import connector
-
     connect = connector(client)
     alice, bob = await join_all(connect, "alice", "bob")
     bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+    await wait_until(held(client, "bob"))
     assert (await client.delete("/webrtc/rooms/room-1", headers=ADMIN)).status == 200
     await alice.expect_error("ROOM_CLOSED")
     assert (await (await client.get("/webrtc/rooms", headers=ADMIN)).json())["rooms"] == []
-    fresh = await connect("bob")  # a new slot, not a resume of the held one
-    assert fresh.ws.closed is False
+    back = await connect("bob", join=False)
+    await back.expect_error("ROOM_CLOSED")
+    await back.expect_close(4412)
+    assert (await (await client.get("/webrtc/rooms", headers=ADMIN)).json())["rooms"] == []
 
 
 async def test_server_messages(client: TestClient[Any, Any], connect: Connect) -> None:

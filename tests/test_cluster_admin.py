@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp import ClientSession, WSMsgType
+from aiohttp.test_utils import TestClient
 
 from signal_server.context import SIGNALING
 
 from . import test_cluster
 from .cluster import Clients, Node, RedisServer, wait_until
 from .conftest import TIMEOUT, connector, make_token
-from .test_cluster import AppClient, StartNodes
+from .test_cluster import GRACE, AppClient, StartNodes
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
 
 # The cluster tests' fixtures (a redis-server, nodes, WebSocket clients), shared.
@@ -88,7 +90,9 @@ async def test_list_show_kick_with_ban_and_messages_across_nodes(
     assert status == 404
 
 
-async def test_close_with_ban_across_nodes_then_reopen(start_nodes: StartNodes, clients: Clients) -> None:
+async def test_close_with_ban_across_nodes_then_reopen(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
     n1, n2, n3 = await start_nodes(3)
     alice = await clients.connect(n1, "alice")
     bob = await clients.connect(n3, "bob")
@@ -110,9 +114,39 @@ async def test_close_with_ban_across_nodes_then_reopen(start_nodes: StartNodes, 
     assert (await api(n3, "DELETE", "/rooms/room-2"))[0] == 200
     for member in (first, second):
         await member.expect_error("ROOM_CLOSED")
-    await clients.connect(n3, "alice", "room-2")  # a fresh room: room_state, not a refusal
+    await clients.connect(n3, "carol", "room-2")  # a fresh room: room_state, not a refusal
     status, body = await api(n1, "GET", "/rooms/room-2")
-    assert [(p["user_id"], p["node"]) for p in body["participants"]] == [("alice", "n3")]
+    assert [(p["user_id"], p["node"]) for p in body["participants"]] == [("carol", "n3")]
+    # Its former members are told ROOM_CLOSED for the grace, on every node (their clients'
+    # automatic reconnects must not reopen it); no ban: the refusal ends with the grace.
+    for node in (n1, n2):
+        again = await clients.connect(node, "alice", "room-2", join=False)
+        await again.expect_error("ROOM_CLOSED")
+        await again.expect_close(4412)
+    assert 0 < int(await redis.command("PTTL", "sig:{room-2}:out:alice")) <= GRACE * 1000
+
+
+async def test_a_participant_kicked_while_disconnected_is_told_on_its_reconnect(
+    start_nodes: StartNodes, clients: Clients, redis: RedisServer
+) -> None:
+    """bob's slot is held on node 2 (no close frame) when node 1 kicks him: the reconnect his
+    client makes, through any node, is answered KICKED for the grace, not let in afresh."""
+    n1, n2, n3 = await start_nodes(3, grace=30)
+    alice = await clients.connect(n1, "alice")
+    bob = await test_cluster.raw_client(n2, "bob")
+    await alice.expect("user_joined")
+    bob.abort()
+    await test_cluster.held_on(redis, "room-1", "bob")
+    assert (await api(n1, "DELETE", "/rooms/room-1/participants/bob"))[0] == 200
+    assert (await alice.expect("user_left"))["payload"]["reason"] == "kicked"
+    for node in (n3, n2):
+        back = await clients.connect(node, "bob", join=False)
+        await back.expect_error("KICKED")
+        await back.expect_close(4411)
+    assert 0 < int(await redis.command("PTTL", "sig:{room-1}:out:bob")) <= 30_000
+    await test_cluster.quiet(alice)  # no user_joined for bob
+    status, body = await api(n3, "GET", "/rooms/room-1")
+    assert [p["user_id"] for p in body["participants"]] == ["alice"]
 
 
 async def test_webhooks_across_nodes_each_event_once(start_nodes: StartNodes, clients: Clients) -> None:
@@ -311,6 +345,122 @@ async def test_a_join_after_a_close_is_admitted_to_the_reopened_room(
     await bob.expect("pong")
     status, body = await api(n1, "GET", "/rooms/room-1")
     assert status == 200 and [(p["user_id"], p["node"]) for p in body["participants"]] == [("bob", "b")]
-    again = await clients.connect(n1, "alice", join=False)  # the reopened room is one room
-    assert [p["user_id"] for p in (await again.expect("room_state"))["payload"]["participants"]] == ["bob", "alice"]
-    assert (await bob.expect("user_joined"))["payload"]["user_id"] == "alice"
+    # The reopened room is one room (for someone new: alice, a member of the closed
+    # one, is told ROOM_CLOSED again for the grace).
+    dave = await clients.connect(n1, "dave", join=False)
+    assert [p["user_id"] for p in (await dave.expect("room_state"))["payload"]["participants"]] == ["bob", "dave"]
+    assert (await bob.expect("user_joined"))["payload"]["user_id"] == "dave"
+    again = await clients.connect(n1, "alice", join=False)
+    await again.expect_error("ROOM_CLOSED")
+
+
+async def in_process_node(redis: RedisServer, app_client: AppClient) -> tuple[TestClient[Any, Any], Any]:
+    """Node b in this process (its hub reachable, to hold back a reply or an event), once ready."""
+    node = await test_cluster.in_process_node(redis, app_client, reconnect_grace=GRACE)
+    return node, node.app[SIGNALING].hub
+
+
+@pytest.mark.parametrize("event_first", [True, False], ids=["event-first", "reply-first"])
+@pytest.mark.parametrize("emptied_by", ["close", "kick", "reap"])
+async def test_a_room_emptied_while_a_join_is_in_flight_leaves_no_ghost(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient,
+    emptied_by: str, event_first: bool,
+) -> None:
+    """Redis empties the room (a close through node A, a kick of its last member, the reap of
+    its held last member), then runs a JOIN from node B, whose mirror still holds the old room;
+    the news of the emptying reaches B before, or after, the JOIN's reply. Versions never go
+    backwards for a room name, so B applies that news to the old slots only: the join stays,
+    Redis lists exactly who is connected, and B hears what follows (it had ignored joins whose
+    version was below its stale one, and closed the new slot without releasing its record)."""
+    (node_a,) = await start_nodes(1)
+    node_b, hub = await in_process_node(redis, app_client)
+    old = await connector(node_b)("old")
+    for index in range(3):  # the room's version climbs past what a fresh room would start at
+        passer = await clients.connect(node_a, f"passer{index}")
+        await passer.ws.close()
+        await old.expect("user_joined")
+        await old.expect("user_left")
+    joiner_id = "old" if emptied_by == "reap" else "new"  # a reap races the resume of the reaped user
+    if emptied_by == "reap":
+        old.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held for the grace
+        await test_cluster.held_on(redis, "room-1", "old")
+
+    async def empty_the_room() -> None:
+        if emptied_by == "close":
+            assert (await api(node_a, "DELETE", "/rooms/room-1"))[0] == 200
+        elif emptied_by == "kick":
+            assert (await api(node_a, "DELETE", "/rooms/room-1/participants/old"))[0] == 200
+        else:
+            async def reaped() -> bool:
+                return await test_cluster.record(redis, "room-1", "old") is None
+
+            await wait_until(reaped)
+
+    call, on_message = hub.link.call, hub.link._on_message
+    armed, heard = asyncio.Event(), asyncio.Event()
+    held_back: list[bytes] = []
+
+    async def join_after_the_room_emptied(name: str, *args: Any) -> Any:
+        if name != "JOIN" or args[1] != joiner_id:
+            return await call(name, *args)
+        armed.set()
+        await empty_the_room()
+        reply = await call(name, *args)
+        if event_first:  # Redis ran the JOIN; the emptying's event is applied before its reply
+            await release_the_event()
+        return reply
+
+    async def release_the_event() -> None:
+        await asyncio.wait_for(heard.wait(), TIMEOUT)
+        for data in held_back:
+            on_message(data)
+
+    def hearing(data: bytes) -> None:
+        if armed.is_set() and not heard.is_set() and data[:1] in (b"x", b"l"):
+            heard.set()
+            held_back.append(data)
+            return
+        on_message(data)
+
+    hub.link.call, hub.link._on_message = join_after_the_room_emptied, hearing
+    joiner = await connector(node_b)(joiner_id, join=False)
+    await joiner.expect("room_state")
+    if not event_first:  # applied once the joiner has its room_state
+        await release_the_event()
+    if emptied_by != "reap":
+        code = "ROOM_CLOSED" if emptied_by == "close" else "KICKED"
+        message = await old.recv()
+        if not event_first:  # B admitted the joiner before it heard that old was gone
+            assert message["type"] == "user_joined" and message["payload"]["user_id"] == "new", message
+            message = await old.recv()
+        assert message["type"] == "error" and message["payload"]["code"] == code, message
+        await old.expect_close(4412 if emptied_by == "close" else 4411)
+    await test_cluster.quiet(joiner)  # still in the room
+    found = await test_cluster.record(redis, "room-1", joiner_id)
+    assert found is not None and found["n"] == "b" and found["h"] == 0
+
+    late = await clients.connect(node_a, "late", join=False)
+    assert test_cluster.users(await late.expect("room_state")) == [joiner_id, "late"]
+    assert (await joiner.expect("user_joined"))["payload"]["user_id"] == "late"
+    await joiner.ws.close()
+    assert (await late.expect("user_left"))["payload"]["user_id"] == joiner_id
+    status, body = await api(node_a, "GET", "/rooms/room-1")
+    assert status == 200 and [p["user_id"] for p in body["participants"]] == ["late"]
+
+
+async def test_a_slot_dropped_on_news_from_the_registry_never_leaves_its_record(
+    redis: RedisServer, app_client: AppClient
+) -> None:
+    """Whatever news makes a node drop a slot (here a close event it is handed directly, as if
+    one meant for an older room had been applied to this slot), Redis does not keep a record
+    of a slot that no longer exists: the node releases it."""
+    node, hub = await in_process_node(redis, app_client)
+    alice = await connector(node)("alice")
+    assert await test_cluster.record(redis, "room-1", "alice") is not None
+    hub._on_message(b'x{"r":"room-1","v":1000000}\n')
+    await alice.expect_error("ROOM_CLOSED")
+
+    async def released() -> bool:
+        return await test_cluster.record(redis, "room-1", "alice") is None
+
+    await wait_until(released)

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from ..auth import Identity
 from ..errors import CloseCode, SignalError
-from ..hub import Hub, HubLimits, Peer, Room, Sent, Slot
+from ..hub import Hub, HubLimits, Peer, Room, Sent, Slot, removed_error
 from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
@@ -57,12 +57,17 @@ class Remote:
 class ClusterSlot(Slot):
     """A local slot, plus what the registry knows of it."""
 
-    __slots__ = ("epoch", "seq", "unavailable_at", "fallback")
+    __slots__ = ("epoch", "seq", "since", "unavailable_at", "fallback")
 
-    def __init__(self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int) -> None:
+    def __init__(
+        self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int, since: int
+    ) -> None:
         super().__init__(user_id, username, room, peer)
         self.epoch = epoch
         self.seq = seq
+        # The room version of the registry's answer this slot stands on: news of an
+        # older version is about an earlier slot of the user, never about this one.
+        self.since = since
         self.unavailable_at = -UNAVAILABLE_EVERY
         self.fallback: asyncio.TimerHandle | None = None
 
@@ -224,6 +229,8 @@ class ClusterHub(Hub):
             # reconciled from the local slots, which removes a record without one.
             self._mark_dirty(room_id, None)
             raise unavailable("the cluster registry is unreachable; try again later", fatal=True) from None
+        if int(reply[0]) == -2:  # kicked, or its room closed, within the grace: its reconnect gets the news
+            raise removed_error(_text(reply[1]))
         if int(reply[0]) == -1:  # a ban of the room service API
             seconds = int(reply[1]) // 1000 + 1
             raise SignalError("FORBIDDEN", f"this room is closed to this user for another {seconds} s")
@@ -269,6 +276,7 @@ class ClusterHub(Hub):
             self.metrics.joins += 1
             self.metrics.resumes += 1
             self._attach(slot, peer, epoch)
+            slot.since = version
             if old is not None:
                 old.close(
                     CloseCode.SESSION_REPLACED,
@@ -280,7 +288,7 @@ class ClusterHub(Hub):
             self._after_attach(room, slot, version, buffered, resumed=True)
             return slot
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
-        slot = ClusterSlot(user, identity.username, room, peer, epoch, seq)
+        slot = ClusterSlot(user, identity.username, room, peer, epoch, seq, version)
         state = self._state(
             slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed and not buffered.lost
         )
@@ -313,8 +321,8 @@ class ClusterHub(Hub):
             if addressed or resumed:
                 peer.send(frame)
         for kind, header in room.missed.pop(slot.user_id, ()):
-            if int(header["v"]) > version:
-                self._apply_event(room, kind, header)
+            if int(header["v"]) > version:  # the mirror had it when it came: the slot's part only
+                self._apply_event(room, kind, header, mirror=False)
 
     def _attach(self, slot: ClusterSlot, peer: Peer, epoch: int) -> None:
         slot.peer = peer
@@ -395,7 +403,9 @@ class ClusterHub(Hub):
         if isinstance(slot.room, ClusterRoom):
             self._discard_if_empty(slot.room)
 
-    def _remove_local(self, slot: Slot, reason: str, *, notify: bool) -> None:
+    def _remove_local(self, slot: Slot, reason: str, *, notify: bool, version: int | None = None) -> None:
+        """Drop a local slot; ``notify`` tells the other local members (only those
+        whose view predates ``version``, the news that removed it, when given)."""
         room = slot.room
         if room.slots.get(slot.user_id) is not slot:
             return
@@ -413,7 +423,8 @@ class ClusterHub(Hub):
             self.metrics.leaves[reason] += 1
             left = encode_server_message("user_left", {**slot.describe(), "reason": reason}, room.room_id)
             for other in room.slots.values():
-                self._deliver(other, left)
+                if version is None or not isinstance(other, ClusterSlot) or other.since < version:
+                    self._deliver(other, left)
 
     def _discard_if_empty(self, room: ClusterRoom) -> None:
         if not room.slots and room.joining == 0 and self.rooms.get(room.room_id) is room:
@@ -592,23 +603,33 @@ class ClusterHub(Hub):
 
     def _apply(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
         version = int(header["v"])
-        if version <= room.version:
-            return  # already part of the membership list this node read
-        room.version = version
         if room.joining and kind != b"j":
             if kind == b"x":  # a close that a join in flight may have preceded: applied to it once attached
                 for user in room.inflight:
                     room.missed.setdefault(user, []).append((kind, header))
             else:
                 room.missed.setdefault(header["u"], []).append((kind, header))
+        if version <= room.version:
+            # A membership list read after it overtook it: the mirror has it already,
+            # but local slots admitted before it (a kick, a close) must still hear it.
+            self._apply_event(room, kind, header, mirror=False)
+            return
+        room.version = version
         self._apply_event(room, kind, header)
 
-    def _apply_event(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
+    def _apply_event(self, room: ClusterRoom, kind: bytes, header: dict[str, Any], *, mirror: bool = True) -> None:
+        """Apply one event to the local slots older than it, and (``mirror``) to the mirror."""
+        version = int(header["v"])
         if kind == b"x":
-            self._closed(room)
+            self._closed(room, version, mirror=mirror)
             return
         user: str = header["u"]
+        local = room.slots.get(user)
+        if not isinstance(local, ClusterSlot) or local.since >= version:
+            local = None  # none, or admitted after this news: about an earlier slot of the user
         if kind == b"j":
+            if not mirror:
+                return
             if header["n"] == self.node or user in room.slots:
                 return
             known = room.remote.get(user)
@@ -616,25 +637,24 @@ class ClusterHub(Hub):
             if known is None:
                 self._notify(room, "user_joined", {"user_id": user, "username": header["name"]})
         elif kind == b"l":
-            local = room.slots.get(user)
             if local is not None:
                 peer = local.peer
-                self._remove_local(local, header["why"], notify=True)
+                self._remove_local(local, header["why"], notify=True, version=version)
+                self._release(local, header["why"])
                 if peer is not None and header["why"] == "kicked":  # the room service removed it
-                    peer.close(CloseCode.KICKED, SignalError("KICKED", "removed from the room by the server"))
+                    peer.close(CloseCode.KICKED, removed_error("KICKED"))
                 elif peer is not None:  # the registry let it go (it should have been held): start over
                     peer.close(CloseCode.GOING_AWAY)
-            elif room.remote.pop(user, None) is not None:
+            elif mirror and room.remote.pop(user, None) is not None:
                 self._notify(
                     room, "user_left", {"user_id": user, "username": header["name"], "reason": header["why"]}
                 )
             self._discard_if_empty(room)
         elif kind == b"t":
             node: str = header["n"]
-            local = room.slots.get(user)
-            if isinstance(local, ClusterSlot) and node != self.node and local.epoch < int(header["c"]):
+            if local is not None and node != self.node and local.epoch < int(header["c"]):
                 self._moved_away(room, local, node)
-            elif user in room.remote and room.remote[user].node != node:
+            elif mirror and user in room.remote and room.remote[user].node != node:
                 room.remote[user].node = node
                 self.link.barrier()  # what went to its old node is forwarded before what follows
 
@@ -743,6 +763,7 @@ class ClusterHub(Hub):
         for room in rooms:
             assert isinstance(room, ClusterRoom)
             mine: list[list[Any]] = []
+            restoring: list[ClusterSlot] = []
             for slot in list(room.slots.values()):
                 assert isinstance(slot, ClusterSlot)
                 held_ms = 0
@@ -754,6 +775,7 @@ class ClusterHub(Hub):
                         continue
                     held_ms = max(1, int(remaining * 1000))
                 mine.append([slot.user_id, slot.username, slot.epoch, held_ms, int(slot.incomplete)])
+                restoring.append(slot)
             gone = self._gone.pop(room.room_id, {})
             left = [[user, username, reason] for user, (username, reason) in gone.items()]
             if self.rooms.get(room.room_id) is room:
@@ -772,8 +794,12 @@ class ClusterHub(Hub):
                 self._dirty |= {r.room_id for r in rooms}
                 return  # the next registration (or the next time Redis is up) starts over
             if self.rooms.get(room.room_id) is room:
+                version = int(reply[0])
+                for slot in restoring:  # they stand on this answer now (Redis may count from 0 again)
+                    if room.slots.get(slot.user_id) is slot:
+                        slot.since = version
                 members = _members(reply[1])
-                self._sync(room, members, int(reply[0]), prune=False)
+                self._sync(room, members, version, prune=False)
                 present = {member[0] for member in members}
                 tombstones = reply[2]
                 for user_raw, info in zip(tombstones[::2], tombstones[1::2], strict=True):
@@ -841,10 +867,12 @@ class ClusterHub(Hub):
 
     async def kick(self, room_id: str, user_id: str, ban: float = 0) -> bool:
         """Through the registry: the node holding the slot closes it when the event reaches it."""
-        return int(await self._registry("KICK", room_id, user_id, int(ban * 1000))) == 1
+        grace = int(self.limits.reconnect_grace * 1000)
+        return int(await self._registry("KICK", room_id, user_id, int(ban * 1000), grace)) == 1
 
     async def close_room(self, room_id: str, ban: float = 0) -> bool:
-        return int(await self._registry("CLOSE", room_id, int(ban * 1000))) > 0
+        grace = int(self.limits.reconnect_grace * 1000)
+        return int(await self._registry("CLOSE", room_id, int(ban * 1000), grace)) > 0
 
     async def server_message(self, room_id: str, frame: bytes, target: str | None) -> Sent | None:
         """Through the registry: to the nodes with members, or kept for a held target
@@ -855,16 +883,27 @@ class ClusterHub(Hub):
         ))
         return _SENT.get(result)
 
-    def _closed(self, room: ClusterRoom) -> None:
-        """The room was closed through the room service: close and drop every local slot."""
-        error = SignalError("ROOM_CLOSED", "the room was closed by the server")
+    def _closed(self, room: ClusterRoom, version: int, *, mirror: bool) -> None:
+        """The room was closed through the room service (at ``version``): close and drop
+        every local slot admitted before that; a later one is a member of a new room."""
+        error = removed_error("ROOM_CLOSED")
         for slot in list(room.slots.values()):
+            if not isinstance(slot, ClusterSlot) or slot.since >= version:
+                continue
             if slot.peer is not None:
                 slot.peer.close(CloseCode.ROOM_CLOSED, error)
             self.metrics.leaves["room_closed"] += 1
             self._remove_local(slot, "room_closed", notify=False)
-        room.remote.clear()
+            self._release(slot, "room_closed")
+        if mirror:
+            room.remote.clear()
         self._discard_if_empty(room)
+
+    def _release(self, slot: ClusterSlot, reason: str) -> None:
+        """A slot dropped on news from the registry: its record is gone already, unless the
+        news was applied to the wrong slot; then this removes it, so no record outlives its
+        slot. Epochs never repeat, so a later record of the user is never touched."""
+        self.link.send_script("LEAVE", slot.room.room_id, slot.user_id, self.node, slot.epoch, reason)
 
 
 _SENT: dict[int, Sent] = {1: "sent", 2: "kept", 3: "lost"}  # the SEND script's answers

@@ -19,7 +19,16 @@ live), ``o`` 1 when kept frames were lost (resume says recovered false),
 
 Room service (admin API): ``sig:{R}:c`` when the room was created (ms),
 ``sig:{R}:ban:U`` a user banned from the room, ``sig:{R}:closed`` a room
-closed with a ban; both bans expire by themselves (PX).
+closed with a ban; both bans expire by themselves (PX). ``sig:{R}:out:U``:
+U was kicked or was in the room when it was closed; for the reconnect grace
+its joins are answered ``KICKED`` / ``ROOM_CLOSED`` (its client's automatic
+reconnect must not undo the kick or reopen the room).
+
+Versions never go backwards for a room name: a room that empties leaves its
+last version in ``sig:vmax`` (the highest of every emptied room), and a room
+made again with that name counts on from there. A node that still mirrors
+the old room (a join in flight, an event on its way) thus tells old news from
+new; epochs start at the record's join order, so they never repeat either.
 
 Webhooks (webhooks.py, events.py): ``sig:wh:q`` the events the scripts
 decide, ``sig:wh:f:N:B`` those node N (process B) took and has not finished,
@@ -133,14 +142,27 @@ local function keep(R, U, node, frame, maxn, maxb)
   redis.call('HSET', mkey, U, cjson.encode(rec))
   return 1
 end
+local function bump(vkey)
+  if redis.call('EXISTS', vkey) == 0 then
+    local floor = redis.call('GET', 'sig:vmax')
+    if floor then redis.call('SET', vkey, floor) end
+  end
+  return redis.call('INCR', vkey)
+end
+local function retire(vkey, R)
+  local last = tonumber(redis.call('GET', vkey) or '0')
+  if last > tonumber(redis.call('GET', 'sig:vmax') or '0') then redis.call('SET', 'sig:vmax', last) end
+  redis.call('DEL', vkey, 'sig:{' .. R .. '}:c')
+end
 local function forget_node_room(mkey, vkey, node, R)
   if not nodes_of(mkey)[node] then redis.call('SREM', 'sig:n:' .. node .. ':r', R) end
-  if redis.call('HLEN', mkey) == 0 then redis.call('DEL', vkey, 'sig:{' .. R .. '}:c') end
+  if redis.call('HLEN', mkey) == 0 then retire(vkey, R) end
 end
 """
 
 # ARGV: room, user, username, node, max_participants
 # -> {0, count} when full; {-1, ms left} when banned (room closed with a ban, or the user kicked with one);
+# {-2, 'KICKED' or 'ROOM_CLOSED'} within the grace after the user was kicked or its room closed;
 # else {1, version, resumed, held, overflowed, epoch, members-json, kept frames...}
 JOIN = r"""
 local R, U, name, node, maxp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -148,6 +170,8 @@ local mkey, vkey = room_keys(R)
 local banned = math.max(
   redis.call('PTTL', 'sig:{' .. R .. '}:closed'), redis.call('PTTL', 'sig:{' .. R .. '}:ban:' .. U))
 if banned > 0 then return {-1, banned} end
+local removed = redis.call('GET', 'sig:{' .. R .. '}:out:' .. U)
+if removed then return {-2, removed} end
 local kkey = kept_key(R, U)
 local raw = redis.call('HGET', mkey, U)
 local rec
@@ -175,16 +199,16 @@ else
   if count >= maxp then return {0, count} end
   if count == 0 then
     redis.call('SET', 'sig:{' .. R .. '}:c', now_ms())
-    redis.call('PERSIST', vkey)  -- reopened after a close: counts on from it, for good now
     if redis.call('ZREM', 'sig:wh:fin', R) == 1 then webhook('room_finished', R) end
     webhook('room_started', R)
   end
-  rec = {u = name, n = node, s = redis.call('INCR', vkey), c = 1, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
+  local seq = bump(vkey)
+  rec = {u = name, n = node, s = seq, c = seq, h = 0, o = 0, b = 0, r = 'timeout', j = now_ms()}
 end
 redis.call('HSET', mkey, U, cjson.encode(rec))
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
 if old ~= '' and old ~= node then forget_node_room(mkey, vkey, old, R) end
-local ver = redis.call('INCR', vkey)
+local ver = bump(vkey)
 if resumed == 1 then
   emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
   webhook('participant_resumed', R, U, rec.u)
@@ -208,7 +232,7 @@ if rec.n ~= node or rec.c ~= epoch then return 0 end
 redis.call('HDEL', mkey, U)
 redis.call('DEL', kept_key(R, U))
 redis.call('ZREM', 'sig:held', R .. '\0' .. U)
-local ver = redis.call('INCR', vkey)
+local ver = bump(vkey)
 emit(mkey, node, '', 'l', {r = R, u = U, name = rec.u, why = reason, v = ver})
 webhook('participant_left', R, U, rec.u, reason)
 finished_if_empty(mkey, R)
@@ -259,7 +283,7 @@ for _, item in ipairs(due) do
     if rec.h > 0 and rec.h <= now then
       redis.call('HDEL', mkey, U)
       redis.call('DEL', kept_key(R, U))
-      local ver = redis.call('INCR', vkey)
+      local ver = bump(vkey)
       emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = rec.r, v = ver})
       webhook('participant_left', R, U, rec.u, rec.r)
       finished_if_empty(mkey, R)
@@ -382,7 +406,7 @@ for _, s in ipairs(cjson.decode(ARGV[3])) do
   local raw = redis.call('HGET', mkey, U)
   local rec = raw and cjson.decode(raw)
   if not rec or (rec.n == node and rec.c <= s[3]) then
-    local seq = rec and rec.s or redis.call('INCR', vkey)
+    local seq = rec and rec.s or bump(vkey)
     -- A loss Redis already knows of stays known (KEEP may have marked it).
     local lost = (rec and rec.c == s[3] and rec.o == 1) and 1 or s[5]
     local bytes = (rec and rec.c == s[3]) and rec.b or 0
@@ -394,7 +418,7 @@ for _, s in ipairs(cjson.decode(ARGV[3])) do
     end
     redis.call('HSET', mkey, U, cjson.encode(rec))
     if not raw then
-      local ver = redis.call('INCR', vkey)
+      local ver = bump(vkey)
       emit(mkey, node, '', 'j', {r = R, u = U, name = s[2], n = node, v = ver, s = seq, q = 1})
     end
   end
@@ -404,7 +428,7 @@ for _, g in ipairs(cjson.decode(ARGV[4])) do
   if not mine[g[1]] then
     why[g[1]] = g[3]
     if not redis.call('HGET', mkey, g[1]) then
-      local ver = redis.call('INCR', vkey)
+      local ver = bump(vkey)
       emit(mkey, node, '', 'l', {r = R, u = g[1], name = g[2], why = g[3], v = ver})
       webhook('participant_left', R, g[1], g[2], g[3])
       left = left + 1
@@ -421,7 +445,7 @@ for i = 1, #all, 2 do
     redis.call('HDEL', mkey, all[i])
     redis.call('DEL', kept_key(R, all[i]))
     redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
-    local ver = redis.call('INCR', vkey)
+    local ver = bump(vkey)
     emit(mkey, node, '', 'l', {r = R, u = all[i], name = rec.u, why = why[all[i]] or 'left', v = ver})
     webhook('participant_left', R, all[i], rec.u, why[all[i]] or 'left')
     left = left + 1
@@ -430,7 +454,6 @@ end
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
 if redis.call('HLEN', mkey) > 0 then
   redis.call('SET', 'sig:{' .. R .. '}:c', now, 'NX')
-  redis.call('PERSIST', vkey)
   redis.call('ZREM', 'sig:wh:fin', R)
 elseif left > 0 then
   redis.call('ZADD', 'sig:wh:fin', now + tonumber(ARGV[5]), R)
@@ -441,18 +464,19 @@ return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('HGE
 
 # Room service: remove a participant wherever it is (live or held), now; its
 # node closes it with KICKED, every node tells its members (reason kicked).
-# ARGV: room, user, ban_ms (0: no ban) -> 1 removed, 0 no such participant
+# ARGV: room, user, ban_ms (0: no ban), grace_ms -> 1 removed, 0 no such participant
 KICK = r"""
-local R, U, ban = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local R, U, ban, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4] or '0')
 local mkey, vkey = room_keys(R)
 local raw = redis.call('HGET', mkey, U)
 if not raw then return 0 end
 local rec = cjson.decode(raw)
 if ban > 0 then redis.call('SET', 'sig:{' .. R .. '}:ban:' .. U, '1', 'PX', ban) end
+if grace > 0 then redis.call('SET', 'sig:{' .. R .. '}:out:' .. U, 'KICKED', 'PX', grace) end
 redis.call('HDEL', mkey, U)
 redis.call('DEL', kept_key(R, U))
 redis.call('ZREM', 'sig:held', R .. '\0' .. U)
-local ver = redis.call('INCR', vkey)
+local ver = bump(vkey)
 emit(mkey, '', rec.n, 'l', {r = R, u = U, name = rec.u, why = 'kicked', v = ver})
 webhook('participant_left', R, U, rec.u, 'kicked')
 finished_if_empty(mkey, R)
@@ -461,12 +485,14 @@ return 1
 """
 
 # Room service: end a room; every node with members closes them with ROOM_CLOSED.
-# A join that Redis runs after this opens the room again (unless banned): its
-# version is newer than the close's, so its node keeps it even if it hears the
-# close later; a join Redis ran before is closed by its node, whenever it hears it.
-# ARGV: room, ban_ms (0: the room may be reopened at once) -> participants removed
+# A join that Redis runs after this opens the room again (unless banned, or by one of
+# its members within the grace): its version counts on from the close's (sig:vmax),
+# so its node keeps it even if it hears the close later; a join Redis ran before is
+# closed by its node, whenever it hears it.
+# ARGV: room, ban_ms (0: the room may be reopened at once, by others than its members
+# for the grace), grace_ms -> participants removed
 CLOSE = r"""
-local R, ban = ARGV[1], tonumber(ARGV[2])
+local R, ban, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3] or '0')
 local mkey, vkey = room_keys(R)
 local all = redis.call('HGETALL', mkey)
 if #all == 0 then return 0 end
@@ -477,14 +503,13 @@ for i = 1, #all, 2 do
   redis.call('DEL', kept_key(R, all[i]))
   redis.call('ZREM', 'sig:held', R .. '\0' .. all[i])
   redis.call('SREM', 'sig:n:' .. rec.n .. ':r', R)
+  if grace > 0 then redis.call('SET', 'sig:{' .. R .. '}:out:' .. all[i], 'ROOM_CLOSED', 'PX', grace) end
   webhook('participant_left', R, all[i], rec.u, 'room_closed')
 end
 webhook('room_finished', R)
-local ver = redis.call('INCR', vkey)
--- The version goes on (for a minute) rather than starting over: a node that hears
--- this close while a join of the reopened room is in flight tells the two apart.
-redis.call('PEXPIRE', vkey, 60000)
-redis.call('DEL', mkey, 'sig:{' .. R .. '}:c')
+local ver = bump(vkey)
+redis.call('DEL', mkey)
+retire(vkey, R)
 local msg = 'x' .. cjson.encode({r = R, v = ver}) .. '\n'
 for node, _ in pairs(targets) do redis.call('PUBLISH', 'sig:ch:' .. node, msg) end
 return #all / 2
