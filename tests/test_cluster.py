@@ -176,9 +176,7 @@ async def raw_client(node: Node, user: str, room: str = "room-1") -> RawWebSocke
     return raw
 
 
-async def test_resume_on_another_node_replays_kept_messages(
-    start_nodes: StartNodes, clients: Clients, redis: RedisServer
-) -> None:
+async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNodes, clients: Clients) -> None:
     n1, n2, n3 = await start_nodes(3, grace=10.0)
     bob = await clients.connect(n2, "bob")
     carol = await clients.connect(n1, "carol")
@@ -195,13 +193,8 @@ async def test_resume_on_another_node_replays_kept_messages(
         await carol.offer(sdp=f"c{i}", target_user_id="alice")  # from alice's old node
     await bob.send("ping")
     await bob.expect("pong")
-    # bob's pong says node 2 published his offers, not that node 1 has kept them yet:
-    # resume once all 20 are in Redis (this test is about the replay of kept messages).
-
-    async def all_kept() -> bool:
-        return await kept_count(redis, "room-1", "alice") == 20
-
-    await wait_until(all_kept)
+    # bob's pong says node 2 published his offers, not that node 1 has kept them yet: those
+    # still on their way through node 1 are forwarded, and node 3 waits for them (hand-off).
     resumed = await clients.connect(n3, "alice", join=False)
     state = await resumed.expect("room_state")
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
@@ -1147,3 +1140,104 @@ async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
     finally:
         await n3.kill()
         await proxy.close()
+
+
+# ---------------------------------------------------- hand-off of a resume elsewhere
+
+
+async def in_process_nodes(app_client: AppClient, redis: RedisServer, *ids: str) -> list[TestClient[Any, Any]]:
+    """Nodes in this process (their hubs can be watched and held), with a long grace."""
+    return [
+        await app_client(redis_url=redis.url, node_id=node, node_ttl=NODE_TTL, reconnect_grace=30.0)
+        for node in ids
+    ]
+
+
+def hub_of(node: TestClient[Any, Any]) -> Any:
+    return node.app[SIGNALING].hub
+
+
+async def raw_in_process(node: TestClient[Any, Any], user: str, room: str = "room-1") -> RawWebSocket:
+    """A client of an in-process node that can vanish without a close frame."""
+    assert node.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", node.port, f"/webrtc/ws/{room}?token={make_token(user)}")
+    await raw.expect("room_state")
+    return raw
+
+
+def watch(hub: Any, predicate: Callable[[bytes], bool]) -> asyncio.Event:
+    """Set once the node's subscriber has handed on (and the hub handled) a message matching ``predicate``."""
+    seen = asyncio.Event()
+    on_message = hub.link._on_message
+
+    def hearing(data: bytes) -> None:
+        on_message(data)
+        if predicate(data):
+            seen.set()
+
+    hub.link._on_message = hearing
+    return seen
+
+
+class Gate:
+    """Holds every message a node's subscriber hands on until opened, then passes them on in order."""
+
+    def __init__(self, hub: Any) -> None:
+        self.held: list[bytes] = []
+        self._open = False
+        self._changed = asyncio.Event()
+        self._on_message = hub.link._on_message
+        hub.link._on_message = self._take
+
+    def _take(self, data: bytes) -> None:
+        if self._open:
+            self._on_message(data)
+            return
+        self.held.append(data)
+        self._changed.set()
+
+    async def holding(self, predicate: Callable[[list[bytes]], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate(self.held):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def open(self) -> None:
+        self._open = True
+        held, self.held = self.held, []
+        for data in held:
+            self._on_message(data)
+
+
+def offer_for(sdp: str) -> Callable[[bytes], bool]:
+    return lambda data: data[:1] == b"m" and f'"sdp":"{sdp}"'.encode() in data
+
+
+async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_elsewhere_in_order(
+    redis: RedisServer, app_client: AppClient
+) -> None:
+    """alice's slot is held on node A; bob's offers to her sit in A's subscriber while she resumes
+    through node C, and bob's next offer goes straight to C. A then keeps-forwards the earlier ones:
+    C waits for the hand-off barriers, replays A's forwards before bob's direct offer, and only
+    then says recovered true (before, the direct one came first and the order was lost)."""
+    node_a, node_b, node_c = await in_process_nodes(app_client, redis, "a", "b", "c")
+    bob = await connector(node_b)("bob")
+    alice = await raw_in_process(node_a, "alice")
+    await bob.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    gate = Gate(hub_of(node_a))
+    for i in range(3):
+        await bob.offer(sdp=f"b{i}", target_user_id="alice")
+    await gate.holding(lambda held: any(offer_for("b2")(data) for data in held))
+    switched = watch(hub_of(node_b), lambda data: data[:1] == b"t" and b'"u":"alice"' in data)
+    direct = watch(hub_of(node_c), offer_for("b3"))
+    resumed = await connector(node_c)("alice", join=False)
+    await asyncio.wait_for(switched.wait(), TIMEOUT)  # bob's node now sends to C
+    await bob.offer(sdp="b3", target_user_id="alice")
+    await asyncio.wait_for(direct.wait(), TIMEOUT)
+    gate.open()
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(4)] == ["b0", "b1", "b2", "b3"]
+    await quiet(resumed)

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,13 +36,16 @@ from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
 from .events import ClusterEvents
-from .link import TICK, LinkDown, RedisLink
+from .link import TICK, LinkDown, RedisLink, client_name
 
 __all__ = ["ClusterHub"]
 
 logger = logging.getLogger("signal_server.cluster")
 
 UNAVAILABLE_EVERY = 1.0  # seconds between UNAVAILABLE reports to one connection
+# Seconds a resume through this node waits for the hand-off barriers of a slot held on
+# another node (a few Redis round trips when all is well); past it, recovered false.
+HANDOFF_WAIT = 3.0
 
 
 @dataclass(slots=True)
@@ -93,7 +96,30 @@ class ClusterRoom(Room):
 class Inflight:
     """Frames that reached a user while its join was in flight on this node."""
 
-    frames: list[tuple[bytes, bool]]  # (frame, addressed to this user, not a broadcast)
+    # (frame, addressed to this user and not a broadcast, forwarded by the old node's KEEP)
+    frames: list[tuple[bytes, bool, bool]]
+    lost: bool = False
+    waiting: Handoff | None = None  # a resume waiting for hand-off barriers
+    # Hand-off barriers (epoch, from node, lost): one may come before the JOIN reply is read.
+    barriers: list[tuple[int, str, bool]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Handoff:
+    """A resume through another node: the barriers the new node still waits for, or
+    (on the old node) whether a frame for the user was dropped here.
+
+    Frames for a user who resumes elsewhere may still be on their way through the old
+    node (senders that had not heard of the move): the old node keeps or forwards
+    them with KEEP. Each node that heard the takeover event sends a marker through
+    the old node after its last such frame; the old node passes it on to the new node
+    behind the frames it forwarded. The new node says recovered true only once every
+    barrier came back clean, then delivers forwarded frames before direct ones.
+    """
+
+    epoch: int
+    expected: set[str]
+    done: asyncio.Future[None] | None = None
     lost: bool = False
 
 
@@ -118,6 +144,8 @@ class ClusterHub(Hub):
         # Who left those rooms meanwhile (user -> username, reason): announced by
         # the re-registration even if Redis lost their records.
         self._gone: dict[str, dict[str, tuple[str, str]]] = {}
+        # Slots of this node resumed elsewhere, whose markers it passes on, by (room, user).
+        self._handoffs: dict[tuple[str, str], Handoff] = {}
         metrics.registry.register(_ClusterCollector(self))
 
     # ------------------------------------------------------------ lifecycle
@@ -199,7 +227,7 @@ class ClusterHub(Hub):
         if buffered is None:
             return
         local = room.slots.get(user)
-        for frame, _ in buffered.frames:
+        for frame, _, _ in buffered.frames:
             if local is not None:
                 self._keep(local, frame)
             else:
@@ -233,11 +261,66 @@ class ClusterHub(Hub):
             )
         version, resumed, held, overflowed, epoch = (int(value) for value in reply[1:6])
         try:
+            old = _text(reply[7])
+            if held and not overflowed and old != self.node:
+                if int(reply[9]) and await self._connected(old):  # cut off: it may have dropped frames
+                    room.inflight[user].lost = True
+                else:
+                    await self._hand_over(room, user, epoch, old, {_text(node) for node in reply[8]})
             return self._admitted(room, identity, peer, reply, version, epoch, resumed, held, overflowed)
         except BaseException:
             # All or nothing: Redis admitted us, so undo that before giving up.
             self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
             raise
+
+    async def _hand_over(self, room: ClusterRoom, user: str, epoch: int, old: str, reached: set[str]) -> None:
+        """Wait (bounded) until every frame still on its way to ``user`` through the old
+        node has reached this node's buffer; see :class:`Handoff`."""
+        buffered = room.inflight[user]
+        done = asyncio.get_running_loop().create_future()
+        waiting = buffered.waiting = Handoff(epoch, reached | {self.node}, done)
+        self._send_marker(room.room_id, user, epoch, old, self.node)  # behind this node's own frames
+        self._count_barriers(buffered)
+        try:
+            async with asyncio.timeout(HANDOFF_WAIT):
+                await done
+        except TimeoutError:
+            waiting.lost = True
+        if waiting.lost:
+            buffered.lost = True
+
+    @staticmethod
+    def _count_barriers(buffered: Inflight) -> None:
+        waiting = buffered.waiting
+        if waiting is None or waiting.done is None or waiting.done.done():
+            return
+        for epoch, origin, lost in buffered.barriers:
+            if epoch == waiting.epoch:
+                waiting.expected.discard(origin)
+                waiting.lost = waiting.lost or lost
+        if waiting.lost or not waiting.expected:
+            waiting.done.set_result(None)
+
+    async def _connected(self, node: str) -> bool:
+        """Whether Redis still has a connection of ``node`` (a killed node has none; one
+        whose subscriber is away while it lives does). True when Redis cannot tell."""
+        try:
+            clients = await self.link.redis.client_list(_type="normal")
+        except (RedisError, OSError):
+            return True
+        name = client_name(node)
+        return any(client.get("name") == name for client in clients)
+
+    def _send_marker(self, room_id: str, user: str, epoch: int, old: str, new: str) -> None:
+        """Through ``old``, behind the frames this node sent there; if nobody listens
+        there, straight to ``new`` (those frames went to KEEP, in order, before it)."""
+
+        def check(receivers: Any) -> None:
+            if receivers == 0:
+                self.link.send_script_next("HANDED", room_id, user, epoch, new, self.node)
+
+        header = {"r": room_id, "u": user, "c": epoch, "n": new, "x": self.node}
+        self.link.publish(old, b"q" + orjson.dumps(header) + b"\n", check)
 
     def _give_back(self, room_id: str, user: str, done: asyncio.Future[Any]) -> None:
         room = self.rooms.get(room_id)
@@ -254,7 +337,7 @@ class ClusterHub(Hub):
         """Attach ``peer`` after the registry admitted it: state first, then kept frames, then live."""
         user = identity.user_id
         members = _members(reply[6])
-        kept: list[bytes] = reply[7:]
+        kept: list[bytes] = reply[10:]
         # Events held back until this reply (the room is new here) apply first, with
         # this join still in flight: a close among them is kept for this user (missed).
         self._sync(room, members, version)
@@ -309,9 +392,11 @@ class ClusterHub(Hub):
         leaves of this user that Redis applied after the join but arrived before it."""
         peer = slot.peer
         assert peer is not None
-        for frame, addressed in buffered.frames:
-            if addressed or resumed:
-                peer.send(frame)
+        # Per sender, what came through the old node was sent before what came directly.
+        for first in (True, False):
+            for frame, addressed, forwarded in buffered.frames:
+                if forwarded is first and (addressed or resumed):
+                    peer.send(frame)
         for kind, header in room.missed.pop(slot.user_id, ()):
             if int(header["v"]) > version:
                 self._apply_event(room, kind, header)
@@ -541,12 +626,12 @@ class ClusterHub(Hub):
             if self.link.up:
                 self._on_state(True)
 
-    def _buffer(self, room: ClusterRoom, user: str, frame: bytes, *, addressed: bool) -> None:
+    def _buffer(self, room: ClusterRoom, user: str, frame: bytes, *, addressed: bool, forwarded: bool = False) -> None:
         buffered = room.inflight[user]
         if len(buffered.frames) >= self.limits.kept_messages:
             buffered.lost = True
             return
-        buffered.frames.append((frame, addressed))
+        buffered.frames.append((frame, addressed, forwarded))
 
     # ---------------------------------------------------------------- events
 
@@ -558,6 +643,10 @@ class ClusterHub(Hub):
             self.received += 1
             self._relay_in(header, data[end + 1:])
             return
+        if kind in b"qd" or (kind == b"t" and header.get("h")):
+            self._on_handoff(kind, header)
+            if kind != b"t":
+                return
         room = self.rooms.get(header["r"])
         if not isinstance(room, ClusterRoom):
             return
@@ -584,11 +673,69 @@ class ClusterHub(Hub):
             if local is not None:
                 self._deliver(local, frame)
             elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
-                self._buffer(room, user, frame, addressed=True)
+                self._buffer(room, user, frame, addressed=True, forwarded=bool(header.get("f")))
             else:  # moved on meanwhile: the registry forwards it, or keeps it
-                self.link.send_script(
-                    "KEEP", header["r"], user, self.node, frame, self.limits.kept_messages, self.limits.kept_bytes
-                )
+                self._forward(header["r"], user, frame)
+
+    def _forward(self, room_id: str, user: str, frame: bytes) -> None:
+        """KEEP a frame for a user who is no longer here: kept if held, else forwarded to
+        its node. A failure while the user's hand-off is open spoils that hand-off."""
+        handoff = self._handoffs.get((room_id, user))
+
+        def check(result: Any) -> None:
+            if isinstance(result, BaseException) and handoff is not None:
+                handoff.lost = True
+
+        limits = self.limits
+        if not self.link.send_script(
+            "KEEP", room_id, user, self.node, frame, limits.kept_messages, limits.kept_bytes, on_result=check
+        ) and handoff is not None:
+            handoff.lost = True
+
+    def _on_handoff(self, kind: bytes, header: dict[str, Any]) -> None:
+        """Hand-off traffic of a resume (see :class:`Handoff`).
+
+        ``t`` with ``h``: a held slot was resumed through ``n``; the old node ``o``
+        answers with its barrier, any other node sends a marker through ``o``.
+        ``q``: a marker reaching the old node, passed on as a barrier behind the frames
+        forwarded so far. ``d``: a barrier reaching the resuming node.
+        """
+        room_id, user, epoch = header["r"], header["u"], int(header["c"])
+        if kind == b"d":
+            room = self.rooms.get(room_id)
+            buffered = room.inflight.get(user) if isinstance(room, ClusterRoom) else None
+            if buffered is not None:
+                buffered.barriers.append((epoch, header["x"], bool(header["l"])))
+                self._count_barriers(buffered)
+            return
+        if kind == b"q":
+            handoff = self._handoffs.get((room_id, user))
+            lost = handoff is None or handoff.epoch != epoch or handoff.lost
+            self._barrier(room_id, user, epoch, header["n"], header["x"], lost)
+            return
+        old, new = header["o"], header["n"]
+        if new == self.node:
+            return
+        if old != self.node:
+            self._send_marker(room_id, user, epoch, old, new)
+            return
+        room = self.rooms.get(room_id)
+        slot = room.slots.get(user) if room is not None else None
+        # Frames this node dropped for the held slot (Redis was unreachable, or the
+        # kept ones overflowed here) make the resume incomplete.
+        lost = not isinstance(slot, ClusterSlot) or slot.peer is not None or slot.incomplete
+        key = (room_id, user)
+        handoff = self._handoffs[key] = Handoff(epoch, {self.node}, lost=lost)
+        asyncio.get_running_loop().call_later(2 * HANDOFF_WAIT, self._forget_handoff, key, handoff)
+        self._barrier(room_id, user, epoch, new, self.node, lost)
+
+    def _barrier(self, room_id: str, user: str, epoch: int, new: str, origin: str, lost: bool) -> None:
+        header = {"r": room_id, "u": user, "c": epoch, "x": origin, "l": int(lost)}
+        self.link.publish(new, b"d" + orjson.dumps(header) + b"\n")
+
+    def _forget_handoff(self, key: tuple[str, str], handoff: Handoff) -> None:
+        if self._handoffs.get(key) is handoff:
+            del self._handoffs[key]
 
     def _apply(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
         version = int(header["v"])

@@ -43,7 +43,7 @@ from ..errors import StartupError
 from ..settings import Settings
 from . import scripts
 
-__all__ = ["RedisLink", "Backoff", "channel_of", "LinkDown"]
+__all__ = ["RedisLink", "Backoff", "channel_of", "client_name", "LinkDown"]
 
 logger = logging.getLogger("signal_server.cluster")
 
@@ -55,12 +55,17 @@ MAX_BATCH = 1000  # commands per pipeline: each reply comes back soon even with 
 MAX_QUEUE = 10_000  # queued commands while Redis is slow; beyond, frames are lost
 NAMES = (
     "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
-    "KICK", "CLOSE", "SEND",
+    "KICK", "CLOSE", "SEND", "HANDED", "MEMBERS",
 )
 
 
 def channel_of(node: str) -> str:
     return "sig:ch:" + node
+
+
+def client_name(node: str) -> str:
+    """The name of a node's connections in CLIENT LIST (tells a killed node from a cut-off one)."""
+    return "signal-" + node
 
 
 class LinkDown(Exception):
@@ -101,9 +106,10 @@ SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAM
 SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
 
 
-def make_client(settings: Settings) -> Redis:
+def make_client(settings: Settings, node: str) -> Redis:
     """A client for the URL, or for the master the sentinels name (followed across failovers)."""
     options: dict[str, Any] = {
+        "client_name": client_name(node),
         # Failures surface at once; this module retries with its own backoff.
         "retry": Retry(NoBackoff(), 0),
         "socket_connect_timeout": 2.0,
@@ -139,7 +145,7 @@ class RedisLink:
         self.node = node
         self.boot = secrets.token_hex(8)  # this process: tells a restarted or twin node from us
         self.channel = channel_of(node)
-        self.redis = make_client(settings)
+        self.redis = make_client(settings, node)
         self.up = False
         self.nodes_seen = 0
         self._on_message = on_message
