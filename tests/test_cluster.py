@@ -1146,11 +1146,23 @@ async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
 
 
 async def in_process_nodes(app_client: AppClient, redis: RedisServer, *ids: str) -> list[TestClient[Any, Any]]:
-    """Nodes in this process (their hubs can be watched and held), with a long grace."""
-    return [
+    """Nodes in this process (their hubs can be watched and held), with a long grace; ready."""
+    nodes = [
         await app_client(redis_url=redis.url, node_id=node, node_ttl=NODE_TTL, reconnect_grace=30.0)
         for node in ids
     ]
+    for node in nodes:
+        await link_is(hub_of(node), up=True)
+    return nodes
+
+
+async def link_is(hub: Any, *, up: bool) -> None:
+    """Wait until the hub's Redis link is up (pings come back through its subscriber) or down."""
+
+    async def reached() -> bool:
+        return bool(hub.link.up) is up
+
+    await wait_until(reached)
 
 
 def hub_of(node: TestClient[Any, Any]) -> Any:
@@ -1241,3 +1253,61 @@ async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_els
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
     assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(4)] == ["b0", "b1", "b2", "b3"]
     await quiet(resumed)
+
+
+def gate_resubscription(hub: Any) -> asyncio.Event:
+    """The node's next subscriptions wait until the returned event is set."""
+    allowed = asyncio.Event()
+    make_pubsub = hub.link.redis.pubsub
+
+    def gated_pubsub(**options: Any) -> Any:
+        pubsub = make_pubsub(**options)
+        subscribe = pubsub.subscribe
+
+        async def subscribe_when_allowed(*channels: Any) -> Any:
+            await allowed.wait()
+            return await subscribe(*channels)
+
+        pubsub.subscribe = subscribe_when_allowed
+        return pubsub
+
+    hub.link.redis.pubsub = gated_pubsub
+    return allowed
+
+
+async def kill_subscriber(redis: RedisServer, node: str) -> None:
+    """CLIENT KILL the pub/sub connection of one node (found by its client name)."""
+    clients = await redis.command("CLIENT", "LIST", "TYPE", "pubsub")
+    if isinstance(clients, bytes):
+        clients = [dict(field.split("=", 1) for field in line.split()) for line in clients.decode().splitlines()]
+    ids = [client["id"] for client in clients if client.get("name") == f"signal-{node}"]
+    assert len(ids) == 1, clients
+    await redis.command("CLIENT", "KILL", "ID", ids[0])
+
+
+async def test_a_resume_elsewhere_while_the_home_node_is_cut_off_is_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """alice's slot is held on node A, whose subscriber is gone (A cannot hear Redis, so it drops
+    carol's offer to alice instead of keeping it). alice resumes through node C before A is back:
+    A's key is alive and A has a connection, but it did not hear the takeover: recovered false
+    (before, true with carol's offer lost)."""
+    (node_c,) = await start_nodes(1, grace=30.0, prefix="c")
+    (node_a,) = await in_process_nodes(app_client, redis, "a")
+    hub = hub_of(node_a)
+    carol = await connector(node_a)("carol")
+    alice = await raw_in_process(node_a, "alice")
+    await carol.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    allowed = gate_resubscription(hub)
+    await kill_subscriber(redis, "a")
+    await link_is(hub, up=False)
+    await carol.offer(sdp="dropped", target_user_id="alice")
+    await quiet(carol)
+    resumed = await clients.connect(node_c, "alice", join=False)
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    allowed.set()
+    await link_is(hub, up=True)
+    await expect_relay_back(carol, resumed)
