@@ -1275,14 +1275,24 @@ def gate_resubscription(hub: Any) -> asyncio.Event:
     return allowed
 
 
-async def kill_subscriber(redis: RedisServer, node: str) -> None:
-    """CLIENT KILL the pub/sub connection of one node (found by its client name)."""
+async def kill_subscriber(redis: RedisServer, hub: Any) -> None:
+    """CLIENT KILL the pub/sub connection of one in-process node (found by its client name),
+    whose resubscription is gated: returns once the node is down and nobody listens on its
+    channel (redis-py's reconnect of the killed connection subscribes once more, briefly,
+    before the link closes it)."""
     clients = await redis.command("CLIENT", "LIST", "TYPE", "pubsub")
     if isinstance(clients, bytes):
         clients = [dict(field.split("=", 1) for field in line.split()) for line in clients.decode().splitlines()]
-    ids = [client["id"] for client in clients if client.get("name") == f"signal-{node}"]
+    ids = [client["id"] for client in clients if client.get("name") == f"signal-{hub.node}"]
     assert len(ids) == 1, clients
     await redis.command("CLIENT", "KILL", "ID", ids[0])
+    await link_is(hub, up=False)
+
+    async def deaf() -> bool:
+        channel = f"sig:ch:{hub.node}"
+        return bool(await redis.command("PUBSUB", "NUMSUB", channel) == [channel.encode(), 0])
+
+    await wait_until(deaf)
 
 
 async def test_a_resume_elsewhere_while_the_home_node_is_cut_off_is_incomplete(
@@ -1301,13 +1311,45 @@ async def test_a_resume_elsewhere_while_the_home_node_is_cut_off_is_incomplete(
     alice.abort()
     await held_on(redis, "room-1", "alice")
     allowed = gate_resubscription(hub)
-    await kill_subscriber(redis, "a")
-    await link_is(hub, up=False)
-    await carol.offer(sdp="dropped", target_user_id="alice")
-    await quiet(carol)
-    resumed = await clients.connect(node_c, "alice", join=False)
-    state = await resumed.expect("room_state")
-    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
-    allowed.set()
+    try:
+        await kill_subscriber(redis, hub)
+        await carol.offer(sdp="dropped", target_user_id="alice")
+        await quiet(carol)
+        resumed = await clients.connect(node_c, "alice", join=False)
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    finally:
+        allowed.set()
     await link_is(hub, up=True)
     await expect_relay_back(carol, resumed)
+
+
+async def test_events_missed_while_resubscribing_are_read_again(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Node B's subscriber is killed and its resubscription held back while bob leaves and dave
+    joins through node A: both events are published to nobody on B. Once B is subscribed again it
+    reads the room from the registry, so carol gets user_left bob and user_joined dave, once each."""
+    (node_a,) = await start_nodes(1, prefix="a")
+    (node_b,) = await in_process_nodes(app_client, redis, "b")
+    hub = hub_of(node_b)
+    alice = await clients.connect(node_a, "alice")
+    bob = await clients.connect(node_a, "bob")
+    await alice.expect("user_joined")
+    carol = await connector(node_b)("carol")
+    for member in (alice, bob):
+        await member.expect("user_joined")
+    allowed = gate_resubscription(hub)
+    try:
+        await kill_subscriber(redis, hub)
+        await bob.ws.close()
+        assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+        await clients.connect(node_a, "dave")
+        assert (await alice.expect("user_joined"))["payload"]["user_id"] == "dave"
+    finally:
+        allowed.set()
+    seen = {(message["type"], message["payload"]["user_id"]) for message in [await carol.recv(), await carol.recv()]}
+    assert seen == {("user_left", "bob"), ("user_joined", "dave")}
+    await link_is(hub, up=True)
+    await quiet(carol)
+    await expect_relay_back(carol, alice)

@@ -133,10 +133,14 @@ class ClusterHub(Hub):
     def __init__(self, limits: HubLimits, metrics: Metrics, settings: Settings) -> None:
         super().__init__(limits, metrics)
         self.node: str = settings.node_id or secrets.token_hex(4)
-        self.link = RedisLink(settings, self.node, self._on_message, self._on_state, self._on_registered)
+        self.link = RedisLink(
+            settings, self.node, self._on_message, self._on_state, self._on_registered, self._on_subscribed
+        )
         self.published = 0
         self.received = 0
         self._restore: asyncio.Task[None] | None = None
+        self._resync: asyncio.Task[None] | None = None
+        self._run_id: str | None = None  # the Redis server this node's mirrors were read from
         self._stopping = False
         # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
         # right again from the local slots as soon as Redis answers.
@@ -152,6 +156,7 @@ class ClusterHub(Hub):
 
     async def start(self) -> None:
         await self.link.start()
+        self._run_id = await self._redis_run_id()
         logger.info("cluster: node %s registered", self.node)
 
     async def stop(self) -> None:
@@ -165,8 +170,9 @@ class ClusterHub(Hub):
                     slot.peer = None
                     self._hold(slot)
         self.cancel_timers()  # expiry is the registry's now
-        if self._restore is not None:
-            self._restore.cancel()
+        for task in (self._restore, self._resync):
+            if task is not None:
+                task.cancel()
         await self.link.stop()
 
     @property
@@ -861,6 +867,48 @@ class ClusterHub(Hub):
         self._dirty |= set(self.rooms)
         if self.link.up:  # else once the subscriber is back: events of the restore must reach us
             self._start_restore()
+
+    def _on_subscribed(self) -> None:
+        """Subscribed again: events published to this node's channel while it was not
+        (a killed connection, a network blip) are lost, so read the rooms again."""
+        if self._stopping or not self.rooms:
+            return
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(self._resync_rooms())
+
+    async def _redis_run_id(self) -> str | None:
+        try:
+            info = await self.link.redis.info("server")
+        except (RedisError, OSError):
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
+
+    async def _resync_rooms(self) -> None:
+        """Bring each room's mirror up to the registry, with pruning: a leave or a join
+        this node missed is told to its members once (``_sync`` tells differences only).
+
+        Only on the same Redis server as before: one that restarted (empty, or from a
+        snapshot) or failed over does not list the members of nodes that have not
+        re-registered yet; the re-registration (``_on_registered``) owns that case.
+        """
+        run_id = await self._redis_run_id()
+        if run_id is None or run_id != self._run_id:
+            self._run_id = run_id
+            return
+        for room in list(self.rooms.values()):
+            if not isinstance(room, ClusterRoom) or room.pending is not None:
+                continue  # its membership is being read already
+            room.pending = []  # events from now on wait for the read, then apply over it
+            try:
+                reply = await self.link.call("MEMBERS", room.room_id)
+            except (LinkDown, RedisError, OSError):
+                self._apply_pending(room)
+                return  # the next subscription tries again
+            if self.rooms.get(room.room_id) is room:
+                self._sync(room, _members(reply[1]), int(reply[0]))
+                self._discard_if_empty(room)
+        logger.info("cluster: resubscribed; %d rooms read again (node %s)", len(self.rooms), self.node)
 
     def _start_restore(self) -> None:
         if self._stopping:

@@ -16,7 +16,8 @@ when Redis says nobody listens on our channel. A node that is merely behind
 (its loop stalled or saturated, a long queue of its own commands, a backlog
 on its subscriber) keeps seeing replies and stays up. When the link breaks,
 both tasks back off (capped, jittered) and retry; the owner is told of every
-up/down change so it can log one line and re-register its slots.
+up/down change so it can log one line and re-register its slots, and of
+every (re)subscription, since what was published to the channel meanwhile is lost.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class RedisLink:
         on_message: Callable[[bytes], None],
         on_state: Callable[[bool], None],
         on_registered: Callable[[], None],
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -151,6 +153,7 @@ class RedisLink:
         self._on_message = on_message
         self._on_state = on_state
         self._on_registered = on_registered
+        self._on_subscribed = on_subscribed
         self._queue: list[_Command] = []
         self._next: list[_Command] = []
         self._barriers = 0  # _BARRIER entries in the queue
@@ -362,6 +365,7 @@ class RedisLink:
             try:
                 await pubsub.subscribe(self.channel)
                 backoff.reset()
+                self._on_subscribed()
                 read = pubsub.parse_response
                 while True:
                     # Blocking read of raw replies: no per-message timeout context or
