@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -1353,3 +1354,55 @@ async def test_events_missed_while_resubscribing_are_read_again(
     await link_is(hub, up=True)
     await quiet(carol)
     await expect_relay_back(carol, alice)
+
+
+async def test_a_node_whose_clock_is_five_minutes_ahead_joins_holds_and_resumes_on_time(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Node 1 runs under libfaketime, its wall and monotonic clocks 300 s ahead of node 2's and
+    Redis's: deadlines are Redis TIME in the scripts and loop time on the node, so joins, a hold
+    resumed through node 2 with its kept offer, and a hold that expires (user_left after the
+    grace, not 300 s early or late) behave as with agreeing clocks. (Tokens are valid for 600 s,
+    so the skewed node still accepts them.)"""
+    library = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+    if not library.exists():  # another architecture: ask the package where it put it
+        listed = subprocess.run(["dpkg", "-L", "libfaketime"], capture_output=True, text=True, check=True)
+        library = Path(next(line for line in listed.stdout.split() if line.endswith("/libfaketime.so.1")))
+    args = ["--redis-url", redis.url, "--node-ttl", str(NODE_TTL), "--reconnect-grace", str(GRACE),
+            "--heartbeat", "30"]
+    ahead = Node("ahead", args, env={"LD_PRELOAD": str(library), "FAKETIME": "+300s"})
+    try:
+        await ahead.start()
+        probe = await clients.connect(ahead, "probe", "clock", join=False)
+        stamped = (await probe.expect("room_state"))["timestamp"]  # the node's wall clock
+        skew = datetime.fromisoformat(stamped.replace("Z", "+00:00")).timestamp() - time.time()
+        assert 290 <= skew <= 310, stamped
+        (normal,) = await start_nodes(1)
+        bob = await clients.connect(normal, "bob")
+        alice = await raw_client(ahead, "alice")
+        assert (await bob.expect("user_joined"))["payload"]["user_id"] == "alice"
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        await bob.offer(sdp="kept", target_user_id="alice")
+
+        async def kept() -> bool:
+            return await kept_count(redis, "room-1", "alice") == 1
+
+        await wait_until(kept)
+        resumed = await clients.connect(normal, "alice", join=False)
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "kept"
+        carol = await raw_client(ahead, "carol")
+        for member in (bob, resumed):
+            assert (await member.expect("user_joined"))["payload"]["user_id"] == "carol"
+        loop = asyncio.get_running_loop()
+        carol.abort()
+        await held_on(redis, "room-1", "carol")
+        held = loop.time()
+        left = await bob.expect("user_left")
+        assert left["payload"] == {"user_id": "carol", "username": "carol", "reason": "timeout"}
+        assert GRACE - 0.5 <= loop.time() - held <= GRACE + 2.0
+        assert ahead.count(r"is gone") + normal.count(r"node ahead is gone") == 0
+    finally:
+        await ahead.kill()

@@ -55,6 +55,7 @@ class Remote:
     username: str
     node: str
     seq: int
+    sent: bool = False  # this node published a frame to it (its resume elsewhere waits for that)
 
 
 class ClusterSlot(Slot):
@@ -140,7 +141,7 @@ class ClusterHub(Hub):
         self.received = 0
         self._restore: asyncio.Task[None] | None = None
         self._resync: asyncio.Task[None] | None = None
-        self._run_id: str | None = None  # the Redis server this node's mirrors were read from
+        self._generation: bytes | None = None  # of the registry this node's mirrors were read from
         self._stopping = False
         # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
         # right again from the local slots as soon as Redis answers.
@@ -156,7 +157,7 @@ class ClusterHub(Hub):
 
     async def start(self) -> None:
         await self.link.start()
-        self._run_id = await self._redis_run_id()
+        self._generation = await self._read_generation()
         logger.info("cluster: node %s registered", self.node)
 
     async def stop(self) -> None:
@@ -272,20 +273,38 @@ class ClusterHub(Hub):
                 if int(reply[9]) and await self._connected(old):  # cut off: it may have dropped frames
                     room.inflight[user].lost = True
                 else:
-                    await self._hand_over(room, user, epoch, old, {_text(node) for node in reply[8]})
+                    expected = self._senders(room, user, old, _members(reply[6]), {_text(n) for n in reply[8]})
+                    if expected:
+                        await self._hand_over(room, user, epoch, old, expected)
             return self._admitted(room, identity, peer, reply, version, epoch, resumed, held, overflowed)
         except BaseException:
             # All or nothing: Redis admitted us, so undo that before giving up.
             self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
             raise
 
-    async def _hand_over(self, room: ClusterRoom, user: str, epoch: int, old: str, reached: set[str]) -> None:
+    def _senders(
+        self, room: ClusterRoom, user: str, old: str, members: list[list[Any]], reached: set[str]
+    ) -> set[str]:
+        """The nodes whose barriers a resume of ``user`` (held on ``old``) waits for: every
+        other node that heard the event (its markers go through the old node), the old
+        node if it has other members there (they may have sent to the slot), and this
+        node if it ever published a frame for the user."""
+        expected = {node for node in reached if node != old}
+        if old in reached and any(m[2] == old and m[0] != user for m in members):
+            expected.add(old)
+        known = room.remote.get(user)
+        if known is not None and known.sent:
+            expected.add(self.node)
+        return expected
+
+    async def _hand_over(self, room: ClusterRoom, user: str, epoch: int, old: str, expected: set[str]) -> None:
         """Wait (bounded) until every frame still on its way to ``user`` through the old
         node has reached this node's buffer; see :class:`Handoff`."""
         buffered = room.inflight[user]
         done = asyncio.get_running_loop().create_future()
-        waiting = buffered.waiting = Handoff(epoch, reached | {self.node}, done)
-        self._send_marker(room.room_id, user, epoch, old, self.node)  # behind this node's own frames
+        waiting = buffered.waiting = Handoff(epoch, set(expected), done)
+        if self.node in expected:
+            self._send_marker(room.room_id, user, epoch, old, self.node)  # behind this node's own frames
         self._count_barriers(buffered)
         try:
             async with asyncio.timeout(HANDOFF_WAIT):
@@ -532,6 +551,7 @@ class ClusterHub(Hub):
                     if user in room.inflight:  # resuming here: after its kept frames, before live ones
                         self._buffer(room, user, frame, addressed=True)
                     else:
+                        remote.sent = True
                         by_node.setdefault(remote.node, []).append(user)
                 queued = True
                 for node, users in by_node.items():
@@ -560,6 +580,7 @@ class ClusterHub(Hub):
                     return None
                 if not self.link.up:
                     return self._unavailable(slot)
+                found.sent = True
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
                 if not self._publish(room.room_id, found.node, [target], header + frame, frame):
                     return self._unavailable(slot)
@@ -876,35 +897,37 @@ class ClusterHub(Hub):
         if self._resync is None or self._resync.done():
             self._resync = asyncio.get_running_loop().create_task(self._resync_rooms())
 
-    async def _redis_run_id(self) -> str | None:
+    async def _read_generation(self) -> bytes | None:
         try:
-            info = await self.link.redis.info("server")
-        except (RedisError, OSError):
+            reply = await self.link.call("MEMBERS", "", self.link.boot)
+        except (LinkDown, RedisError, OSError):
             return None
-        run_id = info.get("run_id")
-        return str(run_id) if run_id else None
+        return bytes(reply[2])
 
     async def _resync_rooms(self) -> None:
         """Bring each room's mirror up to the registry, with pruning: a leave or a join
         this node missed is told to its members once (``_sync`` tells differences only).
 
-        Only on the same Redis server as before: one that restarted (empty, or from a
-        snapshot) or failed over does not list the members of nodes that have not
-        re-registered yet; the re-registration (``_on_registered``) owns that case.
+        Only on the registry as before (``sig:gen`` unchanged): a Redis that restarted
+        empty does not list the members of nodes that have not re-registered yet; the
+        re-registration (``_on_registered``) owns that case.
         """
-        run_id = await self._redis_run_id()
-        if run_id is None or run_id != self._run_id:
-            self._run_id = run_id
+        generation = await self._read_generation()
+        if generation is None or generation != self._generation:
+            self._generation = generation
             return
         for room in list(self.rooms.values()):
             if not isinstance(room, ClusterRoom) or room.pending is not None:
                 continue  # its membership is being read already
             room.pending = []  # events from now on wait for the read, then apply over it
             try:
-                reply = await self.link.call("MEMBERS", room.room_id)
+                reply = await self.link.call("MEMBERS", room.room_id, self.link.boot)
             except (LinkDown, RedisError, OSError):
                 self._apply_pending(room)
                 return  # the next subscription tries again
+            if reply[2] != generation:  # Redis restarted meanwhile
+                self._apply_pending(room)
+                return
             if self.rooms.get(room.room_id) is room:
                 self._sync(room, _members(reply[1]), int(reply[0]))
                 self._discard_if_empty(room)

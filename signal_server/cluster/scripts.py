@@ -546,9 +546,12 @@ return 1
 """
 
 # The members of a room and its version, read at once (a node that may have
-# missed events while its subscriber was away brings its mirror up to date).
-# ARGV: room -> {version, members-json}
+# missed events while its subscriber was away brings its mirror up to date),
+# with the registry's generation: sig:gen is set once by the first node that
+# asks, so a Redis that restarted empty has another one.
+# ARGV: room ('' for the generation alone), a new generation if none -> {version, members-json, generation}
 MEMBERS = r"""
+redis.call('SET', 'sig:gen', ARGV[2], 'NX')
 local mkey, vkey = room_keys(ARGV[1])
-return {tonumber(redis.call('GET', vkey) or '0'), members(mkey)}
+return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('GET', 'sig:gen')}
 """
