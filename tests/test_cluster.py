@@ -215,6 +215,16 @@ async def kept_count(redis: RedisServer, room: str, user: str) -> int:
     return int(await redis.command("LLEN", f"sig:{{{room}}}:k:{user}"))
 
 
+async def send_kept(redis: RedisServer, sender: Member, user: str) -> None:
+    """``sender`` offers "kept" to held ``user``; returns once it is the one frame kept in Redis."""
+    await sender.offer(sdp="kept", target_user_id=user)
+
+    async def kept() -> bool:
+        return await kept_count(redis, "room-1", user) == 1
+
+    await wait_until(kept)
+
+
 async def quiet(member: Member) -> None:
     """Nothing else is queued for ``member``: a ping's pong comes next."""
     await member.send("ping")
@@ -498,25 +508,15 @@ async def test_a_node_re_registers_only_once_it_hears_its_channel(
     after it is subscribed, so A's news of the leave (published on B's channel or
     left as a tombstone) reaches B; before, B registered deaf and never heard it."""
     node_a, hub, alice, bob, carol = await _room_over_a_and_b(redis, start_nodes, clients, app_client)
-    registered, subscribe_now = asyncio.Event(), asyncio.Event()
-    on_registered, make_pubsub = hub.link._on_registered, hub.link.redis.pubsub
+    registered = asyncio.Event()
+    on_registered = hub.link._on_registered
 
     def noting_registration() -> None:
         registered.set()
         on_registered()
 
-    def gated_pubsub(**options: Any) -> Any:
-        pubsub = make_pubsub(**options)
-        subscribe = pubsub.subscribe
-
-        async def subscribe_when_allowed(*channels: Any) -> Any:
-            await subscribe_now.wait()
-            return await subscribe(*channels)
-
-        pubsub.subscribe = subscribe_when_allowed
-        return pubsub
-
-    hub.link._on_registered, hub.link.redis.pubsub = noting_registration, gated_pubsub
+    hub.link._on_registered = noting_registration
+    subscribe_now = gate_resubscription(hub)
     await _leave_during_outage(redis, node_a, alice, bob)
     node_a.signal(signal.SIGSTOP)  # A re-registers only once Redis knows B again
     try:
@@ -861,12 +861,7 @@ async def test_redis_restarting_empty_makes_held_resumes_incomplete(
     await bob.expect("user_joined")
     alice.abort()
     await held_on(redis, "room-1", "alice")
-    await bob.offer(sdp="kept", target_user_id="alice")
-
-    async def kept() -> bool:
-        return await kept_count(redis, "room-1", "alice") == 1
-
-    await wait_until(kept)
+    await send_kept(redis, bob, "alice")
     await redis.stop()
     await redis.start()  # empty
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
@@ -1383,12 +1378,7 @@ async def test_a_node_whose_clock_is_five_minutes_ahead_joins_holds_and_resumes_
         assert (await bob.expect("user_joined"))["payload"]["user_id"] == "alice"
         alice.abort()
         await held_on(redis, "room-1", "alice")
-        await bob.offer(sdp="kept", target_user_id="alice")
-
-        async def kept() -> bool:
-            return await kept_count(redis, "room-1", "alice") == 1
-
-        await wait_until(kept)
+        await send_kept(redis, bob, "alice")
         resumed = await clients.connect(normal, "alice", join=False)
         state = await resumed.expect("room_state")
         assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True

@@ -157,7 +157,6 @@ class ClusterHub(Hub):
 
     async def start(self) -> None:
         await self.link.start()
-        self._generation = await self._read_generation()
         logger.info("cluster: node %s registered", self.node)
 
     async def stop(self) -> None:
@@ -891,8 +890,9 @@ class ClusterHub(Hub):
 
     def _on_subscribed(self) -> None:
         """Subscribed again: events published to this node's channel while it was not
-        (a killed connection, a network blip) are lost, so read the rooms again."""
-        if self._stopping or not self.rooms:
+        (a killed connection, a network blip) are lost, so read the rooms again (the
+        first subscription only learns the registry's generation)."""
+        if self._stopping:
             return
         if self._resync is None or self._resync.done():
             self._resync = asyncio.get_running_loop().create_task(self._resync_rooms())
@@ -915,7 +915,7 @@ class ClusterHub(Hub):
         generation = await self._read_generation()
         if generation is None or generation != self._generation:
             self._generation = generation
-            return
+            return  # the first subscription, or Redis restarted
         for room in list(self.rooms.values()):
             if not isinstance(room, ClusterRoom) or room.pending is not None:
                 continue  # its membership is being read already
