@@ -13,7 +13,8 @@ IN_NETNS = $(NETNS) 'ip link set lo up && exec $(1)'
 # command:Debian package, installed only when the command is missing (node and
 # npm may come from elsewhere; Debian's npm would conflict with them).
 SYSTEM_COMMANDS := redis-server:redis-server redis-sentinel:redis-sentinel chromium:chromium ip:iproute2 \
-	unshare:util-linux haproxy:haproxy node:nodejs npm:npm nginx:nginx systemd-analyze:systemd
+	unshare:util-linux haproxy:haproxy node:nodejs npm:npm nginx:nginx systemd-analyze:systemd \
+	faketime:faketime
 
 .PHONY: run run-cluster test lint bench screenshot system-deps bench-deps clean
 

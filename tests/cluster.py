@@ -172,16 +172,18 @@ class Sentinel(_Process):
 class Node(_Process):
     """One signal-server node: the real console script, on a free port."""
 
-    def __init__(self, node_id: str, args: Sequence[str]) -> None:
+    def __init__(self, node_id: str, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for the process (libfaketime's, say)."""
         super().__init__(f"node {node_id}")
         self.node_id = node_id
         self.args = list(args)
+        self.env = env or {}
         self.port = 0
 
     async def start(self, wait_ready: bool = True) -> None:
         await self._spawn(
             *COMMAND, "--port", "0", "--node-id", self.node_id, *self.args,
-            env={"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_LOG_LEVEL": "info"},
+            env={"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_LOG_LEVEL": "info", **self.env},
         )
         self.port = int((await self.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
         if wait_ready:

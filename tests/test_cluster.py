@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +177,7 @@ async def raw_client(node: Node, user: str, room: str = "room-1") -> RawWebSocke
     return raw
 
 
-async def test_resume_on_another_node_replays_kept_messages(
-    start_nodes: StartNodes, clients: Clients, redis: RedisServer
-) -> None:
+async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNodes, clients: Clients) -> None:
     n1, n2, n3 = await start_nodes(3, grace=10.0)
     bob = await clients.connect(n2, "bob")
     carol = await clients.connect(n1, "carol")
@@ -195,13 +194,8 @@ async def test_resume_on_another_node_replays_kept_messages(
         await carol.offer(sdp=f"c{i}", target_user_id="alice")  # from alice's old node
     await bob.send("ping")
     await bob.expect("pong")
-    # bob's pong says node 2 published his offers, not that node 1 has kept them yet:
-    # resume once all 20 are in Redis (this test is about the replay of kept messages).
-
-    async def all_kept() -> bool:
-        return await kept_count(redis, "room-1", "alice") == 20
-
-    await wait_until(all_kept)
+    # bob's pong says node 2 published his offers, not that node 1 has kept them yet: those
+    # still on their way through node 1 are forwarded, and node 3 waits for them (hand-off).
     resumed = await clients.connect(n3, "alice", join=False)
     state = await resumed.expect("room_state")
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
@@ -219,6 +213,16 @@ async def test_resume_on_another_node_replays_kept_messages(
 
 async def kept_count(redis: RedisServer, room: str, user: str) -> int:
     return int(await redis.command("LLEN", f"sig:{{{room}}}:k:{user}"))
+
+
+async def send_kept(redis: RedisServer, sender: Member, user: str) -> None:
+    """``sender`` offers "kept" to held ``user``; returns once it is the one frame kept in Redis."""
+    await sender.offer(sdp="kept", target_user_id=user)
+
+    async def kept() -> bool:
+        return await kept_count(redis, "room-1", user) == 1
+
+    await wait_until(kept)
 
 
 async def quiet(member: Member) -> None:
@@ -504,25 +508,15 @@ async def test_a_node_re_registers_only_once_it_hears_its_channel(
     after it is subscribed, so A's news of the leave (published on B's channel or
     left as a tombstone) reaches B; before, B registered deaf and never heard it."""
     node_a, hub, alice, bob, carol = await _room_over_a_and_b(redis, start_nodes, clients, app_client)
-    registered, subscribe_now = asyncio.Event(), asyncio.Event()
-    on_registered, make_pubsub = hub.link._on_registered, hub.link.redis.pubsub
+    registered = asyncio.Event()
+    on_registered = hub.link._on_registered
 
     def noting_registration() -> None:
         registered.set()
         on_registered()
 
-    def gated_pubsub(**options: Any) -> Any:
-        pubsub = make_pubsub(**options)
-        subscribe = pubsub.subscribe
-
-        async def subscribe_when_allowed(*channels: Any) -> Any:
-            await subscribe_now.wait()
-            return await subscribe(*channels)
-
-        pubsub.subscribe = subscribe_when_allowed
-        return pubsub
-
-    hub.link._on_registered, hub.link.redis.pubsub = noting_registration, gated_pubsub
+    hub.link._on_registered = noting_registration
+    subscribe_now = gate_resubscription(hub)
     await _leave_during_outage(redis, node_a, alice, bob)
     node_a.signal(signal.SIGSTOP)  # A re-registers only once Redis knows B again
     try:
@@ -867,12 +861,7 @@ async def test_redis_restarting_empty_makes_held_resumes_incomplete(
     await bob.expect("user_joined")
     alice.abort()
     await held_on(redis, "room-1", "alice")
-    await bob.offer(sdp="kept", target_user_id="alice")
-
-    async def kept() -> bool:
-        return await kept_count(redis, "room-1", "alice") == 1
-
-    await wait_until(kept)
+    await send_kept(redis, bob, "alice")
     await redis.stop()
     await redis.start()  # empty
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
@@ -1147,3 +1136,263 @@ async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
     finally:
         await n3.kill()
         await proxy.close()
+
+
+# ---------------------------------------------------- hand-off of a resume elsewhere
+
+
+async def in_process_nodes(app_client: AppClient, redis: RedisServer, *ids: str) -> list[TestClient[Any, Any]]:
+    """Nodes in this process (their hubs can be watched and held), with a long grace; ready."""
+    nodes = [
+        await app_client(redis_url=redis.url, node_id=node, node_ttl=NODE_TTL, reconnect_grace=30.0)
+        for node in ids
+    ]
+    for node in nodes:
+        await link_is(hub_of(node), up=True)
+    return nodes
+
+
+async def link_is(hub: Any, *, up: bool) -> None:
+    """Wait until the hub's Redis link is up (pings come back through its subscriber) or down."""
+
+    async def reached() -> bool:
+        return bool(hub.link.up) is up
+
+    await wait_until(reached)
+
+
+def hub_of(node: TestClient[Any, Any]) -> Any:
+    return node.app[SIGNALING].hub
+
+
+async def raw_in_process(node: TestClient[Any, Any], user: str, room: str = "room-1") -> RawWebSocket:
+    """A client of an in-process node that can vanish without a close frame."""
+    assert node.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", node.port, f"/webrtc/ws/{room}?token={make_token(user)}")
+    await raw.expect("room_state")
+    return raw
+
+
+def watch(hub: Any, predicate: Callable[[bytes], bool]) -> asyncio.Event:
+    """Set once the node's subscriber has handed on (and the hub handled) a message matching ``predicate``."""
+    seen = asyncio.Event()
+    on_message = hub.link._on_message
+
+    def hearing(data: bytes) -> None:
+        on_message(data)
+        if predicate(data):
+            seen.set()
+
+    hub.link._on_message = hearing
+    return seen
+
+
+class Gate:
+    """Holds every message a node's subscriber hands on until opened, then passes them on in order."""
+
+    def __init__(self, hub: Any) -> None:
+        self.held: list[bytes] = []
+        self._open = False
+        self._changed = asyncio.Event()
+        self._on_message = hub.link._on_message
+        hub.link._on_message = self._take
+
+    def _take(self, data: bytes) -> None:
+        if self._open:
+            self._on_message(data)
+            return
+        self.held.append(data)
+        self._changed.set()
+
+    async def holding(self, predicate: Callable[[list[bytes]], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate(self.held):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def open(self) -> None:
+        self._open = True
+        held, self.held = self.held, []
+        for data in held:
+            self._on_message(data)
+
+
+def offer_for(sdp: str) -> Callable[[bytes], bool]:
+    return lambda data: data[:1] == b"m" and f'"sdp":"{sdp}"'.encode() in data
+
+
+async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_elsewhere_in_order(
+    redis: RedisServer, app_client: AppClient
+) -> None:
+    """alice's slot is held on node A; bob's offers to her sit in A's subscriber while she resumes
+    through node C, and bob's next offer goes straight to C. A then keeps-forwards the earlier ones:
+    C waits for the hand-off barriers, replays A's forwards before bob's direct offer, and only
+    then says recovered true (before, the direct one came first and the order was lost)."""
+    node_a, node_b, node_c = await in_process_nodes(app_client, redis, "a", "b", "c")
+    bob = await connector(node_b)("bob")
+    alice = await raw_in_process(node_a, "alice")
+    await bob.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    gate = Gate(hub_of(node_a))
+    for i in range(3):
+        await bob.offer(sdp=f"b{i}", target_user_id="alice")
+    await gate.holding(lambda held: any(offer_for("b2")(data) for data in held))
+    switched = watch(hub_of(node_b), lambda data: data[:1] == b"t" and b'"u":"alice"' in data)
+    direct = watch(hub_of(node_c), offer_for("b3"))
+    resumed = await connector(node_c)("alice", join=False)
+    await asyncio.wait_for(switched.wait(), TIMEOUT)  # bob's node now sends to C
+    await bob.offer(sdp="b3", target_user_id="alice")
+    await asyncio.wait_for(direct.wait(), TIMEOUT)
+    gate.open()
+    state = await resumed.expect("room_state")
+    assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+    assert [(await resumed.expect("offer"))["payload"]["sdp"] for _ in range(4)] == ["b0", "b1", "b2", "b3"]
+    await quiet(resumed)
+
+
+def gate_resubscription(hub: Any) -> asyncio.Event:
+    """The node's next subscriptions wait until the returned event is set."""
+    allowed = asyncio.Event()
+    make_pubsub = hub.link.redis.pubsub
+
+    def gated_pubsub(**options: Any) -> Any:
+        pubsub = make_pubsub(**options)
+        subscribe = pubsub.subscribe
+
+        async def subscribe_when_allowed(*channels: Any) -> Any:
+            await allowed.wait()
+            return await subscribe(*channels)
+
+        pubsub.subscribe = subscribe_when_allowed
+        return pubsub
+
+    hub.link.redis.pubsub = gated_pubsub
+    return allowed
+
+
+async def kill_subscriber(redis: RedisServer, hub: Any) -> None:
+    """CLIENT KILL the pub/sub connection of one in-process node (found by its client name),
+    whose resubscription is gated: returns once the node is down and nobody listens on its
+    channel (redis-py's reconnect of the killed connection subscribes once more, briefly,
+    before the link closes it)."""
+    clients = await redis.command("CLIENT", "LIST", "TYPE", "pubsub")
+    if isinstance(clients, bytes):
+        clients = [dict(field.split("=", 1) for field in line.split()) for line in clients.decode().splitlines()]
+    ids = [client["id"] for client in clients if client.get("name") == f"signal-{hub.node}"]
+    assert len(ids) == 1, clients
+    await redis.command("CLIENT", "KILL", "ID", ids[0])
+    await link_is(hub, up=False)
+
+    async def deaf() -> bool:
+        channel = f"sig:ch:{hub.node}"
+        return bool(await redis.command("PUBSUB", "NUMSUB", channel) == [channel.encode(), 0])
+
+    await wait_until(deaf)
+
+
+async def test_a_resume_elsewhere_while_the_home_node_is_cut_off_is_incomplete(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """alice's slot is held on node A, whose subscriber is gone (A cannot hear Redis, so it drops
+    carol's offer to alice instead of keeping it). alice resumes through node C before A is back:
+    A's key is alive and A has a connection, but it did not hear the takeover: recovered false
+    (before, true with carol's offer lost)."""
+    (node_c,) = await start_nodes(1, grace=30.0, prefix="c")
+    (node_a,) = await in_process_nodes(app_client, redis, "a")
+    hub = hub_of(node_a)
+    carol = await connector(node_a)("carol")
+    alice = await raw_in_process(node_a, "alice")
+    await carol.expect("user_joined")
+    alice.abort()
+    await held_on(redis, "room-1", "alice")
+    allowed = gate_resubscription(hub)
+    try:
+        await kill_subscriber(redis, hub)
+        await carol.offer(sdp="dropped", target_user_id="alice")
+        await quiet(carol)
+        resumed = await clients.connect(node_c, "alice", join=False)
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
+    finally:
+        allowed.set()
+    await link_is(hub, up=True)
+    await expect_relay_back(carol, resumed)
+
+
+async def test_events_missed_while_resubscribing_are_read_again(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Node B's subscriber is killed and its resubscription held back while bob leaves and dave
+    joins through node A: both events are published to nobody on B. Once B is subscribed again it
+    reads the room from the registry, so carol gets user_left bob and user_joined dave, once each."""
+    (node_a,) = await start_nodes(1, prefix="a")
+    (node_b,) = await in_process_nodes(app_client, redis, "b")
+    hub = hub_of(node_b)
+    alice = await clients.connect(node_a, "alice")
+    bob = await clients.connect(node_a, "bob")
+    await alice.expect("user_joined")
+    carol = await connector(node_b)("carol")
+    for member in (alice, bob):
+        await member.expect("user_joined")
+    allowed = gate_resubscription(hub)
+    try:
+        await kill_subscriber(redis, hub)
+        await bob.ws.close()
+        assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
+        await clients.connect(node_a, "dave")
+        assert (await alice.expect("user_joined"))["payload"]["user_id"] == "dave"
+    finally:
+        allowed.set()
+    seen = {(message["type"], message["payload"]["user_id"]) for message in [await carol.recv(), await carol.recv()]}
+    assert seen == {("user_left", "bob"), ("user_joined", "dave")}
+    await link_is(hub, up=True)
+    await quiet(carol)
+    await expect_relay_back(carol, alice)
+
+
+async def test_a_node_whose_clock_is_five_minutes_ahead_joins_holds_and_resumes_on_time(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Node 1 runs under libfaketime, its wall and monotonic clocks 300 s ahead of node 2's and
+    Redis's: deadlines are Redis TIME in the scripts and loop time on the node, so joins, a hold
+    resumed through node 2 with its kept offer, and a hold that expires (user_left after the
+    grace, not 300 s early or late) behave as with agreeing clocks. (Tokens are valid for 600 s,
+    so the skewed node still accepts them.)"""
+    library = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+    if not library.exists():  # another architecture: ask the package where it put it
+        listed = subprocess.run(["dpkg", "-L", "libfaketime"], capture_output=True, text=True, check=True)
+        library = Path(next(line for line in listed.stdout.split() if line.endswith("/libfaketime.so.1")))
+    args = ["--redis-url", redis.url, "--node-ttl", str(NODE_TTL), "--reconnect-grace", str(GRACE),
+            "--heartbeat", "30"]
+    ahead = Node("ahead", args, env={"LD_PRELOAD": str(library), "FAKETIME": "+300s"})
+    try:
+        await ahead.start()
+        probe = await clients.connect(ahead, "probe", "clock", join=False)
+        stamped = (await probe.expect("room_state"))["timestamp"]  # the node's wall clock
+        skew = datetime.fromisoformat(stamped.replace("Z", "+00:00")).timestamp() - time.time()
+        assert 290 <= skew <= 310, stamped
+        (normal,) = await start_nodes(1)
+        bob = await clients.connect(normal, "bob")
+        alice = await raw_client(ahead, "alice")
+        assert (await bob.expect("user_joined"))["payload"]["user_id"] == "alice"
+        alice.abort()
+        await held_on(redis, "room-1", "alice")
+        await send_kept(redis, bob, "alice")
+        resumed = await clients.connect(normal, "alice", join=False)
+        state = await resumed.expect("room_state")
+        assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
+        assert (await resumed.expect("offer"))["payload"]["sdp"] == "kept"
+        carol = await raw_client(ahead, "carol")
+        for member in (bob, resumed):
+            assert (await member.expect("user_joined"))["payload"]["user_id"] == "carol"
+        loop = asyncio.get_running_loop()
+        carol.abort()
+        await held_on(redis, "room-1", "carol")
+        held = loop.time()
+        left = await bob.expect("user_left")
+        assert left["payload"] == {"user_id": "carol", "username": "carol", "reason": "timeout"}
+        assert GRACE - 0.5 <= loop.time() - held <= GRACE + 2.0
+        assert ahead.count(r"is gone") + normal.count(r"node ahead is gone") == 0
+    finally:
+        await ahead.kill()

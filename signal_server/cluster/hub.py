@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,13 +36,16 @@ from ..metrics import Metrics
 from ..protocol import encode_envelope, encode_server_message
 from ..settings import Settings
 from .events import ClusterEvents
-from .link import TICK, LinkDown, RedisLink
+from .link import TICK, LinkDown, RedisLink, client_name
 
 __all__ = ["ClusterHub"]
 
 logger = logging.getLogger("signal_server.cluster")
 
 UNAVAILABLE_EVERY = 1.0  # seconds between UNAVAILABLE reports to one connection
+# Seconds a resume through this node waits for the hand-off barriers of a slot held on
+# another node (a few Redis round trips when all is well); past it, recovered false.
+HANDOFF_WAIT = 3.0
 
 
 @dataclass(slots=True)
@@ -52,6 +55,7 @@ class Remote:
     username: str
     node: str
     seq: int
+    sent: bool = False  # this node published a frame to it (its resume elsewhere waits for that)
 
 
 class ClusterSlot(Slot):
@@ -98,7 +102,30 @@ class ClusterRoom(Room):
 class Inflight:
     """Frames that reached a user while its join was in flight on this node."""
 
-    frames: list[tuple[bytes, bool]]  # (frame, addressed to this user, not a broadcast)
+    # (frame, addressed to this user and not a broadcast, forwarded by the old node's KEEP)
+    frames: list[tuple[bytes, bool, bool]]
+    lost: bool = False
+    waiting: Handoff | None = None  # a resume waiting for hand-off barriers
+    # Hand-off barriers (epoch, from node, lost): one may come before the JOIN reply is read.
+    barriers: list[tuple[int, str, bool]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Handoff:
+    """A resume through another node: the barriers the new node still waits for, or
+    (on the old node) whether a frame for the user was dropped here.
+
+    Frames for a user who resumes elsewhere may still be on their way through the old
+    node (senders that had not heard of the move): the old node keeps or forwards
+    them with KEEP. Each node that heard the takeover event sends a marker through
+    the old node after its last such frame; the old node passes it on to the new node
+    behind the frames it forwarded. The new node says recovered true only once every
+    barrier came back clean, then delivers forwarded frames before direct ones.
+    """
+
+    epoch: int
+    expected: set[str]
+    done: asyncio.Future[None] | None = None
     lost: bool = False
 
 
@@ -112,10 +139,14 @@ class ClusterHub(Hub):
     def __init__(self, limits: HubLimits, metrics: Metrics, settings: Settings) -> None:
         super().__init__(limits, metrics)
         self.node: str = settings.node_id or secrets.token_hex(4)
-        self.link = RedisLink(settings, self.node, self._on_message, self._on_state, self._on_registered)
+        self.link = RedisLink(
+            settings, self.node, self._on_message, self._on_state, self._on_registered, self._on_subscribed
+        )
         self.published = 0
         self.received = 0
         self._restore: asyncio.Task[None] | None = None
+        self._resync: asyncio.Task[None] | None = None
+        self._generation: bytes | None = None  # of the registry this node's mirrors were read from
         self._stopping = False
         # Rooms where a LEAVE or HOLD of ours failed (Redis unreachable): made
         # right again from the local slots as soon as Redis answers.
@@ -123,6 +154,8 @@ class ClusterHub(Hub):
         # Who left those rooms meanwhile (user -> username, reason): announced by
         # the re-registration even if Redis lost their records.
         self._gone: dict[str, dict[str, tuple[str, str]]] = {}
+        # Slots of this node resumed elsewhere, whose markers it passes on, by (room, user).
+        self._handoffs: dict[tuple[str, str], Handoff] = {}
         metrics.registry.register(_ClusterCollector(self))
 
     # ------------------------------------------------------------ lifecycle
@@ -142,8 +175,9 @@ class ClusterHub(Hub):
                     slot.peer = None
                     self._hold(slot)
         self.cancel_timers()  # expiry is the registry's now
-        if self._restore is not None:
-            self._restore.cancel()
+        for task in (self._restore, self._resync):
+            if task is not None:
+                task.cancel()
         await self.link.stop()
 
     @property
@@ -204,7 +238,7 @@ class ClusterHub(Hub):
         if buffered is None:
             return
         local = room.slots.get(user)
-        for frame, _ in buffered.frames:
+        for frame, _, _ in buffered.frames:
             if local is not None:
                 self._keep(local, frame)
             else:
@@ -240,11 +274,84 @@ class ClusterHub(Hub):
             )
         version, resumed, held, overflowed, epoch = (int(value) for value in reply[1:6])
         try:
+            old = _text(reply[7])
+            if held and not overflowed and old != self.node:
+                if int(reply[9]) and await self._connected(old):  # cut off: it may have dropped frames
+                    room.inflight[user].lost = True
+                else:
+                    expected = self._senders(room, user, old, _members(reply[6]), {_text(n) for n in reply[8]})
+                    if expected:
+                        await self._hand_over(room, user, epoch, old, expected)
             return self._admitted(room, identity, peer, reply, version, epoch, resumed, held, overflowed)
         except BaseException:
             # All or nothing: Redis admitted us, so undo that before giving up.
             self.link.send_script("LEAVE", room_id, user, self.node, epoch, "left")
             raise
+
+    def _senders(
+        self, room: ClusterRoom, user: str, old: str, members: list[list[Any]], reached: set[str]
+    ) -> set[str]:
+        """The nodes whose barriers a resume of ``user`` (held on ``old``) waits for: every
+        other node that heard the event (its markers go through the old node), the old
+        node if it has other members there (they may have sent to the slot), and this
+        node if it ever published a frame for the user."""
+        expected = {node for node in reached if node != old}
+        if old in reached and any(m[2] == old and m[0] != user for m in members):
+            expected.add(old)
+        known = room.remote.get(user)
+        if known is not None and known.sent:
+            expected.add(self.node)
+        return expected
+
+    async def _hand_over(self, room: ClusterRoom, user: str, epoch: int, old: str, expected: set[str]) -> None:
+        """Wait (bounded) until every frame still on its way to ``user`` through the old
+        node has reached this node's buffer; see :class:`Handoff`."""
+        buffered = room.inflight[user]
+        done = asyncio.get_running_loop().create_future()
+        waiting = buffered.waiting = Handoff(epoch, set(expected), done)
+        if self.node in expected:
+            self._send_marker(room.room_id, user, epoch, old, self.node)  # behind this node's own frames
+        self._count_barriers(buffered)
+        try:
+            async with asyncio.timeout(HANDOFF_WAIT):
+                await done
+        except TimeoutError:
+            waiting.lost = True
+        if waiting.lost:
+            buffered.lost = True
+
+    @staticmethod
+    def _count_barriers(buffered: Inflight) -> None:
+        waiting = buffered.waiting
+        if waiting is None or waiting.done is None or waiting.done.done():
+            return
+        for epoch, origin, lost in buffered.barriers:
+            if epoch == waiting.epoch:
+                waiting.expected.discard(origin)
+                waiting.lost = waiting.lost or lost
+        if waiting.lost or not waiting.expected:
+            waiting.done.set_result(None)
+
+    async def _connected(self, node: str) -> bool:
+        """Whether Redis still has a connection of ``node`` (a killed node has none; one
+        whose subscriber is away while it lives does). True when Redis cannot tell."""
+        try:
+            clients = await self.link.redis.client_list(_type="normal")
+        except (RedisError, OSError):
+            return True
+        name = client_name(node)
+        return any(client.get("name") == name for client in clients)
+
+    def _send_marker(self, room_id: str, user: str, epoch: int, old: str, new: str) -> None:
+        """Through ``old``, behind the frames this node sent there; if nobody listens
+        there, straight to ``new`` (those frames went to KEEP, in order, before it)."""
+
+        def check(receivers: Any) -> None:
+            if receivers == 0:
+                self.link.send_script_next("HANDED", room_id, user, epoch, new, self.node)
+
+        header = {"r": room_id, "u": user, "c": epoch, "n": new, "x": self.node}
+        self.link.publish(old, b"q" + orjson.dumps(header) + b"\n", check)
 
     def _give_back(self, room_id: str, user: str, done: asyncio.Future[Any]) -> None:
         room = self.rooms.get(room_id)
@@ -261,7 +368,7 @@ class ClusterHub(Hub):
         """Attach ``peer`` after the registry admitted it: state first, then kept frames, then live."""
         user = identity.user_id
         members = _members(reply[6])
-        kept: list[bytes] = reply[7:]
+        kept: list[bytes] = reply[10:]
         # Events held back until this reply (the room is new here) apply first, with
         # this join still in flight: a close among them is kept for this user (missed).
         self._sync(room, members, version)
@@ -317,9 +424,11 @@ class ClusterHub(Hub):
         leaves of this user that Redis applied after the join but arrived before it."""
         peer = slot.peer
         assert peer is not None
-        for frame, addressed in buffered.frames:
-            if addressed or resumed:
-                peer.send(frame)
+        # Per sender, what came through the old node was sent before what came directly.
+        for first in (True, False):
+            for frame, addressed, forwarded in buffered.frames:
+                if forwarded is first and (addressed or resumed):
+                    peer.send(frame)
         for kind, header in room.missed.pop(slot.user_id, ()):
             if int(header["v"]) > version:  # the mirror had it when it came: the slot's part only
                 self._apply_event(room, kind, header, mirror=False)
@@ -452,6 +561,7 @@ class ClusterHub(Hub):
                     if user in room.inflight:  # resuming here: after its kept frames, before live ones
                         self._buffer(room, user, frame, addressed=True)
                     else:
+                        remote.sent = True
                         by_node.setdefault(remote.node, []).append(user)
                 queued = True
                 for node, users in by_node.items():
@@ -480,6 +590,7 @@ class ClusterHub(Hub):
                     return None
                 if not self.link.up:
                     return self._unavailable(slot)
+                found.sent = True
                 header = b"m" + orjson.dumps({"r": room.room_id, "s": slot.user_id, "t": [target]}) + b"\n"
                 if not self._publish(room.room_id, found.node, [target], header + frame, frame):
                     return self._unavailable(slot)
@@ -552,12 +663,12 @@ class ClusterHub(Hub):
             if self.link.up:
                 self._on_state(True)
 
-    def _buffer(self, room: ClusterRoom, user: str, frame: bytes, *, addressed: bool) -> None:
+    def _buffer(self, room: ClusterRoom, user: str, frame: bytes, *, addressed: bool, forwarded: bool = False) -> None:
         buffered = room.inflight[user]
         if len(buffered.frames) >= self.limits.kept_messages:
             buffered.lost = True
             return
-        buffered.frames.append((frame, addressed))
+        buffered.frames.append((frame, addressed, forwarded))
 
     # ---------------------------------------------------------------- events
 
@@ -569,6 +680,10 @@ class ClusterHub(Hub):
             self.received += 1
             self._relay_in(header, data[end + 1:])
             return
+        if kind in b"qd" or (kind == b"t" and header.get("h")):
+            self._on_handoff(kind, header)
+            if kind != b"t":
+                return
         room = self.rooms.get(header["r"])
         if not isinstance(room, ClusterRoom):
             return
@@ -595,11 +710,69 @@ class ClusterHub(Hub):
             if local is not None:
                 self._deliver(local, frame)
             elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
-                self._buffer(room, user, frame, addressed=True)
+                self._buffer(room, user, frame, addressed=True, forwarded=bool(header.get("f")))
             else:  # moved on meanwhile: the registry forwards it, or keeps it
-                self.link.send_script(
-                    "KEEP", header["r"], user, self.node, frame, self.limits.kept_messages, self.limits.kept_bytes
-                )
+                self._forward(header["r"], user, frame)
+
+    def _forward(self, room_id: str, user: str, frame: bytes) -> None:
+        """KEEP a frame for a user who is no longer here: kept if held, else forwarded to
+        its node. A failure while the user's hand-off is open spoils that hand-off."""
+        handoff = self._handoffs.get((room_id, user))
+
+        def check(result: Any) -> None:
+            if isinstance(result, BaseException) and handoff is not None:
+                handoff.lost = True
+
+        limits = self.limits
+        if not self.link.send_script(
+            "KEEP", room_id, user, self.node, frame, limits.kept_messages, limits.kept_bytes, on_result=check
+        ) and handoff is not None:
+            handoff.lost = True
+
+    def _on_handoff(self, kind: bytes, header: dict[str, Any]) -> None:
+        """Hand-off traffic of a resume (see :class:`Handoff`).
+
+        ``t`` with ``h``: a held slot was resumed through ``n``; the old node ``o``
+        answers with its barrier, any other node sends a marker through ``o``.
+        ``q``: a marker reaching the old node, passed on as a barrier behind the frames
+        forwarded so far. ``d``: a barrier reaching the resuming node.
+        """
+        room_id, user, epoch = header["r"], header["u"], int(header["c"])
+        if kind == b"d":
+            room = self.rooms.get(room_id)
+            buffered = room.inflight.get(user) if isinstance(room, ClusterRoom) else None
+            if buffered is not None:
+                buffered.barriers.append((epoch, header["x"], bool(header["l"])))
+                self._count_barriers(buffered)
+            return
+        if kind == b"q":
+            handoff = self._handoffs.get((room_id, user))
+            lost = handoff is None or handoff.epoch != epoch or handoff.lost
+            self._barrier(room_id, user, epoch, header["n"], header["x"], lost)
+            return
+        old, new = header["o"], header["n"]
+        if new == self.node:
+            return
+        if old != self.node:
+            self._send_marker(room_id, user, epoch, old, new)
+            return
+        room = self.rooms.get(room_id)
+        slot = room.slots.get(user) if room is not None else None
+        # Frames this node dropped for the held slot (Redis was unreachable, or the
+        # kept ones overflowed here) make the resume incomplete.
+        lost = not isinstance(slot, ClusterSlot) or slot.peer is not None or slot.incomplete
+        key = (room_id, user)
+        handoff = self._handoffs[key] = Handoff(epoch, {self.node}, lost=lost)
+        asyncio.get_running_loop().call_later(2 * HANDOFF_WAIT, self._forget_handoff, key, handoff)
+        self._barrier(room_id, user, epoch, new, self.node, lost)
+
+    def _barrier(self, room_id: str, user: str, epoch: int, new: str, origin: str, lost: bool) -> None:
+        header = {"r": room_id, "u": user, "c": epoch, "x": origin, "l": int(lost)}
+        self.link.publish(new, b"d" + orjson.dumps(header) + b"\n")
+
+    def _forget_handoff(self, key: tuple[str, str], handoff: Handoff) -> None:
+        if self._handoffs.get(key) is handoff:
+            del self._handoffs[key]
 
     def _apply(self, room: ClusterRoom, kind: bytes, header: dict[str, Any]) -> None:
         version = int(header["v"])
@@ -734,6 +907,51 @@ class ClusterHub(Hub):
         self._dirty |= set(self.rooms)
         if self.link.up:  # else once the subscriber is back: events of the restore must reach us
             self._start_restore()
+
+    def _on_subscribed(self) -> None:
+        """Subscribed again: events published to this node's channel while it was not
+        (a killed connection, a network blip) are lost, so read the rooms again (the
+        first subscription only learns the registry's generation)."""
+        if self._stopping:
+            return
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(self._resync_rooms())
+
+    async def _read_generation(self) -> bytes | None:
+        try:
+            reply = await self.link.call("MEMBERS", "", self.link.boot)
+        except (LinkDown, RedisError, OSError):
+            return None
+        return bytes(reply[2])
+
+    async def _resync_rooms(self) -> None:
+        """Bring each room's mirror up to the registry, with pruning: a leave or a join
+        this node missed is told to its members once (``_sync`` tells differences only).
+
+        Only on the registry as before (``sig:gen`` unchanged): a Redis that restarted
+        empty does not list the members of nodes that have not re-registered yet; the
+        re-registration (``_on_registered``) owns that case.
+        """
+        generation = await self._read_generation()
+        if generation is None or generation != self._generation:
+            self._generation = generation
+            return  # the first subscription, or Redis restarted
+        for room in list(self.rooms.values()):
+            if not isinstance(room, ClusterRoom) or room.pending is not None:
+                continue  # its membership is being read already
+            room.pending = []  # events from now on wait for the read, then apply over it
+            try:
+                reply = await self.link.call("MEMBERS", room.room_id, self.link.boot)
+            except (LinkDown, RedisError, OSError):
+                self._apply_pending(room)
+                return  # the next subscription tries again
+            if reply[2] != generation:  # Redis restarted meanwhile
+                self._apply_pending(room)
+                return
+            if self.rooms.get(room.room_id) is room:
+                self._sync(room, _members(reply[1]), int(reply[0]))
+                self._discard_if_empty(room)
+        logger.info("cluster: resubscribed; %d rooms read again (node %s)", len(self.rooms), self.node)
 
     def _start_restore(self) -> None:
         if self._stopping:

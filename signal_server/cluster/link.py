@@ -16,7 +16,8 @@ when Redis says nobody listens on our channel. A node that is merely behind
 (its loop stalled or saturated, a long queue of its own commands, a backlog
 on its subscriber) keeps seeing replies and stays up. When the link breaks,
 both tasks back off (capped, jittered) and retry; the owner is told of every
-up/down change so it can log one line and re-register its slots.
+up/down change so it can log one line and re-register its slots, and of
+every (re)subscription, since what was published to the channel meanwhile is lost.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..errors import StartupError
 from ..settings import Settings
 from . import scripts
 
-__all__ = ["RedisLink", "Backoff", "channel_of", "LinkDown"]
+__all__ = ["RedisLink", "Backoff", "channel_of", "client_name", "LinkDown"]
 
 logger = logging.getLogger("signal_server.cluster")
 
@@ -55,12 +56,17 @@ MAX_BATCH = 1000  # commands per pipeline: each reply comes back soon even with 
 MAX_QUEUE = 10_000  # queued commands while Redis is slow; beyond, frames are lost
 NAMES = (
     "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
-    "KICK", "CLOSE", "SEND",
+    "KICK", "CLOSE", "SEND", "HANDED", "MEMBERS",
 )
 
 
 def channel_of(node: str) -> str:
     return "sig:ch:" + node
+
+
+def client_name(node: str) -> str:
+    """The name of a node's connections in CLIENT LIST (tells a killed node from a cut-off one)."""
+    return "signal-" + node
 
 
 class LinkDown(Exception):
@@ -101,9 +107,10 @@ SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAM
 SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
 
 
-def make_client(settings: Settings) -> Redis:
+def make_client(settings: Settings, node: str) -> Redis:
     """A client for the URL, or for the master the sentinels name (followed across failovers)."""
     options: dict[str, Any] = {
+        "client_name": client_name(node),
         # Failures surface at once; this module retries with its own backoff.
         "retry": Retry(NoBackoff(), 0),
         "socket_connect_timeout": 2.0,
@@ -134,17 +141,19 @@ class RedisLink:
         on_message: Callable[[bytes], None],
         on_state: Callable[[bool], None],
         on_registered: Callable[[], None],
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.node = node
         self.boot = secrets.token_hex(8)  # this process: tells a restarted or twin node from us
         self.channel = channel_of(node)
-        self.redis = make_client(settings)
+        self.redis = make_client(settings, node)
         self.up = False
         self.nodes_seen = 0
         self._on_message = on_message
         self._on_state = on_state
         self._on_registered = on_registered
+        self._on_subscribed = on_subscribed
         self._queue: list[_Command] = []
         self._next: list[_Command] = []
         self._barriers = 0  # _BARRIER entries in the queue
@@ -356,6 +365,7 @@ class RedisLink:
             try:
                 await pubsub.subscribe(self.channel)
                 backoff.reset()
+                self._on_subscribed()
                 read = pubsub.parse_response
                 while True:
                     # Blocking read of raw replies: no per-message timeout context or

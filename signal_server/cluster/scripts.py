@@ -40,7 +40,7 @@ from __future__ import annotations
 
 __all__ = [
     "PRELUDE", "JOIN", "LEAVE", "HOLD", "KEEP", "REAP", "NODE_UP", "NODE_DOWN", "RELEASE_NODES", "RESTORE",
-    "KICK", "CLOSE", "SEND",
+    "KICK", "CLOSE", "SEND", "HANDED", "MEMBERS",
 ]
 
 # Shared helpers, prepended to every script.
@@ -120,7 +120,7 @@ local function keep(R, U, node, frame, maxn, maxb)
   local rec = cjson.decode(raw)
   if rec.h == 0 then
     if rec.n ~= node then
-      local header = cjson.encode({r = R, s = '', t = {U}})
+      local header = cjson.encode({r = R, s = '', t = {U}, f = 1})
       if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
     end
     rec.o = 1
@@ -163,7 +163,12 @@ end
 # ARGV: room, user, username, node, max_participants
 # -> {0, count} when full; {-1, ms left} when banned (room closed with a ban, or the user kicked with one);
 # {-2, 'KICKED' or 'ROOM_CLOSED'} within the grace after the user was kicked or its room closed;
-# else {1, version, resumed, held, overflowed, epoch, members-json, kept frames...}
+# else {1, version, resumed, held, overflowed, epoch, members-json, old node, {nodes the takeover
+# event reached}, deaf, kept frames...}. A resume of a slot held on another node: that node and
+# every node the event reached may still have frames for the user on their way through the old
+# node, so the resuming node waits for their hand-off barriers (hub.py) before it says recovered.
+# deaf: the old node's key is alive but it did not hear the event: it was killed (its frames were
+# kept), or it is cut off from Redis and may have dropped some; the resuming node finds out which.
 JOIN = r"""
 local R, U, name, node, maxp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local mkey, vkey = room_keys(R)
@@ -209,14 +214,26 @@ redis.call('HSET', mkey, U, cjson.encode(rec))
 redis.call('SADD', 'sig:n:' .. node .. ':r', R)
 if old ~= '' and old ~= node then forget_node_room(mkey, vkey, old, R) end
 local ver = bump(vkey)
+local reached, deaf = {}, 0
 if resumed == 1 then
-  emit(mkey, node, old, 't', {r = R, u = U, n = node, v = ver, c = rec.c})
+  local targets = nodes_of(mkey)
+  targets[old] = true
+  local msg = 't' .. cjson.encode({r = R, u = U, n = node, v = ver, c = rec.c, o = old, h = held}) .. '\n'
+  for target, _ in pairs(targets) do
+    if target ~= node then
+      if redis.call('PUBLISH', 'sig:ch:' .. target, msg) > 0 then
+        reached[#reached + 1] = target
+      elseif target == old and redis.call('EXISTS', 'sig:node:' .. old) == 1 then
+        deaf = 1
+      end
+    end
+  end
   webhook('participant_resumed', R, U, rec.u)
 else
   emit(mkey, node, '', 'j', {r = R, u = U, name = name, n = node, v = ver, s = rec.s})
   webhook('participant_joined', R, U, name)
 end
-local reply = {1, ver, resumed, held, overflowed, rec.c, members(mkey)}
+local reply = {1, ver, resumed, held, overflowed, rec.c, members(mkey), old, reached, deaf}
 for i = 1, #kept do reply[#reply + 1] = kept[i] end
 return reply
 """
@@ -537,4 +554,29 @@ for node, _ in pairs(nodes_of(mkey)) do
   redis.call('PUBLISH', 'sig:ch:' .. node, 'm' .. header .. '\n' .. frame)
 end
 return 1
+"""
+
+
+# A hand-off marker found nobody on the old node's channel (it stopped, died or
+# is cut off): tell the resuming node directly. The frames this node sent there
+# since nobody listens went to KEEP, in order, before this (kept or forwarded);
+# what the old node received before is its own barrier's business, or the
+# resuming node's when the old node was deaf already (JOIN's deaf).
+# ARGV: room, user, epoch, new node, this node -> 1
+HANDED = r"""
+local R, U, epoch, new, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local msg = 'd' .. cjson.encode({r = R, u = U, c = epoch, x = me, l = 0}) .. '\n'
+redis.call('PUBLISH', 'sig:ch:' .. new, msg)
+return 1
+"""
+
+# The members of a room and its version, read at once (a node that may have
+# missed events while its subscriber was away brings its mirror up to date),
+# with the registry's generation: sig:gen is set once by the first node that
+# asks, so a Redis that restarted empty has another one.
+# ARGV: room ('' for the generation alone), a new generation if none -> {version, members-json, generation}
+MEMBERS = r"""
+redis.call('SET', 'sig:gen', ARGV[2], 'NX')
+local mkey, vkey = room_keys(ARGV[1])
+return {tonumber(redis.call('GET', vkey) or '0'), members(mkey), redis.call('GET', 'sig:gen')}
 """
