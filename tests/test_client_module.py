@@ -619,12 +619,22 @@ async def test_an_offer_that_is_never_answered_is_rolled_back_and_tried_again(br
         second = await mallory.receive("offer")
         ufrag = re.compile(r"a=ice-ufrag:(\S+)")
         assert ufrag.findall(first["payload"]["sdp"]) != ufrag.findall(second["payload"]["sdp"])
-        # Answered now (Alice's current offer: on a slow machine a third may be out): the call connects.
-        current = await alice.evaluate("window.call.getPeerConnection('mallory').localDescription.sdp")
-        await mallory.send("answer", type="answer", sdp=await answer_for(alice, current))
-        await alice.wait_for_function(
-            "window.call.getPeerConnection('mallory').connectionState === 'connected'", timeout=WAIT_MS
-        )
+        # Answered from now on: Alice's current offer, and again after each retry (on a slow
+        # machine an answer may come after her next retry, which the next answer settles).
+
+        async def answer_every_offer() -> None:
+            current = "window.call.getPeerConnection('mallory').localDescription.sdp"  # with its candidates
+            while True:
+                await mallory.send("answer", type="answer", sdp=await answer_for(alice, await alice.evaluate(current)))
+                await mallory.receive("offer")
+
+        answering = asyncio.ensure_future(answer_every_offer())
+        try:
+            await alice.wait_for_function(
+                "window.call.getPeerConnection('mallory').connectionState === 'connected'", timeout=WAIT_MS
+            )
+        finally:
+            answering.cancel()
         assert await events(alice, "error") == []
         await mallory.ws.close()
 
