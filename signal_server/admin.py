@@ -61,7 +61,7 @@ def _guarded(view: AdminView) -> Callable[[web.Request], Awaitable[web.Response]
         except SignalError as error:
             sig.metrics.errors[error.code] += 1
             if error.code == "UNAUTHORIZED":
-                return unauthorized_response(error)
+                return unauthorized_response(error, request)
             return error_response(403, error.code, error.message.partition(": ")[2])
         try:
             return await view(request, sig, identity)

@@ -95,11 +95,13 @@ def ice_configuration(sig: Signaling, identity: Identity, now: float) -> dict[st
     return body
 
 
-def unauthorized_response(error: SignalError) -> web.Response:
+def unauthorized_response(error: SignalError, request: web.Request) -> web.Response:
+    """401 with a Bearer challenge; its error code only when a bearer token was
+    presented (RFC 6750 3.1: a request with none gets the bare challenge)."""
+    presented = any(value[:7].lower() == "bearer " for value in request.headers.getall("Authorization", []))
+    challenge = 'Bearer realm="signal-server"' + (', error="invalid_token"' if presented else "")
     return web.json_response(
-        {"error": "UNAUTHORIZED", "message": error.message},
-        status=401,
-        headers={"WWW-Authenticate": 'Bearer realm="signal-server", error="invalid_token"'},
+        {"error": "UNAUTHORIZED", "message": error.message}, status=401, headers={"WWW-Authenticate": challenge}
     )
 
 
@@ -110,7 +112,7 @@ async def config_handler(request: web.Request) -> web.Response:
         identity = sig.verifier.verify(bearer_token(request))
     except SignalError as error:
         sig.metrics.errors[error.code] += 1
-        return unauthorized_response(error)
+        return unauthorized_response(error, request)
     return web.json_response(
         ice_configuration(sig, identity, time.time()), headers={"Cache-Control": "no-store"}
     )

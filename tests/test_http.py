@@ -59,12 +59,18 @@ async def test_turn_rest_credentials_match_an_hmac_computed_here(app_client):
     assert turn["credential"] == expected
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
-async def test_config_without_a_valid_token_is_401(client, headers):
-    """401 JSON {error, message} with a WWW-Authenticate: Bearer header."""
+@pytest.mark.parametrize(
+    ("headers", "error_code"),
+    [({}, False), ({"Authorization": "Bearer nope"}, True), ({"Authorization": "Basic abc"}, False)],
+)
+async def test_config_without_a_valid_token_is_401(client, headers, error_code):
+    """401 JSON {error, message} with a WWW-Authenticate: Bearer header; its error code
+    only when a bearer token was presented (RFC 6750 3.1)."""
     response = await client.get("/webrtc/config", headers=headers)
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer realm="signal-server"')
+    assert ('error="invalid_token"' in challenge) is error_code, challenge
     body = await response.json()
     assert body["error"] == "UNAUTHORIZED" and body["message"].startswith("UNAUTHORIZED")
 
