@@ -216,9 +216,13 @@ def _webhook_url(text: str) -> str:
 MAX_KEY_FILE = 64 * 1024  # bytes: far above any real key
 
 
-def _read_key_file(path: str) -> str:
-    """A regular file's text, bounded; opened without blocking, so a FIFO in its
-    place is refused instead of stalling a reload (SIGHUP runs on the event loop)."""
+def read_regular_file(path: str, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``; opened without blocking, so a FIFO
+    in its place is refused instead of stalling a reload (SIGHUP runs on the event loop).
+
+    Raises:
+        ValueError: a one-line reason naming the path.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -228,13 +232,19 @@ def _read_key_file(path: str) -> str:
             raise ValueError(f"{path!r} is not a regular file")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_KEY_FILE + 1)
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_KEY_FILE:
-        raise ValueError(f"{path!r} is larger than {MAX_KEY_FILE // 1024} KiB")
+    if len(data) > limit:
+        raise ValueError(f"{path!r} is larger than {limit // 1024} KiB")
+    return data
+
+
+def _read_key_file(path: str) -> str:
+    """A key file's text (bounded, never blocking)."""
+    data = read_regular_file(path, MAX_KEY_FILE)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import ssl
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from .settings import Settings
+from .settings import Settings, read_regular_file
 
 __all__ = ["TLSError", "CertificateReloader", "TLSSite", "tls_from_settings"]
 
@@ -66,25 +65,11 @@ class _Pair:
 
 
 def _read(path: str, flag: str) -> bytes:
-    """A regular file's bytes (bounded). Opened without blocking, so a FIFO in its
-    place is refused instead of waiting for a writer forever."""
+    """A regular file's bytes (bounded, never waiting on a FIFO), errors naming ``--flag``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise TLSError(f"--{flag}: cannot read {path!r}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TLSError(f"--{flag}: {path!r} is not a regular file")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_FILE + 1)
-    except OSError as exc:
-        raise TLSError(f"--{flag}: cannot read {path!r}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE:
-        raise TLSError(f"--{flag}: {path!r} is larger than {MAX_FILE // 1024} KiB")
-    return data
+        return read_regular_file(path, MAX_FILE)
+    except ValueError as exc:
+        raise TLSError(f"--{flag}: {exc}") from None
 
 
 def _private_key(pem: bytes, path: str) -> PrivateKeyTypes:
