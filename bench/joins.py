@@ -65,10 +65,10 @@ def section(rounds: list[dict[str, dict[str, Any]]], loads: list[float]) -> str:
     per_round = [ratios(r) for r in rounds]
     lines: list[str] = [
         f"{len(rounds)} rounds of 2,000 clients (100 connecting at a time, raw TCP upgrades from loadgen.mjs on "
-        "CPU 1, the server on CPU 0), each round S5 against the three servers then S6, back to back. On a shared, "
-        "noisy machine (1-minute load average before the rounds: "
-        + ", ".join(f"{load:.1f}" for load in loads) + " on 2 cores): the wall-clock rates move with other "
-        "work, so the rates per second of the server's own CPU time are given beside them.",
+        "CPU 1, the server on CPU 0), each round S5 against the three servers then S6, back to back "
+        "(1-minute load average before the rounds: "
+        + ", ".join(f"{load:.1f}" for load in loads) + " on 2 cores). The wall-clock rates move with other "
+        "work on a shared machine, so the rates per second of the server's own CPU time are given beside them.",
     ]
     cpus = [median([r[key].get("server_cpu") for r in rounds]) for key in rounds[0]]
     saturated = all(cpu is not None and cpu >= SATURATED for cpu in cpus)
