@@ -37,8 +37,9 @@ class TLSFiles:
         self.key = directory / "privkey.pem"
         self.current = self.renew()
 
-    def renew(self, common_name: str = "localhost") -> Leaf:
-        self.current = self.authority.issue(common_name)
+    def renew(self, common_name: str = "localhost", key_type: str = "ecdsa") -> Leaf:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if key_type == "rsa" else None
+        self.current = self.authority.issue(common_name, key=key)
         self.current.install(self.cert, self.key)
         return self.current
 
@@ -130,6 +131,45 @@ async def test_sighup_reloads_at_once(start_server, tls, session) -> None:
     assert serial_of(ws) == new.serial
     await ws.close()
     assert server.process.returncode is None
+
+
+# TLS 1.2 suites that a certificate of one key type only can serve.
+SUITES = {"ecdsa": "ECDHE-ECDSA-AES128-GCM-SHA256", "rsa": "ECDHE-RSA-AES128-GCM-SHA256"}
+
+
+async def handshake_serial(port: int, context: ssl.SSLContext, name: str = "localhost") -> int:
+    """The serial of the certificate a bare TLS handshake gets (no HTTP); no SNI when ``name`` is an address."""
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name), TIMEOUT
+    )
+    try:
+        return peer_serial(writer.get_extra_info("ssl_object"))
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("old", "new"), [("ecdsa", "rsa"), ("rsa", "ecdsa")])
+async def test_a_renewal_with_another_key_type_replaces_the_old_certificate(start_server, tls, old, new) -> None:
+    """An OpenSSL context holds one certificate per key type: a new RSA pair loaded over an ECDSA one
+    left the ECDSA certificate in service, and browsers, which prefer ECDSA, kept getting it
+    (expired or not). After the reload no client may get the old certificate."""
+    tls.renew("old.example", key_type=old)
+    server, port = await start_tls_server(start_server, tls, "--tls-watch-interval", "3600")
+    old_serial = tls.current.serial
+    fresh = tls.renew("new.example", key_type=new)
+    server.process.send_signal(signal.SIGHUP)
+    await server.line_matching(r"TLS certificate reloaded: CN=new\.example")
+    for name in ("localhost", "127.0.0.1"):  # with SNI and without
+        assert await handshake_serial(port, tls.authority.client_context(), name) == fresh.serial != old_serial
+    only_old = tls.authority.client_context()
+    only_old.maximum_version = ssl.TLSVersion.TLSv1_2
+    only_old.set_ciphers(SUITES[old])
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # nothing to offer such a client now: refused
+        await handshake_serial(port, only_old)
+    only_new = tls.authority.client_context()
+    only_new.maximum_version = ssl.TLSVersion.TLSv1_2
+    only_new.set_ciphers(SUITES[new])
+    assert await handshake_serial(port, only_new) == fresh.serial
 
 
 async def test_a_bad_renewal_keeps_the_old_certificate_and_says_why(start_server, tls, session) -> None:
