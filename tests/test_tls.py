@@ -84,6 +84,21 @@ async def next_json(ws: ClientWebSocketResponse) -> dict[str, Any]:
     return value
 
 
+# TLS 1.2 suites that a certificate of one key type only can serve.
+SUITES = {"ecdsa": "ECDHE-ECDSA-AES128-GCM-SHA256", "rsa": "ECDHE-RSA-AES128-GCM-SHA256"}
+
+
+async def handshake_serial(port: int, context: ssl.SSLContext, name: str = "localhost") -> int:
+    """The serial of the certificate a bare TLS handshake gets (no HTTP); no SNI when ``name`` is an address."""
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name), TIMEOUT
+    )
+    try:
+        return peer_serial(writer.get_extra_info("ssl_object"))
+    finally:
+        writer.close()
+
+
 async def test_https_and_wss_with_a_client_that_verifies(start_server, tls, session) -> None:
     """The command serves HTTPS and wss:// with the given chain; the client checks it (name and CA)."""
     server, port = await start_tls_server(start_server, tls)
@@ -102,6 +117,22 @@ async def test_https_and_wss_with_a_client_that_verifies(start_server, tls, sess
     async with ClientSession() as untrusting:
         with pytest.raises(ClientConnectorCertificateError):
             await untrusting.get(f"https://127.0.0.1:{port}/healthz")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+async def test_tls_below_1_2_is_refused(start_server, tls, version) -> None:
+    """TLS 1.2 is the floor: a client that offers only an older version (and would accept any
+    cipher at all) gets no session; one that offers 1.2 does."""
+    server, port = await start_tls_server(start_server, tls)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.set_ciphers("ALL:@SECLEVEL=0")
+    old.minimum_version = old.maximum_version = ssl.TLSVersion[version]
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake_serial(port, old)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert await handshake_serial(port, old) == tls.current.serial
 
 
 async def test_renewed_files_are_served_to_new_connections_and_open_ones_stay(start_server, tls, session) -> None:
@@ -131,21 +162,6 @@ async def test_sighup_reloads_at_once(start_server, tls, session) -> None:
     assert serial_of(ws) == new.serial
     await ws.close()
     assert server.process.returncode is None
-
-
-# TLS 1.2 suites that a certificate of one key type only can serve.
-SUITES = {"ecdsa": "ECDHE-ECDSA-AES128-GCM-SHA256", "rsa": "ECDHE-RSA-AES128-GCM-SHA256"}
-
-
-async def handshake_serial(port: int, context: ssl.SSLContext, name: str = "localhost") -> int:
-    """The serial of the certificate a bare TLS handshake gets (no HTTP); no SNI when ``name`` is an address."""
-    _, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name), TIMEOUT
-    )
-    try:
-        return peer_serial(writer.get_extra_info("ssl_object"))
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize(("old", "new"), [("ecdsa", "rsa"), ("rsa", "ecdsa")])
