@@ -4,7 +4,10 @@ Tokens travel in the WebSocket URL's query (browsers cannot set headers on a
 WebSocket), so the access log's request line would carry them. The filter
 rewrites the value of every query parameter whose name, once percent-decoded
 the way the server's URL parser decodes it, is ``token`` in any case
-(``?token=``, ``?%74oken=``, ``?TOKEN=``), wherever it appears in a record.
+(``?token=``, ``?%74oken=``, ``?TOKEN=``), wherever it appears in a record,
+and then anything shaped like a JWT elsewhere (a ``;token=`` path parameter,
+a request line that is not HTTP): the server would not take it from there,
+but it is still a valid token in the hands of whoever reads the log.
 
 Records are also written so that a client cannot shape them: a malformed
 request is one line, not aiohttp's traceback (a 30-byte request must not buy
@@ -30,6 +33,9 @@ __all__ = ["TokenRedactingFilter", "install_token_redaction", "configure_logging
 # white space or quote, which end a request line inside a log record).
 # Only "&" separates parameters for the server (a ";" is part of a value).
 _QUERY_PARAMETER = re.compile(r"([?&])([^=&?\s\"']*)=([^&\s\"']*)")
+# A JWS or JWE: base64url segments, the first being a JSON header ("eyJ" is
+# '{"'), with dots that may arrive percent-encoded.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:(?:\.|%2[Ee])[A-Za-z0-9_-]*){2,}")
 REDACTED = "[redacted]"
 
 
@@ -45,10 +51,13 @@ def _redact_parameter(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace the value of every ``token`` query parameter in ``text``, however its name is spelled."""
-    if "=" not in text:
-        return text
-    return _QUERY_PARAMETER.sub(_redact_parameter, text)
+    """Replace the value of every ``token`` query parameter in ``text``, however its name is
+    spelled, and every other JWT-shaped string."""
+    if "=" in text:
+        text = _QUERY_PARAMETER.sub(_redact_parameter, text)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    return text
 
 
 class TokenRedactingFilter(logging.Filter):

@@ -6,13 +6,16 @@ is Python's server default (its forward-secret AEAD cipher list; no list of
 our own) with TLS 1.2 as the floor.
 
 Renewal without a restart: :class:`CertificateReloader` loads a new pair
-into the *same* ``SSLContext``. OpenSSL copies the certificate into each
-connection when its handshake starts, so open connections keep theirs and
-new handshakes get the new one. A new pair is read into memory once,
-checked on a scratch context, and only then loaded into the live one from
-that same snapshot: a half-renewed pair (certbot replaces the certificate
-and the key one after the other) is refused and the old pair kept, and the
-live context is never left holding a certificate without its key.
+into a *new* ``SSLContext``, and the listening context's SNI callback (which
+OpenSSL calls for every ClientHello, with or without a server name) moves
+each new handshake onto the newest one. Open connections keep the context,
+and so the certificate, they started with. Not the same context loaded
+again: OpenSSL keeps one certificate per key type in a context, so an RSA
+renewal loaded over an ECDSA pair would leave the old ECDSA certificate in
+service (browsers prefer it), expired or not. A new pair is read into
+memory once and loaded from that snapshot: a half-renewed pair (certbot
+replaces the certificate and the key one after the other) is refused and
+the old pair kept.
 
 A pair outside its validity window is refused too (an expired renewal
 would make every new handshake fail while the old pair still works), and
@@ -135,17 +138,18 @@ def _new_context() -> ssl.SSLContext:
     return context
 
 
-def _load(context: ssl.SSLContext, pair: _Pair, cert_path: str, key_path: str) -> None:
-    """Check ``pair`` on a scratch context, then load it into ``context``."""
+def _load(pair: _Pair, cert_path: str, key_path: str) -> ssl.SSLContext:
+    """A new server context serving ``pair`` (and nothing else)."""
+    context = _new_context()
     try:
         with _in_memory(pair, cert_path, key_path) as (cert_file, key_file):
             try:
-                _new_context().load_cert_chain(cert_file, key_file)
+                context.load_cert_chain(cert_file, key_file)
             except ssl.SSLError as exc:  # e.g. a key too small for OpenSSL's security level
                 raise TLSError(f"--tls-cert: {cert_path!r} is refused by OpenSSL: {exc.reason or exc}") from None
-            context.load_cert_chain(cert_file, key_file)
     except OSError as exc:  # out of file descriptors, say
         raise TLSError(f"--tls-cert: cannot load {cert_path!r}: {exc.strerror or exc}") from None
+    return context
 
 
 def _signature(path: str) -> tuple[int, ...] | None:
@@ -166,9 +170,15 @@ class CertificateReloader:
         self.key_path = key_path
         self._seen = self._signatures()
         pair = _read_pair(cert_path, key_path)
-        self.context = _new_context()
-        _load(self.context, pair, cert_path, key_path)
+        # The listening context: the site's, for good. Each handshake moves to _serving.
+        self.context = self._serving = _load(pair, cert_path, key_path)
+        self.context.sni_callback = self._select
         self.description = pair.describe()
+
+    def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        """At each ClientHello: serve the newest pair loaded."""
+        if context is not self._serving:
+            connection.context = self._serving
 
     def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
         return (_signature(self.cert_path), _signature(self.key_path))
@@ -194,7 +204,7 @@ class CertificateReloader:
 
     def _install(self, pair: _Pair) -> bool:
         try:
-            _load(self.context, pair, self.cert_path, self.key_path)
+            self._serving = _load(pair, self.cert_path, self.key_path)
         except TLSError as exc:
             return self._failed(exc)
         self.description = pair.describe()

@@ -130,3 +130,21 @@ async def test_a_malformed_request_is_one_info_line_without_a_traceback(start_se
     assert error["level"] == "info" and "exc" not in error, error
     assert error["message"].startswith("Error handling request from 127.0.0.1: 400 ")
     assert token not in error["message"]
+
+
+async def test_a_token_outside_the_query_is_redacted_too(start_server) -> None:
+    """A valid token where the server does not look for one (a ";token=" path parameter, a request
+    that is not HTTP) is still a valid token: it must not reach the log either."""
+    server = await start_server("--port", "0", "--log-format", "json", env={"SIGNAL_JWT_SECRET": SECRET})
+    url = (await record_matching(server, logger="signal_server", level="info"))["url"]
+    token = make_token("alice")
+    requests = {
+        "path parameter": f"GET /healthz;token={token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "not HTTP": f"token={token}\r\n\r\n",
+        "dots encoded": f"GET /healthz/{token.replace('.', '%2E')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    }
+    for request in requests.values():
+        await send_raw_request(url, request.encode())
+        await record_matching(server, logger="aiohttp.access")  # written after any error record
+    signature = token.rsplit(".", 1)[1]
+    assert not [line for line in server.lines if signature in line]

@@ -37,8 +37,9 @@ class TLSFiles:
         self.key = directory / "privkey.pem"
         self.current = self.renew()
 
-    def renew(self, common_name: str = "localhost") -> Leaf:
-        self.current = self.authority.issue(common_name)
+    def renew(self, common_name: str = "localhost", key_type: str = "ecdsa") -> Leaf:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if key_type == "rsa" else None
+        self.current = self.authority.issue(common_name, key=key)
         self.current.install(self.cert, self.key)
         return self.current
 
@@ -83,6 +84,21 @@ async def next_json(ws: ClientWebSocketResponse) -> dict[str, Any]:
     return value
 
 
+# TLS 1.2 suites that a certificate of one key type only can serve.
+SUITES = {"ecdsa": "ECDHE-ECDSA-AES128-GCM-SHA256", "rsa": "ECDHE-RSA-AES128-GCM-SHA256"}
+
+
+async def handshake_serial(port: int, context: ssl.SSLContext, name: str = "localhost") -> int:
+    """The serial of the certificate a bare TLS handshake gets (no HTTP); no SNI when ``name`` is an address."""
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name), TIMEOUT
+    )
+    try:
+        return peer_serial(writer.get_extra_info("ssl_object"))
+    finally:
+        writer.close()
+
+
 async def test_https_and_wss_with_a_client_that_verifies(start_server, tls, session) -> None:
     """The command serves HTTPS and wss:// with the given chain; the client checks it (name and CA)."""
     server, port = await start_tls_server(start_server, tls)
@@ -101,6 +117,22 @@ async def test_https_and_wss_with_a_client_that_verifies(start_server, tls, sess
     async with ClientSession() as untrusting:
         with pytest.raises(ClientConnectorCertificateError):
             await untrusting.get(f"https://127.0.0.1:{port}/healthz")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+async def test_tls_below_1_2_is_refused(start_server, tls, version) -> None:
+    """TLS 1.2 is the floor: a client that offers only an older version (and would accept any
+    cipher at all) gets no session; one that offers 1.2 does."""
+    server, port = await start_tls_server(start_server, tls)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.set_ciphers("ALL:@SECLEVEL=0")
+    old.minimum_version = old.maximum_version = ssl.TLSVersion[version]
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake_serial(port, old)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert await handshake_serial(port, old) == tls.current.serial
 
 
 async def test_renewed_files_are_served_to_new_connections_and_open_ones_stay(start_server, tls, session) -> None:
@@ -130,6 +162,30 @@ async def test_sighup_reloads_at_once(start_server, tls, session) -> None:
     assert serial_of(ws) == new.serial
     await ws.close()
     assert server.process.returncode is None
+
+
+@pytest.mark.parametrize(("old", "new"), [("ecdsa", "rsa"), ("rsa", "ecdsa")])
+async def test_a_renewal_with_another_key_type_replaces_the_old_certificate(start_server, tls, old, new) -> None:
+    """An OpenSSL context holds one certificate per key type: a new RSA pair loaded over an ECDSA one
+    left the ECDSA certificate in service, and browsers, which prefer ECDSA, kept getting it
+    (expired or not). After the reload no client may get the old certificate."""
+    tls.renew("old.example", key_type=old)
+    server, port = await start_tls_server(start_server, tls, "--tls-watch-interval", "3600")
+    old_serial = tls.current.serial
+    fresh = tls.renew("new.example", key_type=new)
+    server.process.send_signal(signal.SIGHUP)
+    await server.line_matching(r"TLS certificate reloaded: CN=new\.example")
+    for name in ("localhost", "127.0.0.1"):  # with SNI and without
+        assert await handshake_serial(port, tls.authority.client_context(), name) == fresh.serial != old_serial
+    only_old = tls.authority.client_context()
+    only_old.maximum_version = ssl.TLSVersion.TLSv1_2
+    only_old.set_ciphers(SUITES[old])
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # nothing to offer such a client now: refused
+        await handshake_serial(port, only_old)
+    only_new = tls.authority.client_context()
+    only_new.maximum_version = ssl.TLSVersion.TLSv1_2
+    only_new.set_ciphers(SUITES[new])
+    assert await handshake_serial(port, only_new) == fresh.serial
 
 
 async def test_a_bad_renewal_keeps_the_old_certificate_and_says_why(start_server, tls, session) -> None:
