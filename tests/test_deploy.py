@@ -221,11 +221,12 @@ async def test_a_room_through_nginx_with_limits_on_the_forwarded_address(proxied
 
 
 async def test_plain_http_is_redirected_to_https(proxied: Proxied) -> None:
+    """To the site's own name: a Host header the client chose must not pick the redirect's target."""
     async with ClientSession() as session:
         url = f"http://127.0.0.1:{proxied.http_port}/webrtc/config"
-        async with session.get(url, allow_redirects=False) as response:
+        async with session.get(url, allow_redirects=False, headers={"Host": "evil.example"}) as response:
             assert response.status == 301
-            assert response.headers["Location"] == "https://127.0.0.1/webrtc/config"
+            assert response.headers["Location"] == "https://signal.example.com/webrtc/config"
 
 
 async def test_http_endpoints_pass_through(proxied: Proxied) -> None:
