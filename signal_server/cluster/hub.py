@@ -61,7 +61,7 @@ class Remote:
 class ClusterSlot(Slot):
     """A local slot, plus what the registry knows of it."""
 
-    __slots__ = ("epoch", "seq", "since", "unavailable_at", "fallback")
+    __slots__ = ("epoch", "seq", "since", "unavailable_at", "fallback", "stale")
 
     def __init__(
         self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int, since: int
@@ -74,6 +74,10 @@ class ClusterSlot(Slot):
         self.since = since
         self.unavailable_at = -UNAVAILABLE_EVERY
         self.fallback: asyncio.TimerHandle | None = None
+        # The node this slot was resumed from with recovered false: frames the registry
+        # forwards on its behalf from now on were sent before their sender heard of the
+        # move and may come after later ones, so they are dropped (the client renegotiates).
+        self.stale: str | None = None
 
 
 class ClusterRoom(Room):
@@ -396,9 +400,10 @@ class ClusterHub(Hub):
             return slot
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq, version)
-        state = self._state(
-            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed and not buffered.lost
-        )
+        recovered = bool(held) and not overflowed and not buffered.lost
+        if resumed and not recovered:
+            slot.stale = _text(reply[7])
+        state = self._state(slot, members, resumed=bool(resumed), recovered=recovered)
         joined = encode_server_message("user_joined", slot.describe(), room.room_id)
         known = room.remote.pop(user, None)
         room.slots[user] = slot
@@ -437,6 +442,7 @@ class ClusterHub(Hub):
         slot.peer = peer
         slot.epoch = epoch
         slot.incomplete = False
+        slot.stale = None
         if slot.fallback is not None:
             slot.fallback.cancel()
             slot.fallback = None
@@ -605,7 +611,14 @@ class ClusterHub(Hub):
         def check(receivers: Any) -> None:
             if receivers == 0:
                 limits = self.limits
+                room = self.rooms.get(room_id)
                 for user in users:
+                    if isinstance(room, ClusterRoom) and user in room.inflight and user not in room.slots:
+                        # The user's resume is in flight here, behind this publish in the
+                        # queue: a KEEP now would forward the frame after the resume had
+                        # delivered later frames. It waits here, before those.
+                        self._buffer(room, user, frame, addressed=True, forwarded=True)
+                        continue
                     self.link.send_script_next(
                         "KEEP", room_id, user, node, frame, limits.kept_messages, limits.kept_bytes
                     )
@@ -708,6 +721,8 @@ class ClusterHub(Hub):
         for user in targets:
             local = room.slots.get(user) if room is not None else None
             if local is not None:
+                if local.stale is not None and header.get("o") == local.stale:  # type: ignore[attr-defined]
+                    continue  # a late forward through its old node, after a resume that said recovered false
                 self._deliver(local, frame)
             elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
                 self._buffer(room, user, frame, addressed=True, forwarded=bool(header.get("f")))

@@ -120,7 +120,7 @@ local function keep(R, U, node, frame, maxn, maxb)
   local rec = cjson.decode(raw)
   if rec.h == 0 then
     if rec.n ~= node then
-      local header = cjson.encode({r = R, s = '', t = {U}, f = 1})
+      local header = cjson.encode({r = R, s = '', t = {U}, f = 1, o = node})
       if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
     end
     rec.o = 1
