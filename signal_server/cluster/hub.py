@@ -74,9 +74,9 @@ class ClusterSlot(Slot):
         self.since = since
         self.unavailable_at = -UNAVAILABLE_EVERY
         self.fallback: asyncio.TimerHandle | None = None
-        # The node this slot was resumed from with recovered false: frames the registry
-        # forwards on its behalf from now on were sent before their sender heard of the
-        # move and may come after later ones, so they are dropped (the client renegotiates).
+        # The node this slot was resumed from without its hand-off (recovered false): what
+        # the registry forwards on its behalf from now on was sent before frames this slot
+        # has had, so it is dropped rather than delivered out of order (the client renegotiates).
         self.stale: str | None = None
 
 
@@ -109,6 +109,9 @@ class Inflight:
     # (frame, addressed to this user and not a broadcast, forwarded by the old node's KEEP)
     frames: list[tuple[bytes, bool, bool]]
     lost: bool = False
+    # The old node is alive and did not hand over in time (or is cut off): frames it
+    # forwards later were sent before ones this resume delivers, so they are dropped.
+    late: bool = False
     waiting: Handoff | None = None  # a resume waiting for hand-off barriers
     # Hand-off barriers (epoch, from node, lost): one may come before the JOIN reply is read.
     barriers: list[tuple[int, str, bool]] = field(default_factory=list)
@@ -281,7 +284,7 @@ class ClusterHub(Hub):
             old = _text(reply[7])
             if held and not overflowed and old != self.node:
                 if int(reply[9]) and await self._connected(old):  # cut off: it may have dropped frames
-                    room.inflight[user].lost = True
+                    room.inflight[user].lost = room.inflight[user].late = True
                 else:
                     expected = self._senders(room, user, old, _members(reply[6]), {_text(n) for n in reply[8]})
                     if expected:
@@ -320,7 +323,7 @@ class ClusterHub(Hub):
             async with asyncio.timeout(HANDOFF_WAIT):
                 await done
         except TimeoutError:
-            waiting.lost = True
+            waiting.lost = buffered.late = True
         if waiting.lost:
             buffered.lost = True
 
@@ -401,7 +404,7 @@ class ClusterHub(Hub):
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq, version)
         recovered = bool(held) and not overflowed and not buffered.lost
-        if resumed and not recovered:
+        if buffered.late:
             slot.stale = _text(reply[7])
         state = self._state(slot, members, resumed=bool(resumed), recovered=recovered)
         joined = encode_server_message("user_joined", slot.describe(), room.room_id)
