@@ -14,7 +14,16 @@ from . import test_cluster
 from .cluster import RedisServer, wait_until
 from .conftest import connector
 from .test_cluster import (
-    AppClient, Gate, StartNodes, held_on, hub_of, in_process_nodes, offer_for, quiet, raw_client, raw_in_process,
+    AppClient,
+    Gate,
+    StartNodes,
+    held_on,
+    hub_of,
+    in_process_nodes,
+    offer_for,
+    quiet,
+    raw_client,
+    raw_in_process,
     watch,
 )
 
