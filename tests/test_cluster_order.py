@@ -15,15 +15,14 @@ from .cluster import RedisServer, wait_until
 from .conftest import connector
 from .test_cluster import (
     AppClient,
-    Gate,
     StartNodes,
-    held_on,
     hub_of,
     in_process_nodes,
     offer_for,
+    offers_waiting_in_the_old_node,
     quiet,
     raw_client,
-    raw_in_process,
+    resume_and_send_straight,
     watch,
 )
 
@@ -116,20 +115,8 @@ async def test_a_forward_through_the_old_node_after_an_incomplete_hand_off_is_dr
     recovered false and gives her b3, which bob sent straight to C. When A catches up it forwards
     b0-b2 through the registry: they were sent before b3, so C drops them instead of delivering
     them after it (the client renegotiates on recovered false; nothing arrives out of order)."""
-    node_a, node_b, node_c = await in_process_nodes(app_client, redis, "a", "b", "c")
-    bob = await connector(node_b)("bob")
-    alice = await raw_in_process(node_a, "alice")
-    await bob.expect("user_joined")
-    alice.abort()
-    await held_on(redis, "room-1", "alice")
-    gate = Gate(hub_of(node_a))
-    for i in range(3):
-        await bob.offer(sdp=f"b{i}", target_user_id="alice")
-    await gate.holding(lambda held: any(offer_for("b2")(data) for data in held))
-    switched = watch(hub_of(node_b), lambda data: data[:1] == b"t" and b'"u":"alice"' in data)
-    resumed = await connector(node_c)("alice", join=False)
-    await asyncio.wait_for(switched.wait(), 5.0)  # bob's node now sends to C
-    await bob.offer(sdp="b3", target_user_id="alice")
+    _, node_b, node_c, bob, gate = await offers_waiting_in_the_old_node(app_client, redis)
+    resumed = await resume_and_send_straight(node_b, node_c, bob)
     state = await resumed.expect("room_state")  # after the hand-off wait: A's barrier is held
     assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is False
     assert await offers(resumed, 1) == ["b3"]
