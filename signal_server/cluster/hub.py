@@ -725,7 +725,12 @@ class ClusterHub(Hub):
             local = room.slots.get(user) if room is not None else None
             if local is not None:
                 if local.stale is not None and header.get("o") == local.stale:  # type: ignore[attr-defined]
-                    continue  # a late forward through its old node, after a resume that said recovered false
+                    # A late forward through the node it was resumed from without a hand-off:
+                    # sent before frames the slot has had. Dropped; if the slot is held
+                    # again meanwhile, its next resume must say so.
+                    if local.peer is None:
+                        self._lost(local)
+                    continue
                 self._deliver(local, frame)
             elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
                 self._buffer(room, user, frame, addressed=True, forwarded=bool(header.get("f")))
