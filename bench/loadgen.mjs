@@ -472,6 +472,7 @@ async function failover(total, interval) {
   let killAt = null;
   let killed = -1;
   const survivorsOf = () => ports.map((_, index) => index).filter((index) => index !== killed);
+  const reorders = [];
   const storm = { attempts: 0, failedAttempts: 0, resumed: 0, recovered: 0, notRecovered: 0, fresh: 0, closes: 0 };
 
   const onMessage = (client, data) => {
@@ -481,6 +482,7 @@ async function failover(total, interval) {
         const state = JSON.parse(text).payload;
         client.resumedAt = now();
         storm.resumed += 1;
+        client.recovered = Boolean(state.recovered);
         if (!state.resumed) storm.fresh += 1;
         else if (state.recovered) storm.recovered += 1;
         else storm.notRecovered += 1;
@@ -499,8 +501,22 @@ async function failover(total, interval) {
     else {
       seen[0] += 1;
       seen[3].add(seq);
-      if (seq < seen[2]) client.reordered = (client.reordered ?? 0) + 1; // arrived after a later one
+      if (seq < seen[2]) {
+        client.reordered = (client.reordered ?? 0) + 1; // arrived after a later one
+        if (client.displaced && reorders.length < 50) {
+          // What the docs need to tell the causes apart: who, on which nodes, when.
+          reorders.push({
+            receiver: client.name, receiver_old: client.node, receiver_port: client.port, sender: sender.name,
+            sender_displaced: Boolean(sender.displaced), sender_node: sender.node, sender_port: sender.port,
+            seq, after: seen[2], resumed: client.resumedAt !== undefined,
+            recovered: client.recovered ?? null, since_resume_ms: client.resumedAt === undefined ? null : now() - client.resumedAt,
+            since_kill_ms: killAt === null ? null : now() - killAt, since_sent_ms: now() - tail(data, '"t":'),
+            since_later_ms: now() - (seen[4] ?? 0),
+          });
+        }
+      }
     }
+    if (seq > seen[2]) seen[4] = now();
     seen[2] = Math.max(seen[2], seq);
     client.received.set(senderIndex, seen);
     if (client.resumedAt !== undefined && client.relayInAt === undefined && tail(data, '"t":') >= client.resumedAt) {
@@ -518,6 +534,7 @@ async function failover(total, interval) {
         perMessageDeflate: false, skipUTF8Validation: true, allowSynchronousEvents: true,
       });
       client.ws = ws;
+      client.port = port;
       let joined = false;
       ws.on("message", (data) => {
         if (!joined && data.toString().startsWith('{"type":"room_state"')) {
@@ -641,6 +658,7 @@ async function failover(total, interval) {
       peak_resumes_per_s: Math.max(0, ...timeline) * 10, resumes_per_100ms: timeline,
       rest_expected: expected, rest_lost: lost, rest_duplicated: duplicated, rest_reordered: restReordered,
       displaced_duplicates: displacedDuplicates, displaced_reordered: displacedReordered,
+      reorders,
     },
   };
 }

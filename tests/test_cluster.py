@@ -1221,13 +1221,11 @@ def offer_for(sdp: str) -> Callable[[bytes], bool]:
     return lambda data: data[:1] == b"m" and f'"sdp":"{sdp}"'.encode() in data
 
 
-async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_elsewhere_in_order(
-    redis: RedisServer, app_client: AppClient
-) -> None:
-    """alice's slot is held on node A; bob's offers to her sit in A's subscriber while she resumes
-    through node C, and bob's next offer goes straight to C. A then keeps-forwards the earlier ones:
-    C waits for the hand-off barriers, replays A's forwards before bob's direct offer, and only
-    then says recovered true (before, the direct one came first and the order was lost)."""
+async def offers_waiting_in_the_old_node(
+    app_client: AppClient, redis: RedisServer
+) -> tuple[TestClient[Any, Any], TestClient[Any, Any], TestClient[Any, Any], Member, Gate]:
+    """Nodes A, B, C in this process; alice's slot held on A; bob (on B) has offered b0-b2 to her,
+    and they wait in A's subscriber (the gate returned). Returns A, B, C, bob and the gate."""
     node_a, node_b, node_c = await in_process_nodes(app_client, redis, "a", "b", "c")
     bob = await connector(node_b)("bob")
     alice = await raw_in_process(node_a, "alice")
@@ -1238,11 +1236,28 @@ async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_els
     for i in range(3):
         await bob.offer(sdp=f"b{i}", target_user_id="alice")
     await gate.holding(lambda held: any(offer_for("b2")(data) for data in held))
+    return node_a, node_b, node_c, bob, gate
+
+
+async def resume_and_send_straight(node_b: TestClient[Any, Any], node_c: TestClient[Any, Any], bob: Member) -> Member:
+    """alice resumes through C; once bob's node has heard it, bob offers b3 (straight to C)."""
     switched = watch(hub_of(node_b), lambda data: data[:1] == b"t" and b'"u":"alice"' in data)
-    direct = watch(hub_of(node_c), offer_for("b3"))
     resumed = await connector(node_c)("alice", join=False)
     await asyncio.wait_for(switched.wait(), TIMEOUT)  # bob's node now sends to C
     await bob.offer(sdp="b3", target_user_id="alice")
+    return resumed
+
+
+async def test_frames_still_on_their_way_through_the_old_node_reach_a_resume_elsewhere_in_order(
+    redis: RedisServer, app_client: AppClient
+) -> None:
+    """alice's slot is held on node A; bob's offers to her sit in A's subscriber while she resumes
+    through node C, and bob's next offer goes straight to C. A then keeps-forwards the earlier ones:
+    C waits for the hand-off barriers, replays A's forwards before bob's direct offer, and only
+    then says recovered true (before, the direct one came first and the order was lost)."""
+    _, node_b, node_c, bob, gate = await offers_waiting_in_the_old_node(app_client, redis)
+    direct = watch(hub_of(node_c), offer_for("b3"))
+    resumed = await resume_and_send_straight(node_b, node_c, bob)
     await asyncio.wait_for(direct.wait(), TIMEOUT)
     gate.open()
     state = await resumed.expect("room_state")

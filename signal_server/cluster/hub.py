@@ -61,7 +61,7 @@ class Remote:
 class ClusterSlot(Slot):
     """A local slot, plus what the registry knows of it."""
 
-    __slots__ = ("epoch", "seq", "since", "unavailable_at", "fallback")
+    __slots__ = ("epoch", "seq", "since", "unavailable_at", "fallback", "stale")
 
     def __init__(
         self, user_id: str, username: str, room: Room, peer: Peer, epoch: int, seq: int, since: int
@@ -74,6 +74,10 @@ class ClusterSlot(Slot):
         self.since = since
         self.unavailable_at = -UNAVAILABLE_EVERY
         self.fallback: asyncio.TimerHandle | None = None
+        # The node this slot was resumed from without its hand-off (recovered false): what
+        # the registry forwards on its behalf from now on was sent before frames this slot
+        # has had, so it is dropped rather than delivered out of order (the client renegotiates).
+        self.stale: str | None = None
 
 
 class ClusterRoom(Room):
@@ -105,6 +109,9 @@ class Inflight:
     # (frame, addressed to this user and not a broadcast, forwarded by the old node's KEEP)
     frames: list[tuple[bytes, bool, bool]]
     lost: bool = False
+    # The old node is alive and did not hand over in time (or is cut off): frames it
+    # forwards later were sent before ones this resume delivers, so they are dropped.
+    late: bool = False
     waiting: Handoff | None = None  # a resume waiting for hand-off barriers
     # Hand-off barriers (epoch, from node, lost): one may come before the JOIN reply is read.
     barriers: list[tuple[int, str, bool]] = field(default_factory=list)
@@ -277,7 +284,7 @@ class ClusterHub(Hub):
             old = _text(reply[7])
             if held and not overflowed and old != self.node:
                 if int(reply[9]) and await self._connected(old):  # cut off: it may have dropped frames
-                    room.inflight[user].lost = True
+                    room.inflight[user].lost = room.inflight[user].late = True
                 else:
                     expected = self._senders(room, user, old, _members(reply[6]), {_text(n) for n in reply[8]})
                     if expected:
@@ -316,7 +323,7 @@ class ClusterHub(Hub):
             async with asyncio.timeout(HANDOFF_WAIT):
                 await done
         except TimeoutError:
-            waiting.lost = True
+            waiting.lost = buffered.late = True
         if waiting.lost:
             buffered.lost = True
 
@@ -396,9 +403,10 @@ class ClusterHub(Hub):
             return slot
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
         slot = ClusterSlot(user, identity.username, room, peer, epoch, seq, version)
-        state = self._state(
-            slot, members, resumed=bool(resumed), recovered=bool(held) and not overflowed and not buffered.lost
-        )
+        recovered = bool(held) and not overflowed and not buffered.lost
+        if buffered.late:
+            slot.stale = _text(reply[7])
+        state = self._state(slot, members, resumed=bool(resumed), recovered=recovered)
         joined = encode_server_message("user_joined", slot.describe(), room.room_id)
         known = room.remote.pop(user, None)
         room.slots[user] = slot
@@ -437,6 +445,7 @@ class ClusterHub(Hub):
         slot.peer = peer
         slot.epoch = epoch
         slot.incomplete = False
+        slot.stale = None
         if slot.fallback is not None:
             slot.fallback.cancel()
             slot.fallback = None
@@ -605,7 +614,14 @@ class ClusterHub(Hub):
         def check(receivers: Any) -> None:
             if receivers == 0:
                 limits = self.limits
+                room = self.rooms.get(room_id)
                 for user in users:
+                    if isinstance(room, ClusterRoom) and user in room.inflight and user not in room.slots:
+                        # The user's resume is in flight here, behind this publish in the
+                        # queue: a KEEP now would forward the frame after the resume had
+                        # delivered later frames. It waits here, before those.
+                        self._buffer(room, user, frame, addressed=True, forwarded=True)
+                        continue
                     self.link.send_script_next(
                         "KEEP", room_id, user, node, frame, limits.kept_messages, limits.kept_bytes
                     )
@@ -708,6 +724,13 @@ class ClusterHub(Hub):
         for user in targets:
             local = room.slots.get(user) if room is not None else None
             if local is not None:
+                if local.stale is not None and header.get("o") == local.stale:  # type: ignore[attr-defined]
+                    # A late forward through the node it was resumed from without a hand-off:
+                    # sent before frames the slot has had. Dropped; if the slot is held
+                    # again meanwhile, its next resume must say so.
+                    if local.peer is None:
+                        self._lost(local)
+                    continue
                 self._deliver(local, frame)
             elif isinstance(room, ClusterRoom) and user in room.inflight:  # joining here right now
                 self._buffer(room, user, frame, addressed=True, forwarded=bool(header.get("f")))

@@ -120,7 +120,7 @@ local function keep(R, U, node, frame, maxn, maxb)
   local rec = cjson.decode(raw)
   if rec.h == 0 then
     if rec.n ~= node then
-      local header = cjson.encode({r = R, s = '', t = {U}, f = 1})
+      local header = cjson.encode({r = R, s = '', t = {U}, f = 1, o = node})
       if redis.call('PUBLISH', 'sig:ch:' .. rec.n, 'm' .. header .. '\n' .. frame) > 0 then return 2 end
     end
     rec.o = 1
@@ -274,8 +274,9 @@ return 1
 """
 
 # Keep a frame for a held slot (bounded; past the bound keep nothing), or
-# forward it to the node the slot moved to, or mark it lost when the node
-# the sender believed in is dead.
+# forward it to the node the slot moved to (the forward's ``o`` names the node
+# it was meant for: after a hand-off that timed out the new node drops what its
+# old node forwards late), or mark it lost when the node the sender believed in is dead.
 # ARGV: room, user, node the frame was meant for, frame, max count, max bytes
 # -> 0 dropped, 1 kept, 2 forwarded, 3 overflowed
 KEEP = r"""
