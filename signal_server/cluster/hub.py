@@ -397,8 +397,9 @@ class ClusterHub(Hub):
                     SignalError("SESSION_REPLACED", "this user joined the room from another connection"),
                 )
             peer.notify(state)
-            for frame in kept:
-                peer.send(frame)
+            if recovered:  # never a partial replay: recovered false replays nothing
+                for frame in kept:
+                    peer.send(frame)
             self._after_attach(room, slot, version, buffered, resumed=True)
             return slot
         seq = next((int(m[3]) for m in members if m[0] == user), 0)
@@ -416,8 +417,9 @@ class ClusterHub(Hub):
         peer.notify(state)
         if resumed:  # resumed through this node a slot another node held
             self.metrics.resumes += 1
-            for frame in kept:
-                peer.send(frame)
+            if recovered:  # never a partial replay: recovered false replays nothing
+                for frame in kept:
+                    peer.send(frame)
         if known is None:  # this node's members never heard of the user (its join event lost a race)
             for other in room.slots.values():
                 if other is not slot:
