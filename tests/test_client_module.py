@@ -103,7 +103,8 @@ async def test_a_dead_network_resumes_inside_the_grace(browser, servers):
 async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers, monkeypatch):
     """An offer made while the socket is down is queued and flushed after room_state (recovered)."""
     signal, page_server = servers
-    alice, bob = await pair(browser, signal, page_server)
+    # No offer retry within the test's wait: the queue alone must deliver the offer.
+    alice, bob = await pair(browser, signal, page_server, options={"offerTimeoutMs": 120_000})
     bob_peer = hub(signal).rooms["call"].slots["bob"].peer
     # The keepalive pings bob for what he has not confirmed; his pong confirms what he read.
     await asyncio.wait_for(fully_confirmed(monkeypatch, bob_peer).wait(), WAIT_MS / 1000)
