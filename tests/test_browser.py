@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -175,22 +176,49 @@ async def test_a_cut_websocket_reconnects_resumes_and_the_call_recovers(browser,
 
 
 async def test_a_reload_within_the_grace_shows_the_new_video(browser, servers):
-    """Bob reloads: Alice's tile shows Bob's new stream (not the dead first one) and frames keep coming."""
+    """Bob's network drops (no close frame) and he reloads within the grace: his new page resumes
+    the held slot, so Alice sees no leave and keeps her peer connection; her tile must show his
+    new stream (not the dead first one) and frames keep coming. (A plain reload closes with 1001,
+    a clean leave: Alice would start over with a new peer connection, which proves nothing.)"""
     signal, _ = servers
-    alice = await open_demo(browser, signal, "alice")
-    bob = await open_demo(browser, signal, "bob")
+    alice = await open_demo(browser, signal, "alice", token=make_token("alice", name="Alice"))
+    bob = await open_demo(browser, signal, "bob", token=make_token("bob", name="Bob"))
     for page in (alice, bob):
         await wait_for(page, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
-    await reload_and_join(bob)
+    hub = signal.app[SIGNALING].hub
+    slot = hub.rooms["call"].slots["bob"]
+    peer = "window.__bobPeer = window.demo.call.getPeerConnection('bob')"
+    await alice.evaluate(f"() => {{ {peer}; }}")
+    # The old page's reconnects hang on their config fetch, so only the reloaded page resumes the slot.
+    blocking, hung = [True], []
+
+    async def config(route: Any) -> None:
+        if blocking[0]:
+            hung.append(route)  # never answered
+        else:
+            await route.continue_()
+
+    await bob.route("**/webrtc/config", config)
+    slot.peer._transport.abort()
+    await wait_for(bob, "document.body.dataset.status === 'reconnecting'", timeout=WAIT_MS)
+    await bob.reload()
+    await wait_for(bob, "window.demo?.ready === true", timeout=WAIT_MS)
+    blocking[0] = False
+    await bob.locator("#join").click()
     await joined(bob)
+    assert hub.rooms["call"].slots["bob"] is slot  # resumed, not joined afresh
     stream = await bob.evaluate("window.demo.call.localStream.id")
     await wait_for(
         alice, """id => document.querySelector('.tile[data-user="bob"] video')?.srcObject?.id === id""",
         arg=stream, timeout=WAIT_MS,
     )
+    assert await alice.evaluate("window.demo.call.getPeerConnection('bob') === window.__bobPeer")
     await wait_for(alice, CONNECTED_PEERS, arg=1, timeout=WAIT_MS)
     before = await frames(alice, "bob")
     await wait_for(alice, frames_above(before + 10, "bob"), timeout=WAIT_MS)
+    for route in hung:
+        with contextlib.suppress(Exception):  # its page is long gone
+            await route.abort()
 
 
 @pytest.mark.signal_settings(max_participants=3)

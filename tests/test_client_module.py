@@ -103,7 +103,8 @@ async def test_a_dead_network_resumes_inside_the_grace(browser, servers):
 async def test_signaling_sent_while_reconnecting_is_delivered_after_the_resume(browser, servers, monkeypatch):
     """An offer made while the socket is down is queued and flushed after room_state (recovered)."""
     signal, page_server = servers
-    alice, bob = await pair(browser, signal, page_server)
+    # No offer retry within the test's wait: the queue alone must deliver the offer.
+    alice, bob = await pair(browser, signal, page_server, options={"offerTimeoutMs": 120_000})
     bob_peer = hub(signal).rooms["call"].slots["bob"].peer
     # The keepalive pings bob for what he has not confirmed; his pong confirms what he read.
     await asyncio.wait_for(fully_confirmed(monkeypatch, bob_peer).wait(), WAIT_MS / 1000)
@@ -226,6 +227,59 @@ async def test_a_camera_started_after_connect_is_sent(browser, servers):
     assert switched == {"sent": True, "oldEnded": True}
     before = await frames(bob, "alice")
     await bob.wait_for_function(frames_above(before + 10, "alice"), timeout=WAIT_MS)
+
+
+# A camera that opens only when the test says so (a permission prompt the user answers late).
+SLOW_CAMERA = """() => {
+  const capture = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  window.captured = [];
+  window.cameraGate = new Promise((resolve) => { window.openCamera = resolve; });
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    window.cameraWaiting = true;
+    await window.cameraGate;
+    const stream = await capture(constraints);
+    window.captured.push(...stream.getTracks());
+    return stream;
+  };
+}"""
+LIVE_CAPTURED = "window.captured.filter(t => t.readyState === 'live').length"
+
+
+async def test_a_camera_still_opening_at_disconnect_is_stopped(browser, servers):
+    """StrictMode with a camera: initLocalStream(); connect(); disconnect() before the camera opens.
+    The camera that opens afterwards is stopped at once and initLocalStream() rejects with ABORTED."""
+    signal, page_server = servers
+    page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+    await page.evaluate(SLOW_CAMERA)
+    outcome = await page.evaluate(
+        """async () => {
+          const call = window.call;
+          const media = call.initLocalStream({video: true, audio: true}).then(() => 'resolved', (e) => e.code);
+          const joined = call.connect().then(() => 'joined', (e) => e.code);
+          await call.disconnect();
+          window.openCamera();
+          return [await media, await joined, call.localStream, call.status];
+        }"""
+    )
+    assert outcome == ["ABORTED", "ABORTED", None, "closed"]
+    assert await page.evaluate("window.captured.length") == 2
+    assert await page.evaluate(LIVE_CAPTURED) == 0
+
+
+async def test_a_camera_still_opening_at_a_fatal_error_is_stopped(browser, servers):
+    """SESSION_REPLACED while the camera opens: the failed call holds no media once it opens."""
+    signal, page_server = servers
+    bob = await module_call(browser, page_server, origin(signal), "bob", media=False)
+    await bob.evaluate(SLOW_CAMERA)
+    await bob.evaluate("() => { window.media = window.call.initLocalStream().then(() => 'resolved', (e) => e.code); }")
+    await bob.wait_for_function("window.cameraWaiting === true", timeout=WAIT_MS)
+    await module_call(browser, page_server, origin(signal), "bob", media=False)
+    await wait_status(bob, "failed")
+    await bob.evaluate("window.openCamera()")
+    assert await bob.evaluate("window.media") == "ABORTED"
+    assert await bob.evaluate("window.call.localStream") is None
+    assert await bob.evaluate("window.captured.length") == 2
+    assert await bob.evaluate(LIVE_CAPTURED) == 0
 
 
 @pytest.mark.signal_settings(max_connections=1)

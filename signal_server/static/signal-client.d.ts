@@ -128,7 +128,10 @@ export class WebRTCCall {
   on<E extends CallEventName>(type: E, listener: (...args: CallEvents[E]) => void): () => void;
   off<E extends CallEventName>(type: E, listener: (...args: CallEvents[E]) => void): void;
 
-  /** Capture camera and microphone; the call owns (and stops) these tracks. */
+  /**
+   * Capture camera and microphone; the call owns (and stops) these tracks. Rejects with
+   * ABORTED (the camera stopped) when disconnect() or a fatal error comes while it opens.
+   */
   initLocalStream(constraints?: MediaStreamConstraints): Promise<MediaStream>;
   /** Send a stream you own; the call never stops it. */
   setLocalStream(stream: MediaStream): Promise<void>;

@@ -172,6 +172,7 @@ export class WebRTCCall {
   #outboxOverflowed = false;
   #localStream = null;
   #ownedTracks = new Set(); // tracks this module captured, and so stops
+  #mediaGen = 0; // bumped when the call lets its media go (disconnect(), a fatal error)
 
   /**
    * @param {string} serverUrl  e.g. "https://signal.example" (http(s), no trailing path)
@@ -274,10 +275,17 @@ export class WebRTCCall {
   /**
    * Capture camera and microphone. The call owns what it captures: it stops
    * these tracks on disconnect() and on a fatal error. Works before or after
-   * connect().
+   * connect(). A camera that opens only after disconnect() or a fatal error
+   * (a permission prompt answered late, React StrictMode's cleanup) is stopped
+   * at once, and this rejects with ABORTED.
    */
   async initLocalStream(constraints = { video: true, audio: true }) {
+    const mediaGen = this.#mediaGen;
     const stream = await navigator.mediaDevices.getUserMedia(constraints);
+    if (mediaGen !== this.#mediaGen) {
+      for (const track of stream.getTracks()) track.stop();
+      throw new SignalingError("ABORTED", "ABORTED: the call let its media go while the camera was opening");
+    }
     for (const track of stream.getTracks()) this.#ownedTracks.add(track);
     this.#stopOwned(this.#localStream, stream);
     await Promise.all(this.#useStream(stream));
@@ -353,6 +361,7 @@ export class WebRTCCall {
   }
 
   #releaseMedia() {
+    this.#mediaGen += 1; // a camera still opening is stopped when it opens
     for (const track of this.#ownedTracks) track.stop();
     this.#ownedTracks.clear();
     this.#localStream = null;
