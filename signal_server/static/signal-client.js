@@ -206,7 +206,7 @@ export class WebRTCCall {
     this.onParticipantLeft = null; // (participant, reason)
     this.onRoomState = null; // (participants, payload)
     this.onError = null; // (message, code, error)
-    this.onServerMessage = null; // (payload, targeted): a message from the app's backend
+    this.onServerMessage = null; // (payload): a message from the app's backend
     this.onConnectionStateChange = null; // (userId, state)
     this.onStatus = null; // (status, detail)
   }
