@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 MAX_TOKEN_LENGTH = 8 * 1024
+MIN_RSA_BITS = 2048  # RFC 7518 3.3
 MAX_ROOMS_CLAIM = 1000
 _NAME_CLAIMS = ("username", "name", "preferred_username")
 # C0 and C1 controls and line separators (they would forge log lines),
@@ -199,10 +200,15 @@ class TokenVerifier:
 def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:
     """The key object PyJWT verifies with, or :class:`KeyConfigError` naming the option."""
     option = "--jwt-public-key" if public else "--jwt-secret"
-    if not public and len(key.encode("utf-8", "surrogatepass")) < MIN_SECRET_BYTES:
+    if not public:
         # Checked here too, not only by the option parser: embedders build
-        # Settings directly.
-        raise KeyConfigError(f"{option}: must be at least {MIN_SECRET_BYTES} bytes")
+        # Settings directly. RFC 7518 3.2: at least the hash's length (32
+        # bytes for HS256, 48 for HS384, 64 for HS512).
+        length = len(key.encode("utf-8", "surrogatepass"))
+        if length < MIN_SECRET_BYTES:
+            raise KeyConfigError(f"{option}: must be at least {MIN_SECRET_BYTES} bytes")
+        if algorithm.startswith("HS") and length < int(algorithm[2:]) // 8:
+            raise KeyConfigError(f"{option}: must be at least {int(algorithm[2:]) // 8} bytes for {algorithm}")
     try:
         prepared = get_default_algorithms()[algorithm].prepare_key(key)
     except (jwt.PyJWTError, ValueError, TypeError, UnicodeError) as exc:
@@ -211,6 +217,11 @@ def prepare_key(algorithm: str, key: str, *, public: bool) -> Any:
         # PyJWT verifies with a private key too, but a server that only
         # verifies must never hold one.
         raise KeyConfigError(f"{option}: this is a private key; give the server the public key only")
+    if isinstance(prepared, RSAPublicKey) and prepared.key_size < MIN_RSA_BITS:
+        # RFC 7518 3.3; PyJWT only warns, once per process, and verifies anyway.
+        raise KeyConfigError(
+            f"{option}: a {prepared.key_size}-bit RSA key; {algorithm} needs at least {MIN_RSA_BITS} bits"
+        )
     return prepared
 
 

@@ -168,7 +168,8 @@ def _serve_command(args: list[str], env: Mapping[str, str]) -> int:
                 "--jwt-secret: dev mode (no secret) only binds to loopback; "
                 f"set a secret to listen on {settings.host}"
             )
-        settings = replace(settings, jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
+        # 64 random bytes: long enough for HS512 too (RFC 7518 3.2).
+        settings = replace(settings, jwt_secret=secrets.token_urlsafe(64), dev_mode=True)
     problem = _example_secret(settings)
     if problem:
         return _fail(problem)

@@ -166,6 +166,14 @@ def test_a_key_that_does_not_fit_the_algorithm_exits_2_at_start(tmp_path: Path, 
     assert len(lines) == 1 and lines[0].startswith("signal-server: error: --jwt-public-key: not a usable"), lines
 
 
+def test_an_hs512_secret_shorter_than_its_hash_exits_2_at_start() -> None:
+    """32 bytes pass for HS256 but not for HS512 (RFC 7518 3.2): it used to start, PyJWT warning."""
+    result = run("--port", "0", "--jwt-algorithm", "HS512", "--jwt-secret", "k" * 32)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["signal-server: error: --jwt-secret: must be at least 64 bytes for HS512"], lines
+
+
 def test_tracebacks_are_not_chained_to_a_missing_uvloop(monkeypatch) -> None:
     """The loop used to run inside ``except ImportError``: every logged error said uvloop was missing."""
     from signal_server import cli
@@ -234,10 +242,13 @@ def test_python_dash_m_is_the_same_command() -> None:
     assert result.returncode == 0 and jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "x"
 
 
-@pytest.mark.parametrize("claims", [(), ("--jwt-audience", "my-app", "--jwt-issuer", "https://id.example")])
+@pytest.mark.parametrize(
+    "claims", [(), ("--jwt-audience", "my-app", "--jwt-issuer", "https://id.example"), ("--jwt-algorithm", "HS512")]
+)
 async def test_dev_mode_prints_tokens_that_work(start_server, claims: tuple[str, ...]) -> None:
     """No secret: dev mode, loudly, with two tokens and a wscat line that join a room
-    (with the audience and issuer the server requires, when it requires them)."""
+    (with the audience and issuer the server requires, when it requires them; with a
+    generated secret long enough for HS512)."""
     server = await start_server("--port", "0", *claims)
     port = (await server.line_matching(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
     await server.line_matching("DEV MODE")

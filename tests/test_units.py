@@ -164,6 +164,23 @@ def test_short_hs256_secrets_are_refused_even_when_embedded() -> None:
     TokenVerifier(make_settings(jwt_secret="é" * 16))  # 32 bytes of UTF-8
 
 
+@pytest.mark.parametrize(("algorithm", "length"), [("HS384", 48), ("HS512", 64)])
+def test_hmac_secrets_shorter_than_their_hash_are_refused(algorithm: str, length: int) -> None:
+    """RFC 7518 3.2: an HMAC key at least as long as the hash; PyJWT warns below it on every start."""
+    with pytest.raises(KeyConfigError, match=f"--jwt-secret: must be at least {length} bytes for {algorithm}"):
+        TokenVerifier(make_settings(jwt_secret="k" * (length - 1), jwt_algorithm=algorithm))
+    TokenVerifier(make_settings(jwt_secret="k" * length, jwt_algorithm=algorithm))
+
+
+def test_rsa_keys_under_2048_bits_are_refused() -> None:
+    """RFC 7518 3.3: RS256 needs a key of 2048 bits or more; PyJWT warns below it, we refuse at start."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    with pytest.raises(KeyConfigError, match="--jwt-public-key: a 1024-bit RSA key; RS256 needs at least 2048"):
+        TokenVerifier(make_settings(jwt_secret=None, jwt_public_key=weak, jwt_algorithm="RS256"))
+
+
 def test_missing_exp_is_unauthorized() -> None:
     with pytest.raises(SignalError, match="UNAUTHORIZED"):
         TokenVerifier(make_settings()).verify(jwt.encode({"sub": "a"}, SECRET, algorithm="HS256"))
