@@ -149,7 +149,7 @@ def _example_secret(settings: Settings) -> str | None:
         option = "--jwt-secret-file" if settings.jwt_secret_file else "--jwt-secret"
         return (
             f"{option}: this is an example secret from the documentation, fine on loopback only; "
-            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
         )
     return None
 

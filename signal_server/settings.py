@@ -161,7 +161,7 @@ def _secret(text: str) -> str:
     if len(text.encode("utf-8")) < MIN_SECRET_BYTES:
         raise ValueError(
             f"must be at least {MIN_SECRET_BYTES} bytes (try: python3 -c "
-            "'import secrets; print(secrets.token_urlsafe(32))')"
+            "'import secrets; print(secrets.token_urlsafe(64))')"
         )
     return text
 
