@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, WSMsgType
 from aiohttp.test_utils import TestClient
 
+from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
 
 from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
@@ -1414,3 +1415,31 @@ async def test_a_node_whose_clock_is_five_minutes_ahead_joins_holds_and_resumes_
         assert ahead.count(r"is gone") + normal.count(r"node ahead is gone") == 0
     finally:
         await ahead.kill()
+
+
+async def test_a_cluster_join_that_fails_after_admission_is_rolled_back_in_redis(
+    redis: RedisServer, app_client: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All or nothing across the registry: Redis admitted ann, then encoding her room_state failed
+    on the node. Her record is taken back out of Redis (no ghost for the other nodes, no place taken),
+    the node keeps no slot for her, and she gets 1011."""
+    (node_a,) = await in_process_nodes(app_client, redis, "a")
+    hub = hub_of(node_a)
+    real = hub_module.encode_server_message
+    failures = iter([True])
+
+    def failing_once(kind: str, payload: dict[str, Any], room_id: str | None) -> bytes:
+        if kind == "room_state" and next(failures, False):
+            raise TypeError("an encoder bug")
+        return real(kind, payload, room_id)
+
+    monkeypatch.setattr(hub_module, "encode_server_message", failing_once)
+    victim = await connector(node_a)("ann", join=False)
+    message = await asyncio.wait_for(victim.ws.receive(), TIMEOUT)
+    assert message.type is WSMsgType.CLOSE and message.data == 1011, message
+    await hub.link.flush()  # replies in queue order: the rollback has run once this returns
+    assert await redis.command("HGET", "sig:{room-1}:m", "ann") is None
+    assert "ann" not in getattr(hub.rooms.get("room-1"), "slots", {})
+    bob = await connector(node_a)("bob", join=False)
+    state = await bob.expect("room_state")
+    assert [p["user_id"] for p in state["payload"]["participants"]] == ["bob"]
