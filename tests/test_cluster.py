@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
+from signal_server.protocol import encode_server_message
 
 from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
@@ -1425,7 +1426,7 @@ async def test_a_cluster_join_that_fails_after_admission_is_rolled_back_in_redis
     the node keeps no slot for her, and she gets 1011."""
     (node_a,) = await in_process_nodes(app_client, redis, "a")
     hub = hub_of(node_a)
-    real = hub_module.encode_server_message
+    real = encode_server_message
     failures = iter([True])
 
     def failing_once(kind: str, payload: dict[str, Any], room_id: str | None) -> bytes:
