@@ -40,8 +40,8 @@ async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
     """Ask ``predicate`` again every POLL_EVERY s until it is true; fail after ``timeout``.
 
     Only for state that emits no event a test can wait on: a node's /metrics
-    gauge refreshed by its own ticks, Redis's count of a channel's subscribers,
-    a port that starts listening. Everything that announces its change (a log
+    gauge refreshed by its own ticks or copied from Redis on its own schedule,
+    Redis's count of a channel's subscribers. Everything that announces its change (a log
     line, a keyspace notification, a message) is waited on instead, through
     ``_Process.line_matching``, ``Node.wait_ready`` or ``RedisServer.until``.
     """
