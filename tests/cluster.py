@@ -2,7 +2,9 @@
 
 Every service gets a free loopback port and its own temporary directory;
 nothing is shared with other test runs on the machine. Waits are on output
-lines, HTTP answers or messages, each bounded by a timeout.
+lines (a node logs each change of its link to Redis), keyspace notifications of
+the test's own redis-server, or messages, each bounded by a timeout. State that
+announces no change is asked for through ``poll_until``, the one polling helper.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from aiohttp import ClientSession
 
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, make_token
 
-__all__ = ["free_port", "RedisServer", "Sentinel", "Node", "wait_until"]
+__all__ = ["free_port", "RedisServer", "RefusingRedis", "Sentinel", "Node", "poll_until"]
 
 
 def free_port() -> int:
@@ -31,11 +33,24 @@ def free_port() -> int:
         return port
 
 
-async def wait_until(predicate: Any, timeout: float = TIMEOUT * 2, what: str = "condition") -> None:
-    """Poll an async predicate until true (for state only observable by asking, like /readyz)."""
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.05)
+POLL_EVERY = 0.05  # seconds between two questions in poll_until
+
+
+async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT * 2) -> None:
+    """Ask ``predicate`` again every POLL_EVERY s until it is true; fail after ``timeout``.
+
+    Only for state that emits no event a test can wait on: a node's /metrics
+    gauge refreshed by its own ticks or copied from Redis on its own schedule,
+    Redis's count of a channel's subscribers. Everything that announces its change (a log
+    line, a keyspace notification, a message) is waited on instead, through
+    ``_Process.line_matching``, ``Node.wait_ready`` or ``RedisServer.until``.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            while not await predicate():
+                await asyncio.sleep(POLL_EVERY)  # the interval between two questions
+    except TimeoutError:
+        raise AssertionError(f"{getattr(predicate, '__name__', predicate)} still false after {timeout} s") from None
 
 
 class _Process:
@@ -145,6 +160,90 @@ class RedisServer(_Process):
         finally:
             await client.aclose()
 
+    async def until(
+        self, predicate: Callable[[], Awaitable[bool]], *keys: str, timeout: float = TIMEOUT * 2
+    ) -> None:
+        """Wait until ``predicate`` (which reads ``keys``, glob patterns allowed) is true.
+
+        Event-driven: keyspace notifications are switched on (CONFIG SET; a restart
+        forgets it, so every wait sets it again) and the predicate is asked once
+        subscribed, then again after each change of one of those keys (a write, a
+        deletion, an expiry), never on a timer.
+        """
+        from redis.asyncio import Redis
+
+        client = Redis(host="127.0.0.1", port=self.port, socket_timeout=TIMEOUT * 2)
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(timeout):
+                await client.config_set("notify-keyspace-events", "KA")  # K: per key; A: every kind of change
+                await pubsub.psubscribe(*(f"__keyspace@0__:{key}" for key in keys))
+                confirmed = 0
+                while confirmed < len(keys):  # Redis sends changes from here on: none is missed
+                    reply = await pubsub.get_message(timeout=None)
+                    confirmed += reply is not None and reply["type"] == "psubscribe"
+                while not await predicate():
+                    await pubsub.get_message(timeout=None)  # the next change of one of ``keys``
+        except TimeoutError:
+            raise AssertionError(f"{getattr(predicate, '__name__', predicate)} still false after {timeout} s "
+                                 f"(watching {keys})") from None
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+
+class RefusingRedis:
+    """Stands on a stopped redis-server's port for an outage: a connection a node opens is
+    accepted, led through the client's hand-shake (HELLO answered, the rest +OK) until it
+    names itself (CLIENT SETNAME signal-<node id>), then closed: that attempt fails as
+    against a dead Redis. Attempts are counted per node, so an outage can last a number
+    of every node's failed reconnections instead of a stretch of wall time."""
+
+    HELLO = (b"%7\r\n+server\r\n+redis\r\n+version\r\n+7.0.0\r\n+proto\r\n:3\r\n+id\r\n:1\r\n"
+             b"+mode\r\n+standalone\r\n+role\r\n+master\r\n+modules\r\n*0\r\n")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.attempts: dict[str, int] = {}  # by node id; "?" for one that never named itself
+        self._attempted = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> RefusingRedis:
+        self._server = await asyncio.start_server(self._refuse, "127.0.0.1", self.port)
+        return self
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        node = "?"
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                for _ in range(4):  # HELLO, a client option or two, then the name
+                    command = await reader.read(4096)
+                    name = re.search(rb"signal-([\w.-]+)", command)
+                    if name or not command:
+                        node = name.group(1).decode() if name else node
+                        break
+                    writer.write(self.HELLO if b"HELLO" in command else b"+OK\r\n")
+        except (TimeoutError, OSError):
+            pass
+        writer.close()
+        self.attempts[node] = self.attempts.get(node, 0) + 1
+        self._attempted.set()
+
+    async def failed(self, nodes: Sequence[str], times: int, timeout: float = TIMEOUT * 4) -> None:
+        """Until each of ``nodes`` has failed to reach Redis ``times`` times here."""
+        try:
+            async with asyncio.timeout(timeout):
+                while any(self.attempts.get(node, 0) < times for node in nodes):
+                    self._attempted.clear()
+                    await self._attempted.wait()
+        except TimeoutError:
+            raise AssertionError(f"attempts after {timeout} s: {self.attempts}") from None
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
 
 class Sentinel(_Process):
     """A real redis-sentinel watching one master."""
@@ -167,6 +266,12 @@ class Sentinel(_Process):
         )
         await self._spawn(shutil.which("redis-sentinel") or "redis-sentinel", str(config))
         await self.line_matching(r"Sentinel ID is|monitor master")
+
+
+# The node's log lines for a change of its link to Redis (plain or inside JSON);
+# "Redis unreachable at start-up" is not one: the link starts down.
+REACHABLE = r"cluster: Redis reachable \(node "
+UNREACHABLE = r"cluster: Redis unreachable; "
 
 
 class Node(_Process):
@@ -197,11 +302,30 @@ class Node(_Process):
         async with ClientSession() as session, session.get(f"{self.base}/readyz") as response:
             return response.status
 
-    async def wait_ready(self, ready: bool = True, timeout: float = TIMEOUT * 2) -> None:
-        async def check() -> bool:
-            return (await self.readyz() == 200) is ready
+    @property
+    def redis_up(self) -> bool:
+        """The node's link to Redis as its log last told it (False before the first line).
 
-        await wait_until(check, timeout)
+        The node logs one line per change of that state, at the moment it changes;
+        /readyz, signal_redis_up, joins and cross-node relay follow the same state.
+        """
+        for line in reversed(self.lines):
+            if re.search(REACHABLE, line):
+                return True
+            if re.search(UNREACHABLE, line):
+                return False
+        return False
+
+    async def wait_ready(self, ready: bool = True, timeout: float = TIMEOUT * 2) -> None:
+        """Until the node's log says its link to Redis is up (``ready``) or down: what
+        /readyz answers from then on, while nothing else changes it."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.redis_up is not ready:
+                    await self.line_matching(REACHABLE if ready else UNREACHABLE, timeout, start=len(self.lines))
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: Redis not {'reachable' if ready else 'unreachable'} "
+                                 f"after {timeout} s: {self.lines[-10:]}") from None
 
     async def metric(self, name: str) -> float:
         async with ClientSession() as session, session.get(f"{self.base}/metrics") as response:

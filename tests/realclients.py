@@ -147,6 +147,8 @@ async def wait_for(page: Any, expression: str, arg: Any = None, timeout: float =
     ``expression`` is an expression, or a function of ``arg`` (may be async). Playwright's
     wait_for_function compiles its predicate with eval(), which the demo page's policy forbids
     (no 'unsafe-eval'); page.evaluate goes through the DevTools protocol, which the policy does not cover.
+    It must poll, as wait_for_function does: what it reads (RTCPeerConnection stats, decoded
+    frame counts, page variables) fires no event; it asks every 50 ms and fails after ``timeout``.
     """
     return await page.evaluate(
         f"""async ([arg, timeout]) => {{

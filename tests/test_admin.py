@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,8 +16,7 @@ from multidict import CIMultiDict
 from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
 
-from .cluster import wait_until
-from .conftest import SECRET, Connect, connector, join_all, make_token
+from .conftest import SECRET, TIMEOUT, Connect, Member, connector, join_all, make_token
 from .test_hardening import close_code, raw
 
 ADMIN = {"Authorization": f"Bearer {make_token('backend', admin=True)}"}
@@ -52,18 +51,32 @@ async def test_list_and_show_rooms(client: TestClient[Any, Any], connect: Connec
     await error_of(await client.get("/webrtc/rooms/nowhere", headers=ADMIN), 404, "NOT_FOUND")
 
 
+async def vanish(client: TestClient[Any, Any], member: Member) -> None:
+    """``member``'s connection ends without a close frame (a drop, not a leave); returns once
+    the server has handled that, so the slot is held from then on. The server notices a drop on
+    its own time: the moment is its hub's drop finishing, which this wraps for the one call."""
+    hub = client.app[SIGNALING].hub
+    drop = hub.drop
+    handled = asyncio.Event()
+
+    async def noting(slot: Any, peer: Any) -> None:
+        await drop(slot, peer)
+        if slot.user_id == member.user:
+            handled.set()
+
+    hub.drop = noting
+    try:
+        member.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        await asyncio.wait_for(handled.wait(), TIMEOUT)
+    finally:
+        del hub.drop  # the class's method again
+
+
 async def test_a_dropped_participant_is_shown_held(client: TestClient[Any, Any], connect: Connect) -> None:
     alice, bob = await join_all(connect, "alice", "bob")
-    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # a drop, not a close
-    states: dict[str, str] = {}
-
-    async def bob_held() -> bool:  # the server notices the drop on its own time: ask until it has
-        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
-        states.update({p["user_id"]: p["state"] for p in body["participants"]})
-        return states["bob"] == "held"
-
-    await wait_until(bob_held)
-    assert states == {"alice": "live", "bob": "held"}
+    await vanish(client, bob)
+    body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+    assert {p["user_id"]: p["state"] for p in body["participants"]} == {"alice": "live", "bob": "held"}
 
 
 @pytest.mark.parametrize(
@@ -218,8 +231,8 @@ async def test_a_participant_kicked_while_disconnected_is_told_on_its_reconnect(
     client = await app_client(reconnect_grace=60)
     connect = connector(client)
     alice, mallory = await join_all(connect, "alice", "mallory")
-    mallory.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held, not left
-    await wait_until(held(client, "mallory"))
+    await vanish(client, mallory)  # held, not left
+    assert await held(client, "mallory")
     assert (await client.delete("/webrtc/rooms/room-1/participants/mallory", headers=ADMIN)).status == 200
     assert (await alice.expect("user_left"))["payload"]["reason"] == "kicked"
     back = await connect("mallory", join=False)
@@ -278,14 +291,10 @@ async def test_a_closed_room_without_ban_reopens(
     assert (await carol.expect("user_joined"))["payload"]["user_id"] == "alice"
 
 
-def held(client: TestClient[Any, Any], user: str) -> Callable[[], Awaitable[bool]]:
-    """Whether ``user``'s slot in room-1 is held (the server noticed the drop on its own time)."""
-
-    async def check() -> bool:
-        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
-        return any(p["user_id"] == user and p["state"] == "held" for p in body["participants"])
-
-    return check
+async def held(client: TestClient[Any, Any], user: str) -> bool:
+    """Whether the admin API shows ``user``'s slot in room-1 held."""
+    body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
+    return any(p["user_id"] == user and p["state"] == "held" for p in body["participants"])
 
 
 async def test_a_closed_room_holds_no_slot_and_is_not_reopened_by_a_reconnect(app_client: Any) -> None:
@@ -294,8 +303,8 @@ async def test_a_closed_room_holds_no_slot_and_is_not_reopened_by_a_reconnect(ap
     client = await app_client(reconnect_grace=60)
     connect = connector(client)
     alice, bob = await join_all(connect, "alice", "bob")
-    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]
-    await wait_until(held(client, "bob"))
+    await vanish(client, bob)
+    assert await held(client, "bob")
     assert (await client.delete("/webrtc/rooms/room-1", headers=ADMIN)).status == 200
     await alice.expect_error("ROOM_CLOSED")
     assert (await (await client.get("/webrtc/rooms", headers=ADMIN)).json())["rooms"] == []
@@ -338,7 +347,7 @@ async def test_a_server_message_to_a_held_participant_is_kept_or_refused(app_cli
     client = await app_client(reconnect_grace=30, kept_messages=2)
     connect = connector(client)
     alice, bob = await join_all(connect, "alice", "bob")
-    bob.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # held
+    await vanish(client, bob)  # held
     await alice.send("ping")
     await alice.expect("pong")
 
@@ -347,11 +356,7 @@ async def test_a_server_message_to_a_held_participant_is_kept_or_refused(app_cli
             "/webrtc/rooms/room-1/messages", headers=ADMIN, json={"payload": {"text": text}, "target_user_id": user}
         )
 
-    async def bob_held() -> bool:
-        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
-        return any(p["user_id"] == "bob" and p["state"] == "held" for p in body["participants"])
-
-    await wait_until(bob_held)
+    assert await held(client, "bob")
     response = await send("bob", "one")
     assert response.status == 200 and await response.json() == {"room_id": "room-1", "sent": True, "held": True}
     back = await connect("bob", join=False)
@@ -362,13 +367,8 @@ async def test_a_server_message_to_a_held_participant_is_kept_or_refused(app_cli
     assert (await back.expect("server_message"))["payload"] == {"text": "live"}
 
     carol = await connect("carol")  # has read nothing a resume would have to replay
-    carol.ws._response.connection.transport.abort()  # type: ignore[union-attr]
-
-    async def carol_held() -> bool:
-        body = await (await client.get("/webrtc/rooms/room-1", headers=ADMIN)).json()
-        return any(p["user_id"] == "carol" and p["state"] == "held" for p in body["participants"])
-
-    await wait_until(carol_held)
+    await vanish(client, carol)
+    assert await held(client, "carol")
     for text in ("a", "b"):
         assert (await send("carol", text)).status == 200
     body = await error_of(await send("carol", "c"), 409, "NOT_DELIVERED")  # past --kept-messages

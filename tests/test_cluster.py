@@ -2,8 +2,11 @@
 
 Each test starts its own redis-server (no persistence) and node processes on
 free loopback ports, with short node TTL and grace so that dead-node and
-expiry paths finish in seconds. Every wait is on a message, a log line or an
-HTTP answer, bounded by a timeout.
+expiry paths finish in seconds. Every wait is on a message, a log line or a
+keyspace notification, bounded by a timeout; what no event announces is asked
+for through ``poll_until``, which says why. Where time itself is the scenario
+(Redis stalled by DEBUG SLEEP, a node's loop blocked), the helpers say so:
+``stall``, ``block_this_loop``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
 from signal_server.protocol import encode_server_message
 
-from .cluster import Clients, Node, RedisServer, Sentinel, wait_until
+from .cluster import Clients, Node, RedisServer, RefusingRedis, Sentinel, poll_until
 from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
 from .rawws import RawWebSocket
 from .stallproxy import StallProxy
@@ -130,7 +133,8 @@ async def test_rooms_span_nodes_with_relay_in_order(start_nodes: StartNodes, cli
     async def three_nodes() -> bool:
         return await n1.metric("signal_cluster_nodes") == 3
 
-    await wait_until(three_nodes)
+    # Polled: the gauge is n1's count from its last tick's reaper run, which announces nothing.
+    await poll_until(three_nodes)
     assert await n1.metric("signal_redis_up") == 1
     assert await n1.metric("signal_cluster_messages_published_total") >= 50
     assert await n3.metric("signal_cluster_messages_received_total") >= 80
@@ -213,8 +217,18 @@ async def test_resume_on_another_node_replays_kept_messages(start_nodes: StartNo
 
 
 
+def kept_key(room: str, user: str) -> str:
+    """The Redis list of frames kept for ``user``'s held slot."""
+    return f"sig:{{{room}}}:k:{user}"
+
+
+def members_key(room: str) -> str:
+    """The Redis hash of ``room``'s records, one per participant."""
+    return f"sig:{{{room}}}:m"
+
+
 async def kept_count(redis: RedisServer, room: str, user: str) -> int:
-    return int(await redis.command("LLEN", f"sig:{{{room}}}:k:{user}"))
+    return int(await redis.command("LLEN", kept_key(room, user)))
 
 
 async def send_kept(redis: RedisServer, sender: Member, user: str) -> None:
@@ -224,7 +238,7 @@ async def send_kept(redis: RedisServer, sender: Member, user: str) -> None:
     async def kept() -> bool:
         return await kept_count(redis, "room-1", user) == 1
 
-    await wait_until(kept)
+    await redis.until(kept, kept_key("room-1", user))
 
 
 async def quiet(member: Member) -> None:
@@ -255,7 +269,7 @@ async def test_unconfirmed_frames_make_a_resume_elsewhere_incomplete(
         record = await redis.command("HGET", "sig:{room-1}:m", "alice")
         return bool(record) and json.loads(record)["h"] > 0 and json.loads(record)["o"] == 1
 
-    await wait_until(held_incomplete)
+    await redis.until(held_incomplete, members_key("room-1"))
     await resume_incomplete(clients, n2)
 
 
@@ -275,7 +289,7 @@ async def test_resume_after_the_holding_node_is_killed(
     async def all_kept() -> bool:
         return await kept_count(redis, "room-1", "alice") == 5
 
-    await wait_until(all_kept)
+    await redis.until(all_kept, kept_key("room-1", "alice"))
     await n1.kill()
     resumed = await clients.connect(n3, "alice", join=False)
     state = await resumed.expect("room_state")
@@ -343,7 +357,9 @@ async def test_redis_outage_and_empty_restart(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
     """Redis down: same-node relay goes on, cross-node gets UNAVAILABLE, joins 1013, /readyz 503.
-    Redis back empty: membership and capacity re-registered, relay back within 5 s."""
+    Redis stays down until every node has failed to reconnect OUTAGE_ATTEMPTS times (their
+    backoff has grown), then comes back empty: membership and capacity re-registered, relay
+    back within 5 s."""
     n1, n2, n3 = await start_nodes(3, "--max-participants", "4", grace=30.0)
     alice = await clients.connect(n1, "alice")
     bob = await clients.connect(n1, "bob")
@@ -354,8 +370,52 @@ async def test_redis_outage_and_empty_restart(
     loop = asyncio.get_running_loop()
     stopped = loop.time()
     await redis.stop()
-    await asyncio.gather(*(node.wait_ready(False, timeout=2.5) for node in (n1, n2, n3)))
-    assert loop.time() - stopped <= 2.5
+    away = await RefusingRedis(redis.port).start()  # the outage: every reconnection fails, counted
+    try:
+        await asyncio.gather(*(node.wait_ready(False, timeout=2.5) for node in (n1, n2, n3)))
+        assert loop.time() - stopped <= 2.5
+        await outage_checks(n1, n3, alice, bob, clients)
+        # The outage lasts a number of every node's failed reconnections (the scenario):
+        # counted, so a loaded machine makes it longer in seconds, never shorter in retries.
+        await away.failed([node.node_id for node in (n1, n2, n3)], OUTAGE_ATTEMPTS)
+    finally:
+        await away.close()
+    await redis.start()  # empty: no persistence
+    restarted = loop.time()
+    try:
+        await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
+    except AssertionError:
+        for node in (n1, n2, n3):
+            print(node.name, "".join(line for line in node.lines if "access" not in line)[-3000:])
+        raise
+    assert [await node.readyz() for node in (n1, n2, n3)] == [200] * 3
+    left = await carol.expect("user_left")
+    assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
+    await expect_relay_back(alice, carol)
+    await expect_relay_back(carol, alice)
+    assert loop.time() - restarted <= 5.0 + 1.0
+    # Membership and capacity as before: two more get in and see everyone, the next is refused.
+    # (Join order after an empty restart is the order in which nodes re-registered.)
+    dave = await clients.connect(n3, "dave", join=False)
+    assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
+    await clients.connect(n1, "erin")
+    frank = await clients.connect(n2, "frank", join=False)
+    await frank.expect_error("ROOM_FULL")
+    for line in ("Redis unreachable", "Redis reachable"):
+        assert 1 <= n1.count(line) <= 2, n1.lines[-30:]
+
+
+# Failed reconnections per node that the outage above lasts: each node retries from a few
+# loops (writer, subscriber), so their jittered backoff (0.1 s doubling to a 2 s cap) has
+# doubled several times by then; with the old 5 s outage the nodes made about this many.
+OUTAGE_ATTEMPTS = 12
+
+
+async def outage_checks(n1: Node, n3: Node, alice: Member, bob: Member, clients: Clients) -> None:
+    """What a node does while Redis is away: not ready, same-node relay goes on, cross-node
+    relay says UNAVAILABLE (at most once a second), joins get 1013, a clean leave is heard
+    on the same node at once."""
+    assert await n1.readyz() == 503
     assert await n1.metric("signal_redis_up") == 0
     # Same node: unaffected.
     await alice.offer(sdp="local", target_user_id="bob")
@@ -377,30 +437,6 @@ async def test_redis_outage_and_empty_restart(
     # A clean leave during the outage: the same node hears it now, the others once Redis is back.
     await bob.ws.close()
     assert (await alice.expect("user_left"))["payload"]["user_id"] == "bob"
-    # The outage lasts 5 s (the scenario, not a synchronisation).
-    await asyncio.sleep(max(0.0, 5.0 - (loop.time() - stopped)))
-    await redis.start()  # empty: no persistence
-    restarted = loop.time()
-    try:
-        await asyncio.gather(*(node.wait_ready(True, timeout=5.0) for node in (n1, n2, n3)))
-    except TimeoutError:
-        for node in (n1, n2, n3):
-            print(node.name, "".join(line for line in node.lines if "access" not in line)[-3000:])
-        raise
-    left = await carol.expect("user_left")
-    assert left["payload"] == {"user_id": "bob", "username": "bob", "reason": "left"}
-    await expect_relay_back(alice, carol)
-    await expect_relay_back(carol, alice)
-    assert loop.time() - restarted <= 5.0 + 1.0
-    # Membership and capacity as before: two more get in and see everyone, the next is refused.
-    # (Join order after an empty restart is the order in which nodes re-registered.)
-    dave = await clients.connect(n3, "dave", join=False)
-    assert sorted(users(await dave.expect("room_state"))) == ["alice", "carol", "dave"]
-    await clients.connect(n1, "erin")
-    frank = await clients.connect(n2, "frank", join=False)
-    await frank.expect_error("ROOM_FULL")
-    for line in ("Redis unreachable", "Redis reachable"):
-        assert 1 <= n1.count(line) <= 2, n1.lines[-30:]
 
 
 async def test_leave_during_an_outage_reaches_redis_when_it_returns(
@@ -431,11 +467,7 @@ async def in_process_node(redis: RedisServer, app_client: AppClient, **overrides
     """Node "b" in this process (its hub reachable), once it is ready: its link to Redis is up."""
     client = await app_client(redis_url=redis.url, node_id="b", node_ttl=NODE_TTL, **overrides)
     hub = client.app[SIGNALING].hub
-
-    async def ready() -> bool:
-        return bool(hub.available)
-
-    await wait_until(ready)
+    await link_is(hub, up=True)
     return client
 
 
@@ -600,11 +632,11 @@ async def test_slow_redis_is_not_ready_then_recovers(
     bob = await clients.connect(n2, "bob")
     await alice.expect("user_joined")
     loop = asyncio.get_running_loop()
-    sleeper = loop.create_task(redis.command("DEBUG", "SLEEP", "3"))
+    stalled = await stall(redis, 3.0)  # the scenario: Redis answers nothing for 3 s
     started = loop.time()
     await n1.wait_ready(False, timeout=2.5)
     assert loop.time() - started <= 2.5
-    await sleeper
+    await stalled
     await asyncio.gather(n1.wait_ready(), n2.wait_ready())
     for i in range(20):
         await alice.offer(sdp=str(i), target_user_id="bob")
@@ -634,11 +666,9 @@ async def test_sentinel_failover(tmp_path: Path, clients: Clients) -> None:
         await replica.start()
         await sentinel.start()
 
-        async def replica_known() -> bool:
-            replicas = await sentinel_command(sentinel, "SENTINEL", "REPLICAS", "signal")
-            return bool(replicas)
-
-        await wait_until(replica_known, timeout=15)
+        # The sentinel logs the replica it found in the master's INFO (read every 10 s).
+        await sentinel.line_matching(rf"\+slave slave 127\.0\.0\.1:{replica.port} ", timeout=15)
+        assert await sentinel_command(sentinel, "SENTINEL", "REPLICAS", "signal")
         args = ["--redis-sentinel", f"127.0.0.1:{sentinel.port}", "--redis-master", "signal",
                 "--node-ttl", "5", "--reconnect-grace", "10", "--heartbeat", "30"]
         nodes = [Node("s1", args), Node("s2", args)]
@@ -648,10 +678,11 @@ async def test_sentinel_failover(tmp_path: Path, clients: Clients) -> None:
         await alice.expect("user_joined")
         await expect_relay_back(alice, bob)
 
-        async def replicated() -> bool:
-            return int(await replica.command("HLEN", "sig:{room-1}:m")) == 2
-
-        await wait_until(replicated)
+        # The replica has both records once it acknowledges a write made after them (WAIT
+        # returns at that acknowledgement; a replica sends no keyspace notifications).
+        await master.command("SET", "test:replicated", "1")
+        assert await master.command("WAIT", 1, int(TIMEOUT * 2000)) == 1
+        assert int(await replica.command("HLEN", members_key("room-1"))) == 2
         await master.stop()
         await sentinel.line_matching(r"\+switch-master signal", timeout=20)
         await asyncio.gather(*(node.wait_ready(timeout=10) for node in nodes))
@@ -744,12 +775,13 @@ async def held_on(redis: RedisServer, room: str, user: str) -> None:
         found = await record(redis, room, user)
         return found is not None and found["h"] > 0
 
-    await wait_until(held)
+    await redis.until(held, members_key(room))
 
 
 async def stall(redis: RedisServer, seconds: float) -> asyncio.Task[bytes]:
-    """Block Redis for ``seconds`` (DEBUG SLEEP). Returns once the command is in Redis's
-    socket (an idle Redis starts it at once); the task ends with its reply when Redis wakes."""
+    """The scenario, not a synchronisation: Redis does nothing for ``seconds`` (DEBUG SLEEP).
+    Returns once the command is in Redis's socket (an idle Redis starts it at once); the
+    task ends with its reply when Redis wakes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
     arguments = [b"DEBUG", b"SLEEP", str(seconds).encode()]
     writer.write(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in arguments))
@@ -816,10 +848,10 @@ async def test_a_message_during_a_resume_in_flight_is_delivered(
         await bob.expect("user_joined")
         alice.abort()
         await held_on(redis, room, "alice")
-        sleeping = await stall(redis, 1.0)
-        resumed = await clients.connect(via, "alice", room, join=False)  # its JOIN waits behind the sleep
+        stalled = await stall(redis, 1.0)
+        resumed = await clients.connect(via, "alice", room, join=False)  # its JOIN waits behind the stall
         await bob.offer(sdp="must-arrive", target_user_id="alice")
-        await sleeping
+        await stalled
         state = await resumed.expect("room_state")
         assert state["payload"]["resumed"] is True
         assert (await resumed.expect("offer"))["payload"]["sdp"] == "must-arrive", room
@@ -839,17 +871,17 @@ async def test_a_frame_lost_while_the_home_node_was_cut_off_makes_a_resume_elsew
     await bob.expect("user_joined")
     alice.abort()
     await held_on(redis, "room-1", "alice")
-    sleeping = await stall(redis, 2.5)
+    stalled = await stall(redis, 2.5)
     await n1.wait_ready(False, timeout=2.5)
     await bob.offer(sdp="lost", target_user_id="alice")
     await quiet(bob)
-    await sleeping
+    await stalled
 
     async def marked_lost() -> bool:
         found = await record(redis, "room-1", "alice")
         return found is not None and found["o"] == 1
 
-    await wait_until(marked_lost)
+    await redis.until(marked_lost, members_key("room-1"))
     await resume_incomplete(clients, n2)
 
 
@@ -878,11 +910,11 @@ async def test_a_join_that_timed_out_but_ran_later_leaves_no_ghost(
     Redis wakes: the node reconciles the room, so the record goes and others see user_left."""
     n1, n2 = await start_nodes(2, "--max-participants", "2", ttl=10.0)
     bob = await clients.connect(n2, "bob")
-    for _ in range(3):  # the JOIN may queue behind a tick caught by the sleep, and then succeed
-        sleeping = await stall(redis, 6.0)
+    for _ in range(3):  # the JOIN may queue behind a tick caught by the stall, and then succeed
+        stalled = await stall(redis, 6.0)
         ghost = await clients.connect(n1, "ghost", join=False)
         answer = await ghost.recv(timeout=TIMEOUT * 3)  # after the node's 5 s socket timeout
-        assert await sleeping == b"+OK\r\n"
+        assert await stalled == b"+OK\r\n"
         if answer["type"] == "error":
             break
         await ghost.ws.close()
@@ -912,7 +944,7 @@ async def test_node_room_sets_shrink_on_takeover_and_go_with_a_dead_node(
     async def set_gone() -> bool:
         return int(await redis.command("EXISTS", "sig:n:n2:r")) == 0
 
-    await wait_until(set_gone)
+    await redis.until(set_gone, "sig:n:n2:r")
     found = await record(redis, "room-1", "alice")
     assert found is not None and found["h"] > 0 and found["r"] == "node_lost"
     del second  # open until here: its node died under it
@@ -929,17 +961,23 @@ async def test_a_frame_reaching_a_draining_node_is_kept(
     bob = await clients.connect(n2, "bob")
     alice = await clients.connect(n1, "alice")  # last: nothing unconfirmed at the drain
     await bob.expect("user_joined")
-    sleeping = await stall(redis, 1.0)
+    stalled = await stall(redis, 1.0)
     n1.signal(signal.SIGTERM)
     await alice.expect_close(1001)
     await bob.offer(sdp="during-drain", target_user_id="alice")
-    await sleeping
+    await stalled
     assert await n1.wait() == 0
     resumed = await clients.connect(n2, "alice", join=False)
     state = await resumed.expect("room_state")
     assert state["payload"]["resumed"] is True
     if state["payload"]["recovered"]:
         assert (await resumed.expect("offer"))["payload"]["sdp"] == "during-drain"
+
+
+def block_this_loop(seconds: float) -> None:
+    """The behaviour under test, not a synchronisation: this process's event loop runs
+    nothing at all for ``seconds``, as in a CPU-bound burst or a starved process."""
+    time.sleep(seconds)
 
 
 class _LinkWatch:
@@ -992,9 +1030,8 @@ async def test_a_stalled_node_loop_does_not_declare_redis_down(redis: RedisServe
         def stall_once() -> None:
             if not stalled:
                 stalled.append(watch.pongs)
-                # The scenario, not a synchronisation: right after a pong (so none is
-                # in flight) the loop blocks for longer than the window.
-                time.sleep(PING_WINDOW + 1.0)
+                # Right after a pong (so none is in flight) the loop blocks for longer than the window.
+                block_this_loop(PING_WINDOW + 1.0)
 
         watch.on_pong = stall_once
         await watch.until(lambda: bool(stalled) and watch.pongs >= stalled[0] + 3)
@@ -1055,7 +1092,7 @@ async def test_a_broadcast_reaching_a_resume_in_flight_is_delivered_once(
         async def kept_by_n1() -> bool:
             return await kept_count(redis, "room-1", "alice") == 1
 
-        await wait_until(kept_by_n1)
+        await redis.until(kept_by_n1, kept_key("room-1", "alice"))
         proxy.resume()
         state = await resumed.expect("room_state")
         assert state["payload"]["resumed"] is True and state["payload"]["recovered"] is True
@@ -1155,12 +1192,26 @@ async def in_process_nodes(app_client: AppClient, redis: RedisServer, *ids: str)
 
 
 async def link_is(hub: Any, *, up: bool) -> None:
-    """Wait until the hub's Redis link is up (pings come back through its subscriber) or down."""
+    """Wait until the hub's Redis link is up (pings come back through its subscriber) or down:
+    woken by the link's own state callback, called at each change."""
+    link = hub.link
+    if bool(link.up) is up:
+        return
+    changed = asyncio.Event()
+    on_state = link._on_state
 
-    async def reached() -> bool:
-        return bool(hub.link.up) is up
+    def noting(state: bool) -> None:
+        on_state(state)
+        changed.set()
 
-    await wait_until(reached)
+    link._on_state = noting
+    try:
+        async with asyncio.timeout(TIMEOUT * 2):
+            while bool(link.up) is not up:
+                changed.clear()
+                await changed.wait()
+    finally:
+        link._on_state = on_state
 
 
 def hub_of(node: TestClient[Any, Any]) -> Any:
@@ -1305,7 +1356,8 @@ async def kill_subscriber(redis: RedisServer, hub: Any) -> None:
         channel = f"sig:ch:{hub.node}"
         return bool(await redis.command("PUBSUB", "NUMSUB", channel) == [channel.encode(), 0])
 
-    await wait_until(deaf)
+    # Polled: Redis announces no (un)subscription; only PUBSUB NUMSUB tells.
+    await poll_until(deaf)
 
 
 async def test_a_resume_elsewhere_while_the_home_node_is_cut_off_is_incomplete(

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from signal_server.context import SIGNALING
 
 from . import test_cluster
-from .cluster import Clients, Node, RedisServer, wait_until
+from .cluster import Clients, Node, RedisServer, poll_until
 from .conftest import TIMEOUT, connector, make_token
 from .test_cluster import GRACE, AppClient, StartNodes
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
@@ -216,10 +216,8 @@ async def test_a_server_message_to_a_held_participant_on_any_node(
         _, body = await api(n1, "GET", "/rooms/room-1")
         return str(next(p["state"] for p in body["participants"] if p["user_id"] == user))
 
-    async def bob_held() -> bool:
-        return await state_of("bob") == "held"
-
-    await wait_until(bob_held)
+    await test_cluster.held_on(redis, "room-1", "bob")  # the API reads the registry
+    assert await state_of("bob") == "held"
     status, body = await api(n3, "POST", "/rooms/room-1/messages", json={"payload": {"n": 1}, "target_user_id": "bob"})
     assert (status, body) == (200, {"room_id": "room-1", "sent": True, "held": True})
     back = await clients.connect(n1, "bob", join=False)
@@ -235,15 +233,14 @@ async def test_a_server_message_to_a_held_participant_on_any_node(
     async def unsubscribed() -> bool:  # Redis saw its connection close (not yet found dead)
         return int(list(await redis.command("PUBSUB", "NUMSUB", "sig:ch:n3"))[1]) == 0
 
-    await wait_until(unsubscribed)
+    # Polled: Redis announces no (un)subscription; only PUBSUB NUMSUB tells.
+    await poll_until(unsubscribed)
     to_carol = {"payload": {"n": 2}, "target_user_id": "carol"}
     status, body = await api(n1, "POST", "/rooms/room-1/messages", json=to_carol)
     assert (status, body.get("error")) == (409, "NOT_DELIVERED"), body
 
-    async def carol_held() -> bool:
-        return await state_of("carol") == "held"
-
-    await wait_until(carol_held)  # found dead: held for the grace
+    await test_cluster.held_on(redis, "room-1", "carol")  # found dead: held for the grace
+    assert await state_of("carol") == "held"
     status, body = await api(n2, "POST", "/rooms/room-1/messages", json=to_carol)
     assert (status, body.get("error")) == (409, "NOT_DELIVERED"), body
     again = await clients.connect(n2, "carol", join=False)
@@ -394,7 +391,7 @@ async def test_a_room_emptied_while_a_join_is_in_flight_leaves_no_ghost(
             async def reaped() -> bool:
                 return await test_cluster.record(redis, "room-1", "old") is None
 
-            await wait_until(reaped)
+            await redis.until(reaped, test_cluster.members_key("room-1"))
 
     call, on_message = hub.link.call, hub.link._on_message
     armed, heard = asyncio.Event(), asyncio.Event()
@@ -463,4 +460,4 @@ async def test_a_slot_dropped_on_news_from_the_registry_never_leaves_its_record(
     async def released() -> bool:
         return await test_cluster.record(redis, "room-1", "alice") is None
 
-    await wait_until(released)
+    await redis.until(released, test_cluster.members_key("room-1"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 from collections.abc import AsyncIterator
@@ -14,7 +13,7 @@ from aiohttp import ClientSession
 
 from tools.run_cluster import nginx_config
 
-from .cluster import Node, RedisServer, _Process, free_port, wait_until
+from .cluster import Node, RedisServer, _Process, free_port
 from .conftest import make_token
 from .realclients import (
     CONNECTED_PEERS,
@@ -39,17 +38,10 @@ class Nginx(_Process):
 
     async def start(self) -> None:
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin") or "nginx"
-        await self._spawn(nginx, "-e", "stderr", "-c", str(self.config), "-p", str(self.directory))
-
-        async def listening() -> bool:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                return False
-            writer.close()
-            return True
-
-        await wait_until(listening)
+        # At notice level nginx says "start worker processes" once its listening sockets are open.
+        await self._spawn(nginx, "-e", "stderr", "-g", "error_log stderr notice;",
+                          "-c", str(self.config), "-p", str(self.directory))
+        await self.line_matching(r"start worker processes")
 
     async def kill(self) -> None:
         """SIGTERM: the master stops its workers too (SIGKILL would orphan them)."""

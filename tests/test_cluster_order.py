@@ -8,11 +8,12 @@ its command writer or its subscriber at a chosen point (never a sleep).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from . import test_cluster
-from .cluster import RedisServer, wait_until
-from .conftest import connector
+from .cluster import RedisServer
+from .conftest import TIMEOUT, connector
 from .test_cluster import (
     AppClient,
     StartNodes,
@@ -41,6 +42,7 @@ class HeldWriter:
         self._event: asyncio.Event = hub.link._wake
         self._released = asyncio.Event()
         self.holding = asyncio.Event()
+        self._queued = asyncio.Event()
         hub.link._wake = self
 
     @classmethod
@@ -52,7 +54,16 @@ class HeldWriter:
         return held
 
     def set(self) -> None:
+        """The node queued a command (it wakes its writer with each one)."""
         self._event.set()
+        self._queued.set()
+
+    async def queued_until(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate`` holds, looked at again after each command the node queues."""
+        async with asyncio.timeout(TIMEOUT * 2):
+            while not predicate():
+                self._queued.clear()
+                await self._queued.wait()
 
     def clear(self) -> None:
         self._event.clear()
@@ -91,11 +102,11 @@ async def test_a_message_that_found_nobody_on_a_dead_node_waits_for_the_resume_i
         await quiet(bob)
         resumed = await connector(node_c)("alice", join=False)  # its JOIN queued after "1"
 
-        async def joining() -> bool:
+        def joining() -> bool:
             room = hub.rooms.get("room-1")
             return room is not None and "alice" in room.inflight
 
-        await wait_until(joining)
+        await writer.queued_until(joining)  # her JOIN is queued once it is in flight
         await bob.offer(sdp="2", target_user_id="alice")  # waits on C for her resume
         await quiet(bob)
     finally:

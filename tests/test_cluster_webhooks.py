@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from . import test_cluster
-from .cluster import Clients, Node, RedisServer, wait_until
+from .cluster import Clients, Node, RedisServer, poll_until
 from .test_cluster import StartNodes
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
 
@@ -47,6 +47,10 @@ def by_room(events: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, str 
     }
 
 
+QUEUE = "sig:wh:q"  # the cluster's events not taken yet
+IN_FLIGHT = "sig:wh:f:*"  # each node process's taken events
+
+
 async def in_flight(redis: RedisServer) -> dict[str, int]:
     """Events each node process has taken and not finished: node id -> count."""
     counts: dict[str, int] = {}
@@ -78,7 +82,7 @@ async def test_events_in_flight_on_a_killed_node_are_delivered_by_another(
         queued = int(await redis.command("LLEN", "sig:wh:q"))
         return queued == 0 and sum((await in_flight(redis)).values()) == 24
 
-    await wait_until(all_taken)
+    await redis.until(all_taken, QUEUE, IN_FLIGHT)
     taken = await in_flight(redis)
     victim: Node = next(node for node in nodes if node.node_id == max(taken, key=lambda n: taken[n]))
     assert taken[victim.node_id] >= 2  # one request held at the receiver, the rest only on the node
@@ -92,7 +96,7 @@ async def test_events_in_flight_on_a_killed_node_are_delivered_by_another(
     async def nothing_in_flight() -> bool:
         return sum((await in_flight(redis)).values()) == 0 and not await redis.command("SMEMBERS", "sig:wh:orphans")
 
-    await wait_until(nothing_in_flight)
+    await redis.until(nothing_in_flight, IN_FLIGHT, "sig:wh:orphans")
     assert receiver.rejected == 0
 
 
@@ -110,14 +114,14 @@ async def test_a_node_restarted_under_its_id_gives_back_what_its_predecessor_too
     async def all_taken() -> bool:
         return (await in_flight(redis)).get(node.node_id) == 8
 
-    await wait_until(all_taken)
+    await redis.until(all_taken, IN_FLIGHT)
     await node.kill()
     receiver.release()
 
     async def expired() -> bool:
         return int(await redis.command("EXISTS", f"sig:node:{node.node_id}")) == 0
 
-    await wait_until(expired)
+    await redis.until(expired, f"sig:node:{node.node_id}")
     again = Node(node.node_id, node.args)
     try:
         await again.start()
@@ -146,7 +150,7 @@ async def test_a_node_stopped_cleanly_gives_back_what_it_had_not_delivered(
     async def all_taken() -> bool:
         return int(await redis.command("LLEN", "sig:wh:q")) == 0 and sum((await in_flight(redis)).values()) == 16
 
-    await wait_until(all_taken)
+    await redis.until(all_taken, QUEUE, IN_FLIGHT)
     taken = await in_flight(redis)
     stopping = next(node for node in nodes if node.node_id == max(taken, key=lambda n: taken[n]))
     stopping.signal(signal.SIGTERM)
@@ -176,13 +180,19 @@ async def test_events_dropped_because_the_redis_queue_is_full_are_a_metric(
     async def full() -> bool:
         return int(await redis.command("LLEN", "sig:wh:q")) == 10_000 and sum((await in_flight(redis)).values()) == 2000
 
-    await wait_until(full)
+    await redis.until(full, QUEUE, IN_FLIGHT)
     await clients.connect(n1, "alice")  # room_started and participant_joined: no room for them
+
+    async def dropped() -> bool:
+        return int(await redis.command("GET", "sig:wh:dropped") or 0) == 2
+
+    await redis.until(dropped, "sig:wh:dropped")
 
     async def counted() -> bool:
         return all([await node.metric("signal_webhook_cluster_events_dropped_total") == 2 for node in (n1, n2)])
 
-    await wait_until(counted)
+    # Polled: each node copies the Redis counter into its gauge on its next idle take, unannounced.
+    await poll_until(counted)
     assert await n2.metric("signal_webhook_cluster_queue") == 10_000
     assert int(await redis.command("GET", "sig:wh:dropped")) == 2
 
@@ -208,10 +218,9 @@ async def test_after_an_empty_redis_restart_the_outage_leaves_and_ends_are_sent(
     await alice.ws.close()
     await carol.ws.close()
 
-    async def both_left() -> bool:
-        return await n1.metric('signal_leaves_total{reason="left"}') == 2
-
-    await wait_until(both_left)
+    for room, user in (("room-1", "alice"), ("room-2", "carol")):  # logged once the leave is done
+        await n1.line_matching(rf"close room={room} user={user} clean=True")
+    assert await n1.metric('signal_leaves_total{reason="left"}') == 2
     n2.signal(signal.SIGSTOP)  # node 1 re-registers first: room-1 is empty in Redis for a while
     try:
         await redis.start()  # empty
@@ -223,6 +232,9 @@ async def test_after_an_empty_redis_restart_the_outage_leaves_and_ends_are_sent(
     assert summary(await receiver.take(1, timeout=15)) == [("room_finished", "room-2", None, None)]
 
     await n1.wait_ready()  # joins wait for readiness after an outage, as a balancer would
+    # ...and a balancer asks /readyz. (Joining at once, a few ms sooner, sometimes met a
+    # "Connection closed by server" on n1's link right at room-2's finish: not diagnosed yet.)
+    assert await n1.readyz() == 200
     erin = await clients.connect(n1, "erin", "room-4")  # webhooks go on; nothing else was sent meanwhile
     await erin.ws.close()
     assert by_room(await receiver.take(4)) == {"room-4": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from signal_server.context import SIGNALING
 from signal_server.webhooks import WebhookSender, WebhookVerificationError, sign, verify
 
-from .cluster import wait_until
 from .conftest import TIMEOUT, connector, join_all, make_token
 from .webhook_receiver import WEBHOOK_SECRET, Receiver, summary
 
@@ -31,6 +32,32 @@ async def hooked(app_client: Any, *urls: str, **overrides: Any) -> TestClient[An
         webhook_urls=urls, webhook_secret=WEBHOOK_SECRET, **overrides
     )
     return client
+
+
+class Drops:
+    """A node's webhook drops of one reason, counted as they happen (its /metrics shows them
+    only when asked, and its log says so at most once a second): wraps the sender's drop."""
+
+    def __init__(self, client: TestClient[Any, Any], reason: str = "retries_exhausted") -> None:
+        sender = client.app[SIGNALING].webhooks
+        assert sender is not None
+        self.count = 0
+        self._changed = asyncio.Event()
+        drop = sender._drop
+
+        def counting(delivery: Any, why: str) -> None:
+            drop(delivery, why)
+            if why == reason:
+                self.count += 1
+                self._changed.set()
+
+        sender._drop = counting
+
+    async def reach(self, count: int) -> None:
+        async with asyncio.timeout(TIMEOUT * 2):
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
 
 
 async def metric(client: TestClient[Any, Any], name: str) -> float:
@@ -141,12 +168,10 @@ async def test_a_down_receiver_drops_after_the_attempts_and_says_so(
     url = f"http://127.0.0.1:{free_port()}/hooks?token=do-not-log-me"  # nothing listens there
     caplog.set_level(logging.DEBUG, logger="signal_server.webhooks")
     client = await hooked(app_client, url, webhook_max_attempts=2)
+    drops = Drops(client)
     alice = await connector(client)("alice")
-
-    async def dropped() -> bool:
-        return await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 2
-
-    await wait_until(dropped)
+    await drops.reach(2)
+    assert await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 2
     assert await metric(client, "signal_webhook_failed_attempts_total") == 4
     lines = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
     assert 1 <= len(lines) <= 2 and all("retries_exhausted" in line for line in lines)
@@ -159,15 +184,14 @@ async def test_a_down_receiver_drops_after_the_attempts_and_says_so(
 async def test_a_hanging_receiver_times_out_and_signaling_goes_on(app_client: Any, receiver: Receiver) -> None:
     receiver.mode = "hang"
     client = await hooked(app_client, receiver.url, webhook_timeout=0.3, webhook_max_attempts=2)
+    drops = Drops(client)
     alice, bob = await join_all(connector(client), "alice", "bob")
     for _ in range(20):  # relaying is untouched by the stuck deliveries
         await alice.offer("v=0")
         assert (await bob.expect("offer"))["sender_id"] == "alice"
 
-    async def given_up() -> bool:
-        return await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 3
-
-    await wait_until(given_up)
+    await drops.reach(3)
+    assert await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 3
     assert len(receiver.attempts) == 6  # 3 events, 2 attempts each, each cut at 0.3 s
 
 
@@ -199,12 +223,10 @@ async def test_redirects_are_never_followed(app_client: Any, receiver: Receiver)
         receiver.mode = "redirect"
         receiver.redirect_to = target.url
         client = await hooked(app_client, receiver.url, webhook_max_attempts=1)
+        drops = Drops(client)
         await connector(client)("alice")
-
-        async def dropped() -> bool:
-            return await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 2
-
-        await wait_until(dropped)
+        await drops.reach(2)
+        assert await metric(client, 'signal_webhook_events_dropped_total{reason="retries_exhausted"}') == 2
         assert target.attempts == [] and target.rejected == 0
     finally:
         await target.close()
