@@ -28,11 +28,13 @@ Not run, and why:
   `/etc/nginx`. They change a real machine. tests/test_deploy.py loads the unit
   (`systemd-analyze verify`, `security`) and runs the nginx site under a real
   nginx; the sample config is started here and there.
-* docs/deployment.md's JSON log lines and docs/protocol.md's JSON are output,
-  not commands (test_json_logs.py and the protocol tests check their shape).
+* docs/deployment.md's JSON log lines and docs/protocol.md's JSON blocks are
+  sample output and message shapes, not commands.
+* README's `make test`, `make lint`, `make screenshot`, `make bench`: the
+  suite itself, CI's lint, and two long generators.
 
-Run elsewhere: the wscat walk-through, the embedding example, the token
-command and the webhook receiver (test_readme_commands.py); `make run`,
+Run elsewhere: the wscat walk-through (`make run` included), the embedding
+example, the token command and the webhook receiver (test_readme_commands.py);
 `make run-cluster` (test_run_cluster.py); `python -m signal_server`
 (test_cli.py).
 """
