@@ -207,6 +207,15 @@ async def servers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, An
         await page_server.close()
 
 
+@pytest.fixture
+async def shells() -> AsyncIterator[Any]:
+    """Shells running documentation blocks (tests/docblocks.py); every one killed at the end."""
+    from .docblocks import open_shells
+
+    async for open_terminal in open_shells():
+        yield open_terminal
+
+
 @pytest.fixture(scope="session")
 def wscat() -> Path:
     """Install wscat locally (once) so `npx --yes wscat` runs it without a download."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from typing import Any
 
 import pytest
@@ -350,6 +351,90 @@ async def test_a_reconnect_refetches_the_ice_configuration(browser, servers):
         }"""
     )
     assert latest == used
+
+
+ICE_LOG = """port => {
+  // Every ICE candidate this page sends points at the given port, where nothing listens: no pair can work.
+  const send = window.WebSocket.prototype.send;
+  window.WebSocket.prototype.send = function (data) {
+    return send.call(this, data.replace(/(candidate:\\S+ \\d+ \\S+ \\d+ \\S+ )\\d+/g, `$1${port}`));
+  };
+  // What the test reads, in order: config fetches (by TURN username), ICE failures,
+  // setConfiguration calls (by TURN username) and restartIce calls.
+  const log = window.iceLog = [];
+  const fetchBefore = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await fetchBefore(...args);
+    if (String(args[0]).endsWith('/config')) {
+      log.push(['config', (await response.clone().json()).iceServers[0].username]);
+    }
+    return response;
+  };
+  const proto = RTCPeerConnection.prototype;
+  const setConfiguration = proto.setConfiguration, restartIce = proto.restartIce;
+  proto.setConfiguration = function (config) {
+    log.push(['setConfiguration', config.iceServers[0]?.username]);
+    return setConfiguration.call(this, config);
+  };
+  proto.restartIce = function () { log.push(['restartIce']); return restartIce.call(this); };
+  window.call.on('connectionstatechange', (id, state) => { if (state === 'failed') log.push(['failed']); });
+  return true;
+}"""
+
+
+async def test_an_ice_restart_after_failure_uses_a_refetched_configuration(browser, servers):
+    """ICE fails: /webrtc/config is fetched again, its servers applied (setConfiguration), then restartIce.
+
+    Every ICE candidate either page sends (trickled or in an SDP) is rewritten to a closed loopback port,
+    and the TURN server given is on that port too, so every pair fails and the connection reaches
+    ``failed``. (A relay-only policy with an unreachable TURN server is not enough: with no candidate
+    at all Chromium leaves ICE at ``new`` for good.) Each config served carries a new TURN username,
+    as expired REST credentials would be replaced; the restart must use one fetched after the failure,
+    not the one from connect().
+    """
+    signal, page_server = servers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there (the namespace is the test's own)
+    turn = f"turn:127.0.0.1:{closed_port}?transport=tcp"
+    served: list[str] = []
+
+    async def config(route: Any) -> None:
+        assert route.request.headers["authorization"].startswith("Bearer ")
+        served.append(f"expiring-{len(served)}")
+        body = {"iceServers": [{"urls": turn, "username": served[-1], "credential": "x"}]}
+        await route.fulfill(json=body, headers={"Access-Control-Allow-Origin": "*"})
+
+    pages = []
+    for user in ("alice", "bob"):
+        page = await module_call(browser, page_server, origin(signal), user, media=False, connect=False)
+        await page.route("**/webrtc/config", config)
+        await page.evaluate(ICE_LOG, closed_port)
+        await page.evaluate("window.call.connect().then(() => true)")
+        pages.append(page)
+    bob = pages[1]
+    await bob.wait_for_function(
+        """() => {
+          const failed = window.iceLog.findIndex(e => e[0] === 'failed');
+          return failed >= 0 && window.iceLog.slice(failed).some(e => e[0] === 'restartIce');
+        }""",
+        timeout=WAIT_MS * 3,  # Chromium gives up on a pair that never answers after about 15 s
+
+    )
+    log = await bob.evaluate("window.iceLog")
+    failed = log.index(["failed"])
+    joined_with = log[0]
+    assert joined_with[0] == "config", log
+    after = log[failed + 1:]
+    restart = after.index(["restartIce"])
+    fetched = [entry[1] for entry in after[:restart] if entry[0] == "config"]
+    applied = [entry[1] for entry in after[:restart] if entry[0] == "setConfiguration"]
+    assert fetched, f"no /webrtc/config fetch between the failure and restartIce: {log}"
+    assert applied and applied[-1] == fetched[-1] != joined_with[1], log
+    assert after.index(["config", fetched[-1]]) < after.index(["setConfiguration", fetched[-1]]), log
+    in_use = await bob.evaluate("window.call.getPeerConnection('alice').getConfiguration().iceServers[0].username")
+    assert in_use in served and in_use != joined_with[1]
 
 
 async def test_listeners_media_switches_and_public_state(browser, servers):

@@ -9,92 +9,27 @@ from the npm registry through test_wscat's fixture, installed by the first
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import re
-import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
 
-from .conftest import TIMEOUT
-from .test_wscat import ROOT
+from .docblocks import ROOT, OpenTerminal, fenced, section
 
 pytestmark = pytest.mark.netns
 README = (ROOT / "README.md").read_text()
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SIGNAL_JWT_SECRET": ""}
-
-
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end]
 
 
 def blocks(title: str, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", section(title), re.DOTALL)
-
-
-class Shell:
-    """One terminal: a bash running a README block, stdin held open, output read line by line."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.seen: list[str] = []
-
-    async def line(self, wanted: str) -> str:
-        assert self.process.stdout is not None
-        async with asyncio.timeout(TIMEOUT * 4):
-            while True:
-                line = (await self.process.stdout.readline()).decode()
-                assert line, f"exited before printing {wanted!r}: {self.seen}"
-                self.seen.append(line)
-                if wanted in line:
-                    return line
-
-    async def message(self, kind: str) -> dict[str, Any]:
-        """The next message of ``kind`` wscat shows."""
-        while True:
-            line = await self.line('"type"')
-            message: dict[str, Any] = json.loads(line[line.index("{"):])
-            if message["type"] == kind:
-                return message
-
-    def type(self, text: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(text.encode() + b"\n")
-
-    async def finish(self) -> str:
-        """Wait for the block to end by itself; its whole output."""
-        assert self.process.stdout is not None
-        output = await asyncio.wait_for(self.process.stdout.read(), TIMEOUT * 6)
-        assert await asyncio.wait_for(self.process.wait(), TIMEOUT) == 0, output
-        return "".join(self.seen) + output.decode()
+    return fenced(section(README, title), language)
 
 
 @pytest.fixture
-async def terminal(wscat: Path) -> AsyncIterator[object]:
-    opened: list[Shell] = []
-
-    async def open_terminal(script: str, cwd: Path) -> Shell:
-        process = await asyncio.create_subprocess_exec(
-            "bash", "-c", script, cwd=cwd, env=ENV, start_new_session=True,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        shell = Shell(process)
-        opened.append(shell)
-        return shell
-
-    yield open_terminal
-    for shell in opened:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(shell.process.pid, signal.SIGKILL)  # make, npx: the whole group
-        await shell.process.wait()
+def terminal(wscat: Path, shells: OpenTerminal) -> OpenTerminal:
+    """A shell per README block; wscat installed first (`npx --yes wscat` finds it offline)."""
+    return shells
 
 
 @pytest.fixture
