@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import get_default_algorithms
 
 from .errors import SignalError
+from .jwtdecode import decoder_for
 from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
 from .tokencache import VerifiedTokenCache
@@ -76,6 +77,7 @@ class _Config:
     """What a token is verified against; swapped whole by :meth:`TokenVerifier.reconfigure`."""
 
     key: Any
+    decoder: jwt.PyJWT  # for this key only (see jwtdecode.py)
     algorithms: list[str]
     audience: str | None
     issuer: str | None
@@ -86,8 +88,10 @@ def _configuration(settings: Settings) -> _Config:
     key = settings.jwt_public_key or settings.jwt_secret
     if not key:
         raise ValueError("no JWT secret or public key configured")
+    prepared = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
     return _Config(
-        key=prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key)),
+        key=prepared,
+        decoder=decoder_for(settings.jwt_algorithm, prepared),
         algorithms=[settings.jwt_algorithm],
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
@@ -177,7 +181,7 @@ class TokenVerifier:
         """The verified claims of ``token`` (signature, algorithm, expiry, audience, issuer)."""
         config = self._config
         try:
-            claims: dict[str, Any] = jwt.decode(
+            claims: dict[str, Any] = config.decoder.decode(
                 token,
                 config.key,
                 algorithms=config.algorithms,

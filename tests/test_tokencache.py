@@ -56,13 +56,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every token PyJWT is asked to decode (a cache hit asks nothing)."""
     seen: list[str] = []
-    real = jwt.decode
+    real = jwt.PyJWT.decode
 
-    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: jwt.PyJWT, token: str, *args: Any, **kwargs: Any) -> Any:
         seen.append(token)
-        return real(token, *args, **kwargs)
+        return real(self, token, *args, **kwargs)
 
-    monkeypatch.setattr(jwt, "decode", counting)
+    monkeypatch.setattr(jwt.PyJWT, "decode", counting)
     return seen
 
 
