@@ -188,6 +188,24 @@ def test_tracebacks_are_not_chained_to_a_missing_uvloop(monkeypatch) -> None:
     assert caught.value.__context__ is None
 
 
+def test_the_command_freezes_start_up_objects_and_collects_young_ones_in_large_batches() -> None:
+    """A join storm must not re-traverse start-up's modules, nor collect every few joins (cli._tune_collector)."""
+    probe = (
+        "import gc, sys\n"
+        "from signal_server import cli\n"
+        "def instead(coroutine):\n"
+        "    coroutine.close()\n"
+        "    print(gc.get_freeze_count(), gc.get_threshold()[0])\n"
+        "cli._run = instead\n"
+        "sys.exit(cli.main(['--port', '0', '--jwt-secret', sys.argv[1], '--allowed-origin', 'https://a.example']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, SECRET], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    frozen, threshold = map(int, result.stdout.split())
+    assert frozen > 10_000  # the modules, classes and functions loaded at start
+    assert threshold == 50_000
+
+
 async def test_the_access_log_redacts_an_encoded_token_name(start_server, unused_tcp_port: int) -> None:
     """``?%74oken=`` is ``token`` to the server, so it must be redacted too."""
     server = await start_server("--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
