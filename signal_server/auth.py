@@ -29,7 +29,7 @@ from .errors import SignalError
 from .jwtdecode import decoder_for
 from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
-from .tokencache import VerifiedTokenCache
+from .tokencache import VerifiedTokenCache, token_digest
 
 __all__ = [
     "Identity", "TokenVerifier", "KeyConfigError", "mint_token", "mint_token_for", "clean_text", "MAX_TOKEN_LENGTH",
@@ -147,14 +147,15 @@ class TokenVerifier:
             raise _unauthorized("token is too long")
         now = time.time()  # the wall clock PyJWT checks exp, nbf and iat against
         cache = self.cache
-        identity = cache.get(token, now)
+        key = token_digest(token)
+        identity = cache.get(token, now, key)
         if identity is not None:
             return identity
         claims = self._decode(token)
         identity = _identity(claims)
         # PyJWT has checked that these convert with int(); compare as it does.
         not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
-        cache.put(token, identity, not_before, int(claims["exp"]), now)
+        cache.put(token, identity, not_before, int(claims["exp"]), now, key)
         return identity
 
     def verify_admin(self, token: str | None) -> Identity:

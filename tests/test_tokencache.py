@@ -104,6 +104,23 @@ def test_entries_are_keyed_by_the_sha256_of_the_whole_token(clock: Clock) -> Non
     refused(verifier, tampered)
 
 
+def test_a_fresh_token_is_hashed_once(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The miss and the put share one SHA-256 (hashing a token costs as much as a fifth of the HMAC)."""
+    verifier = TokenVerifier(make_settings())
+    hashed: list[str] = []
+
+    def counting(text: str) -> bytes:
+        hashed.append(text)
+        return token_digest(text)
+
+    monkeypatch.setattr(signal_server.auth, "token_digest", counting)
+    bearer = token()
+    verifier.verify(bearer)
+    assert hashed == [bearer] and len(verifier.cache) == 1
+    verifier.verify(bearer)  # a hit: one more
+    assert hashed == [bearer, bearer] and verifier.cache.hits == 1
+
+
 def test_a_cached_entry_never_outlives_exp(clock: Clock, decodes: list[str]) -> None:
     verifier = TokenVerifier(make_settings())
     bearer = token(exp=T0 + 60)
