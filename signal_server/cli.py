@@ -262,9 +262,13 @@ async def serve(
     app = create_standalone_app(settings)
     set_node(app[SIGNALING].hub.node)  # a cluster's node id, random unless --node-id
     json_logs = settings.log_format == "json"
+    access = logging.getLogger("aiohttp.access")
     runner = web.AppRunner(
         app,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        # Below INFO nothing would be written, yet aiohttp would still make an
+        # access logger for every connection: none at all then.
+        access_log=access if access.isEnabledFor(logging.INFO) else None,
         access_log_format=JSON_ACCESS_LOG_FORMAT if json_logs else AccessLogger.LOG_FORMAT,
         # Also the bound on how long a connection may take to send its first
         # request: a client that never completes its upgrade is dropped.

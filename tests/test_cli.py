@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -365,6 +367,32 @@ async def test_a_shutdown_that_hangs_ends_the_process_anyway(monkeypatch: pytest
     assert await asyncio.wait_for(exited, TIMEOUT) == 1
     never.set()
     await asyncio.wait_for(serving, TIMEOUT)
+
+
+@pytest.mark.parametrize(("level", "logs_access"), [(logging.INFO, True), (logging.WARNING, False)])
+async def test_no_access_logger_is_made_per_connection_when_nothing_would_be_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, level: int, logs_access: bool
+) -> None:
+    """Below INFO aiohttp would still build an AccessLogger for every connection, to write nothing."""
+    from aiohttp import web
+
+    from signal_server import cli
+
+    runners: list[web.AppRunner] = []
+
+    class Recorded(web.AppRunner):
+        def __init__(self, app: web.Application, **kwargs: Any) -> None:
+            super().__init__(app, **kwargs)
+            runners.append(self)
+
+    monkeypatch.setattr(cli.web, "AppRunner", Recorded)
+    caplog.set_level(level, logger="aiohttp.access")
+    stop = asyncio.Event()
+    stop.set()
+    await asyncio.wait_for(cli.serve(make_settings(host="127.0.0.1", port=0), stop=stop), TIMEOUT)
+    (runner,) = runners
+    access = runner._kwargs["access_log"]
+    assert (access is logging.getLogger("aiohttp.access")) if logs_access else (access is None)
 
 
 async def test_webhooks_say_at_start_whether_they_are_on(start_server) -> None:
