@@ -92,7 +92,7 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     install_token_redaction()
 
 
-ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
 
 
 def _plain_http_hook(hooks: list[ResponseHook]) -> ResponseHook:

@@ -385,7 +385,7 @@ async def test_no_access_logger_is_made_per_connection_when_nothing_would_be_log
             super().__init__(app, **kwargs)
             runners.append(self)
 
-    monkeypatch.setattr(cli.web, "AppRunner", Recorded)
+    monkeypatch.setattr(web, "AppRunner", Recorded)
     caplog.set_level(level, logger="aiohttp.access")
     stop = asyncio.Event()
     stop.set()
