@@ -33,7 +33,7 @@ from jwt.api_jws import PyJWS
 from jwt.exceptions import DecodeError
 from jwt.utils import base64url_decode, base64url_encode
 
-__all__ = ["decoder_for", "SEGMENT_PROBES"]
+__all__ = ["decoder_for", "segment_check_agrees", "SEGMENT_PROBES"]
 
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
