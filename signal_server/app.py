@@ -66,6 +66,7 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     for path, view in OPERATIONS.items():  # beside the routes in a sub-app; at the root standalone
         app.router.add_get(path, _operation(sig, view))
     origins = settings.allowed_origins or ("*",)
+    hooks_before = list(app.on_response_prepare)
     cors = aiohttp_cors.setup(
         app,
         defaults={
@@ -77,22 +78,43 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
     )
     cors.add(config_route)
     cors.add(module_route)  # module scripts are fetched with CORS
+    # aiohttp-cors answers every response; a WebSocket's is none of its business
+    # (no CORS on the upgrade route), so its hooks run from ours, for plain HTTP only.
+    cors_hooks = [hook for hook in app.on_response_prepare if hook not in hooks_before]
+    for hook in cors_hooks:
+        app.on_response_prepare.remove(hook)
     node = sig.hub.node
     if node is not None:  # clustered: say which node answered (to see where a tab landed)
         app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
-    app.on_response_prepare.append(_close_after_plain_http)
+    app.on_response_prepare.append(_plain_http_hook(cors_hooks))
     install_token_redaction()
 
 
-async def _close_after_plain_http(request: web.Request, response: web.StreamResponse) -> None:
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
+
+
+def _plain_http_hook(hooks: list[ResponseHook]) -> ResponseHook:
+    """The one response hook: nothing for a WebSocket's upgrade (a join pays for no hook
+    that has nothing to do), ``hooks`` (CORS) and the close for every other response."""
+
+    async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if isinstance(response, web.WebSocketResponse):
+            return
+        for hook in hooks:
+            await hook(request, response)
+        _close_after_plain_http(response)
+
+    return prepare
+
+
+def _close_after_plain_http(response: web.StreamResponse) -> None:
     """One plain HTTP response per connection: a client that pipelines requests and never reads
     would otherwise hold the socket and a growing send queue with no limit counting it (only
     WebSockets are counted). The few requests a page makes do not miss keep-alive."""
-    if not isinstance(response, web.WebSocketResponse):
-        response.force_close()
-        response.headers["Connection"] = "close"  # the headers are already made when this hook runs
+    response.force_close()
+    response.headers["Connection"] = "close"  # the headers are already made when this hook runs
 
 
 @web.middleware

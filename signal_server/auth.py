@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import get_default_algorithms
 
 from .errors import SignalError
+from .jwtdecode import decoder_for
 from .protocol import MAX_USER_ID_LENGTH
 from .settings import MIN_SECRET_BYTES, Settings
-from .tokencache import VerifiedTokenCache
+from .tokencache import VerifiedTokenCache, token_digest
 
 __all__ = [
     "Identity", "TokenVerifier", "KeyConfigError", "mint_token", "mint_token_for", "clean_text", "MAX_TOKEN_LENGTH",
@@ -76,6 +77,7 @@ class _Config:
     """What a token is verified against; swapped whole by :meth:`TokenVerifier.reconfigure`."""
 
     key: Any
+    decoder: jwt.PyJWT  # for this key only (see jwtdecode.py)
     algorithms: list[str]
     audience: str | None
     issuer: str | None
@@ -86,8 +88,10 @@ def _configuration(settings: Settings) -> _Config:
     key = settings.jwt_public_key or settings.jwt_secret
     if not key:
         raise ValueError("no JWT secret or public key configured")
+    prepared = prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key))
     return _Config(
-        key=prepare_key(settings.jwt_algorithm, key, public=bool(settings.jwt_public_key)),
+        key=prepared,
+        decoder=decoder_for(settings.jwt_algorithm, prepared),
         algorithms=[settings.jwt_algorithm],
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
@@ -143,14 +147,15 @@ class TokenVerifier:
             raise _unauthorized("token is too long")
         now = time.time()  # the wall clock PyJWT checks exp, nbf and iat against
         cache = self.cache
-        identity = cache.get(token, now)
+        key = token_digest(token)
+        identity = cache.get(token, now, key)
         if identity is not None:
             return identity
         claims = self._decode(token)
         identity = _identity(claims)
         # PyJWT has checked that these convert with int(); compare as it does.
         not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
-        cache.put(token, identity, not_before, int(claims["exp"]), now)
+        cache.put(token, identity, not_before, int(claims["exp"]), now, key)
         return identity
 
     def verify_admin(self, token: str | None) -> Identity:
@@ -177,7 +182,7 @@ class TokenVerifier:
         """The verified claims of ``token`` (signature, algorithm, expiry, audience, issuer)."""
         config = self._config
         try:
-            claims: dict[str, Any] = jwt.decode(
+            claims: dict[str, Any] = config.decoder.decode(
                 token,
                 config.key,
                 algorithms=config.algorithms,

@@ -71,9 +71,14 @@ class VerifiedTokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, token: str, now: float) -> Identity | None:
-        """The identity of ``token`` if it was verified and is valid at ``now`` (wall clock)."""
-        key = token_digest(token)
+    def get(self, token: str, now: float, key: bytes | None = None) -> Identity | None:
+        """The identity of ``token`` if it was verified and is valid at ``now`` (wall clock).
+
+        ``key`` is ``token_digest(token)`` when the caller has it (a miss is then
+        ``put`` with the same key: one SHA-256 per fresh token, not two).
+        """
+        if key is None:
+            key = token_digest(token)
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -88,14 +93,18 @@ class VerifiedTokenCache:
         self.hits += 1
         return identity
 
-    def put(self, token: str, identity: Identity, not_before: int, expires: int, now: float) -> None:
-        """Remember a token the verifier accepted at ``now``, valid from ``not_before`` until ``expires``."""
+    def put(
+        self, token: str, identity: Identity, not_before: int, expires: int, now: float, key: bytes | None = None
+    ) -> None:
+        """Remember a token the verifier accepted at ``now``, valid from ``not_before`` until ``expires``
+        (``key``: its ``token_digest``, if the caller has it)."""
         if not not_before <= now < expires:
             return  # accepted only thanks to the leeway: not worth caching, never served early or late
         size = _footprint(identity)
         if size > self.max_bytes or self.max_entries <= 0:
             return
-        key = token_digest(token)
+        if key is None:
+            key = token_digest(token)
         self._drop(key)
         entries = self._entries
         while entries and (len(entries) >= self.max_entries or self.size_bytes + size > self.max_bytes):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -188,6 +190,24 @@ def test_tracebacks_are_not_chained_to_a_missing_uvloop(monkeypatch) -> None:
     assert caught.value.__context__ is None
 
 
+def test_the_command_freezes_start_up_objects_and_collects_young_ones_in_large_batches() -> None:
+    """A join storm must not re-traverse start-up's modules, nor collect every few joins (cli._tune_collector)."""
+    probe = (
+        "import gc, sys\n"
+        "from signal_server import cli\n"
+        "def instead(coroutine):\n"
+        "    coroutine.close()\n"
+        "    print(gc.get_freeze_count(), gc.get_threshold()[0])\n"
+        "cli._run = instead\n"
+        "sys.exit(cli.main(['--port', '0', '--jwt-secret', sys.argv[1], '--allowed-origin', 'https://a.example']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, SECRET], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    frozen, threshold = map(int, result.stdout.split())
+    assert frozen > 10_000  # the modules, classes and functions loaded at start
+    assert threshold == 50_000
+
+
 async def test_the_access_log_redacts_an_encoded_token_name(start_server, unused_tcp_port: int) -> None:
     """``?%74oken=`` is ``token`` to the server, so it must be redacted too."""
     server = await start_server("--port", str(unused_tcp_port), env={"SIGNAL_JWT_SECRET": SECRET})
@@ -347,6 +367,32 @@ async def test_a_shutdown_that_hangs_ends_the_process_anyway(monkeypatch: pytest
     assert await asyncio.wait_for(exited, TIMEOUT) == 1
     never.set()
     await asyncio.wait_for(serving, TIMEOUT)
+
+
+@pytest.mark.parametrize(("level", "logs_access"), [(logging.INFO, True), (logging.WARNING, False)])
+async def test_no_access_logger_is_made_per_connection_when_nothing_would_be_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, level: int, logs_access: bool
+) -> None:
+    """Below INFO aiohttp would still build an AccessLogger for every connection, to write nothing."""
+    from aiohttp import web
+
+    from signal_server import cli
+
+    runners: list[web.AppRunner] = []
+
+    class Recorded(web.AppRunner):
+        def __init__(self, app: web.Application, **kwargs: Any) -> None:
+            super().__init__(app, **kwargs)
+            runners.append(self)
+
+    monkeypatch.setattr(web, "AppRunner", Recorded)
+    caplog.set_level(level, logger="aiohttp.access")
+    stop = asyncio.Event()
+    stop.set()
+    await asyncio.wait_for(cli.serve(make_settings(host="127.0.0.1", port=0), stop=stop), TIMEOUT)
+    (runner,) = runners
+    access = runner._kwargs["access_log"]
+    assert (access is logging.getLogger("aiohttp.access")) if logs_access else (access is None)
 
 
 async def test_webhooks_say_at_start_whether_they_are_on(start_server) -> None:

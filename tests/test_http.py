@@ -10,6 +10,7 @@ import logging
 import re
 import time
 
+import aiohttp_cors
 import pytest
 from aiohttp import web
 
@@ -90,6 +91,26 @@ async def test_cors_preflight_allowed_and_refused(app_client):
     assert real.headers["Access-Control-Allow-Origin"] == "https://app.example"
     evil = await client.get("/webrtc/config", headers={"Origin": "https://evil.example", **AUTH})
     assert "Access-Control-Allow-Origin" not in evil.headers
+
+
+async def test_a_websocket_upgrade_runs_no_cors_hook(app_client, monkeypatch):
+    """aiohttp-cors looks at every response; the upgrade route has no CORS, so a join skips it
+    (and plain HTTP still gets its CORS headers and its one-response close)."""
+    seen: list[str] = []
+    real = aiohttp_cors.cors_config._CorsConfigImpl._on_response_prepare
+
+    async def counting(self, request, response):
+        seen.append(request.path)
+        await real(self, request, response)
+
+    monkeypatch.setattr(aiohttp_cors.cors_config._CorsConfigImpl, "_on_response_prepare", counting)
+    client = await app_client(allowed_origins=("https://app.example",))
+    member = await connector(client)("alice", headers={"Origin": "https://app.example"})
+    await member.ws.close()
+    real_get = await client.get("/webrtc/config", headers={"Origin": "https://app.example", **AUTH})
+    assert real_get.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert real_get.headers["Connection"] == "close"
+    assert seen == ["/webrtc/config"]
 
 
 async def test_cors_allows_any_origin_when_unconfigured(client):
