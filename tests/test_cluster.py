@@ -734,28 +734,21 @@ def test_backoff_is_capped_and_jittered() -> None:
 
 def test_publishes_share_a_container_but_never_cross_a_script() -> None:
     """One publish per channel per run of publishes; scripts stay where they were queued."""
-    from signal_server.cluster.link import _Command, _pipeline, pack_messages, unpack_messages
-
-    class Pipe:
-        def __init__(self) -> None:
-            self.calls: list[tuple[object, ...]] = []
-
-        def execute_command(self, *args: object) -> None:
-            self.calls.append(args)
-
-        def evalsha(self, sha: str, keys: int, *args: object) -> None:
-            self.calls.append(("EVALSHA", *args))
+    from signal_server.cluster.link import SCRIPT_SHAS, _Command, _pipeline, pack_messages, unpack_messages
 
     def pub(node: str, data: bytes) -> _Command:
         return _Command(("PUBLISH", f"sig:ch:{node}", data))
 
     batch = [pub("a", b"1"), pub("b", b"x"), pub("a", b"2"), _Command(("r",), script="KEEP"), pub("a", b"3")]
-    pipe = Pipe()
-    groups = _pipeline(pipe, batch)
+    wire, groups = _pipeline(batch)
     assert [len(group) for group in groups] == [2, 1, 1, 1]
-    assert pipe.calls[0] == ("PUBLISH", "sig:ch:a", pack_messages([b"1", b"2"]))
-    assert pipe.calls[1] == ("PUBLISH", "sig:ch:b", b"x")
-    assert pipe.calls[2][0] == "EVALSHA" and pipe.calls[3] == ("PUBLISH", "sig:ch:a", b"3")
+    assert groups[0] == [batch[0], batch[2]] and groups[2] == [batch[3]]
+    assert wire == [
+        ("PUBLISH", "sig:ch:a", pack_messages([b"1", b"2"])),
+        ("PUBLISH", "sig:ch:b", b"x"),
+        ("EVALSHA", SCRIPT_SHAS["KEEP"], 0, "r"),
+        ("PUBLISH", "sig:ch:a", b"3"),
+    ]
     assert list(unpack_messages(pack_messages([b"m{}\n" + b"\x00" * 300, b"p"]))) == [b"m{}\n" + b"\x00" * 300, b"p"]
     assert list(unpack_messages(b"m{}\nframe")) == [b"m{}\nframe"]
 
