@@ -351,7 +351,7 @@ class RedisLink:
         not), then read their replies in order; an error reply is its exception object."""
         stream = self._stream
         if not stream.is_connected:
-            await stream.connect()  # what the pool does (a sentinel-managed one asks for the master)
+            await stream.connect()  # type: ignore[no-untyped-call]  # as the pool does (sentinel: asks for the master)
         await stream.send_packed_command(stream.pack_commands(commands), check_health=False)
         replies: list[Any] = []
         for _ in commands:
