@@ -565,6 +565,44 @@ async def test_a_node_re_registers_only_once_it_hears_its_channel(
     await expect_relay_back(alice, carol)
 
 
+async def test_an_empty_restart_is_told_apart_by_the_node_that_set_the_generation(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Node B set the registry's generation (it read it first). Redis back empty, B reads its
+    rooms again before node A has re-registered: B sees another generation and leaves A's
+    alice to A's re-registration. Before, B set the same generation again (its boot id),
+    took the empty registry for the old one and told carol that alice had left."""
+    (node_b,) = await in_process_nodes(app_client, redis, "b")  # first: its subscription sets sig:gen
+    hub = hub_of(node_b)
+    (node_a,) = await start_nodes(1, prefix="a", grace=30.0)
+    alice = await clients.connect(node_a, "alice")
+    carol = await connector(node_b)("carol")
+    await alice.expect("user_joined")
+    resynced = asyncio.Event()
+    resync = hub._resync_rooms
+
+    async def restored() -> bool:
+        return hub._restore is not None and bool(hub._restore.done())
+
+    async def noting_resync() -> None:
+        await wait_until(restored)  # B's own re-registration first: the read finds carol alone
+        await resync()
+        resynced.set()
+
+    hub._resync_rooms = noting_resync
+    node_a.signal(signal.SIGSTOP)  # A re-registers only after B has read its rooms again
+    try:
+        await redis.stop()
+        await link_is(hub, up=False)
+        await redis.start()  # empty
+        await asyncio.wait_for(resynced.wait(), TIMEOUT * 2)
+        await quiet(carol)  # no user_left for alice
+    finally:
+        node_a.signal(signal.SIGCONT)
+    await expect_relay_back(alice, carol)
+    await quiet(carol)
+
+
 async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
     """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
     n1, n2 = await start_nodes(2)
