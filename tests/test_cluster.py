@@ -1176,6 +1176,32 @@ async def command_connection(redis: RedisServer, proxy: StallProxy) -> int:
     return found[0]
 
 
+async def test_a_command_connection_that_goes_silent_is_replaced(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Redis stops answering on node A's command connection alone (a proxy holds it; no FIN,
+    no RST): A goes not-ready, drops that connection once a write has waited 5 s, and is
+    ready again on a new one, relaying both ways. (The writer's connection has no socket
+    timeout; without the drop it would wait on the silent one for good.) The node TTL
+    outlasts the silence: A is not found dead meanwhile."""
+    (node_b,) = await start_nodes(1, prefix="b", ttl=30.0)
+    node_a, proxy = await proxied_node(redis, "a1", node_b.args)
+    try:
+        alice = await clients.connect(node_a, "alice")
+        bob = await clients.connect(node_b, "bob")
+        await alice.expect("user_joined")
+        proxy.pause(await command_connection(redis, proxy))
+        await node_a.wait_ready(False)
+        await node_a.line_matching(r"left a write unanswered for 5 s")
+        await node_a.wait_ready(True)
+        await expect_relay_back(alice, bob)
+        await expect_relay_back(bob, alice)
+    finally:
+        proxy.resume()
+        await node_a.kill()
+        await proxy.close()
+
+
 async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(
     redis: RedisServer, start_nodes: StartNodes, clients: Clients
 ) -> None:
