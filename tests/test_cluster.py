@@ -578,18 +578,19 @@ async def test_an_empty_restart_is_told_apart_by_the_node_that_set_the_generatio
     alice = await clients.connect(node_a, "alice")
     carol = await connector(node_b)("carol")
     await alice.expect("user_joined")
-    resynced = asyncio.Event()
-    resync = hub._resync_rooms
+    restored, resynced = asyncio.Event(), asyncio.Event()
+    reregister, resync = hub._reregister, hub._resync_rooms
 
-    async def restored() -> bool:
-        return hub._restore is not None and bool(hub._restore.done())
+    async def noting_reregister() -> None:
+        await reregister()
+        restored.set()
 
     async def noting_resync() -> None:
-        await wait_until(restored)  # B's own re-registration first: the read finds carol alone
+        await restored.wait()  # B's own re-registration first: the read finds carol alone
         await resync()
         resynced.set()
 
-    hub._resync_rooms = noting_resync
+    hub._reregister, hub._resync_rooms = noting_reregister, noting_resync
     node_a.signal(signal.SIGSTOP)  # A re-registers only after B has read its rooms again
     try:
         await redis.stop()

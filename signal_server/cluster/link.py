@@ -13,7 +13,7 @@ settings, sentinel-managed included) and writes each batch on it with one
 ``Pipeline`` per batch: at a low rate every message is its own batch, and the
 pipeline's machinery (a pool checkout with its lock and checks, a task for the
 timed write, a timer per reply, retry and observability wrappers) cost the
-sending node about four times the CPU of the whole relay on one node. The
+sending node about 3.5 times the instructions of the whole relay on one node. The
 connection has no socket timeout; the liveness check drops it instead when a
 batch stays unanswered for ``COMMAND_TIMEOUT`` (no timer per batch).
 
