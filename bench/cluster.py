@@ -11,7 +11,11 @@ on one core with the nodes), with the load generator on CPU 1, like run.py:
 and writes the medians and ratios between the cluster markers of
 docs/benchmarks.md (the rest of the page is report.py's).
 
-Usage: python bench/cluster.py [--runs 3] [--seconds 10]
+Usage: python bench/cluster.py [--runs 3] [--seconds 10] [--only S2]
+
+``--only`` runs the setups whose names start with one of its comma-separated
+prefixes ("S2" is both S2 setups) and prints their figures, with the CPU time
+per message, without touching docs/benchmarks.md (which needs every setup).
 """
 
 from __future__ import annotations
@@ -157,16 +161,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--only", default="", help="comma-separated setup name prefixes (no docs update)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is required (make system-deps)")
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
+    prefixes = tuple(part.strip() for part in args.only.split(",") if part.strip())
+    chosen = [name for name in SETUPS if not prefixes or name.startswith(prefixes)]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
     for run in range(args.runs):
-        for name, (scenario, nodes, redis, params) in SETUPS.items():  # interleaved against drift
+        for name in chosen:  # interleaved against drift
+            scenario, nodes, redis, params = SETUPS[name]
             outcome = run_once(scenario, nodes, redis, params, args.seconds)
             outcome.update(setup=name, run=run)
+            if outcome.get("server_cpu") and outcome.get("rate"):
+                outcome["server_cpu_us_per_message"] = 1e6 * outcome["server_cpu"] / outcome["rate"]
             results[name].append(outcome)
             print(json.dumps({k: v for k, v in outcome.items() if k != "join"}), flush=True)
+    if prefixes:
+        for name, runs_of in results.items():
+            print(f"{name}: p50 {med(runs_of, 'p50_ms'):.2f} ms, p99 {med(runs_of, 'p99_ms'):.2f} ms, "
+                  f"CPU {med(runs_of, 'server_cpu_us_per_message'):.0f} us/message (medians)")
+        return
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "cluster.json").write_text(json.dumps(results, indent=1))
     replace_section(BEGIN, END, table(results, args.runs, args.seconds), "Many nodes on Redis")

@@ -565,6 +565,45 @@ async def test_a_node_re_registers_only_once_it_hears_its_channel(
     await expect_relay_back(alice, carol)
 
 
+async def test_an_empty_restart_is_told_apart_by_the_node_that_set_the_generation(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients, app_client: AppClient
+) -> None:
+    """Node B set the registry's generation (it read it first). Redis back empty, B reads its
+    rooms again before node A has re-registered: B sees another generation and leaves A's
+    alice to A's re-registration. Before, B set the same generation again (its boot id),
+    took the empty registry for the old one and told carol that alice had left."""
+    (node_b,) = await in_process_nodes(app_client, redis, "b")  # first: its subscription sets sig:gen
+    hub = hub_of(node_b)
+    (node_a,) = await start_nodes(1, prefix="a", grace=30.0)
+    alice = await clients.connect(node_a, "alice")
+    carol = await connector(node_b)("carol")
+    await alice.expect("user_joined")
+    restored, resynced = asyncio.Event(), asyncio.Event()
+    reregister, resync = hub._reregister, hub._resync_rooms
+
+    async def noting_reregister() -> None:
+        await reregister()
+        restored.set()
+
+    async def noting_resync() -> None:
+        await restored.wait()  # B's own re-registration first: the read finds carol alone
+        await resync()
+        resynced.set()
+
+    hub._reregister, hub._resync_rooms = noting_reregister, noting_resync
+    node_a.signal(signal.SIGSTOP)  # A re-registers only after B has read its rooms again
+    try:
+        await redis.stop()
+        await link_is(hub, up=False)
+        await redis.start()  # empty
+        await asyncio.wait_for(resynced.wait(), TIMEOUT * 2)
+        await quiet(carol)  # no user_left for alice
+    finally:
+        node_a.signal(signal.SIGCONT)
+    await expect_relay_back(alice, carol)
+    await quiet(carol)
+
+
 async def test_pubsub_connection_killed(redis: RedisServer, start_nodes: StartNodes, clients: Clients) -> None:
     """CLIENT KILL TYPE pubsub: every node resubscribes and cross-node relay comes back by itself."""
     n1, n2 = await start_nodes(2)
@@ -734,28 +773,21 @@ def test_backoff_is_capped_and_jittered() -> None:
 
 def test_publishes_share_a_container_but_never_cross_a_script() -> None:
     """One publish per channel per run of publishes; scripts stay where they were queued."""
-    from signal_server.cluster.link import _Command, _pipeline, pack_messages, unpack_messages
-
-    class Pipe:
-        def __init__(self) -> None:
-            self.calls: list[tuple[object, ...]] = []
-
-        def execute_command(self, *args: object) -> None:
-            self.calls.append(args)
-
-        def evalsha(self, sha: str, keys: int, *args: object) -> None:
-            self.calls.append(("EVALSHA", *args))
+    from signal_server.cluster.link import SCRIPT_SHAS, _Command, _pipeline, pack_messages, unpack_messages
 
     def pub(node: str, data: bytes) -> _Command:
         return _Command(("PUBLISH", f"sig:ch:{node}", data))
 
     batch = [pub("a", b"1"), pub("b", b"x"), pub("a", b"2"), _Command(("r",), script="KEEP"), pub("a", b"3")]
-    pipe = Pipe()
-    groups = _pipeline(pipe, batch)
+    wire, groups = _pipeline(batch)
     assert [len(group) for group in groups] == [2, 1, 1, 1]
-    assert pipe.calls[0] == ("PUBLISH", "sig:ch:a", pack_messages([b"1", b"2"]))
-    assert pipe.calls[1] == ("PUBLISH", "sig:ch:b", b"x")
-    assert pipe.calls[2][0] == "EVALSHA" and pipe.calls[3] == ("PUBLISH", "sig:ch:a", b"3")
+    assert groups[0] == [batch[0], batch[2]] and groups[2] == [batch[3]]
+    assert wire == [
+        ("PUBLISH", "sig:ch:a", pack_messages([b"1", b"2"])),
+        ("PUBLISH", "sig:ch:b", b"x"),
+        ("EVALSHA", SCRIPT_SHAS["KEEP"], 0, "r"),
+        ("PUBLISH", "sig:ch:a", b"3"),
+    ]
     assert list(unpack_messages(pack_messages([b"m{}\n" + b"\x00" * 300, b"p"]))) == [b"m{}\n" + b"\x00" * 300, b"p"]
     assert list(unpack_messages(b"m{}\nframe")) == [b"m{}\nframe"]
 
@@ -1143,6 +1175,32 @@ async def command_connection(redis: RedisServer, proxy: StallProxy) -> int:
     found = [i for i, port in enumerate(proxy.upstream_ports()) if port not in subscribers]
     assert len(found) == 1, (listed, proxy.upstream_ports())
     return found[0]
+
+
+async def test_a_command_connection_that_goes_silent_is_replaced(
+    redis: RedisServer, start_nodes: StartNodes, clients: Clients
+) -> None:
+    """Redis stops answering on node A's command connection alone (a proxy holds it; no FIN,
+    no RST): A goes not-ready, drops that connection once a write has waited 5 s, and is
+    ready again on a new one, relaying both ways. (The writer's connection has no socket
+    timeout; without the drop it would wait on the silent one for good.) The node TTL
+    outlasts the silence: A is not found dead meanwhile."""
+    (node_b,) = await start_nodes(1, prefix="b", ttl=30.0)
+    node_a, proxy = await proxied_node(redis, "a1", node_b.args)
+    try:
+        alice = await clients.connect(node_a, "alice")
+        bob = await clients.connect(node_b, "bob")
+        await alice.expect("user_joined")
+        proxy.pause(await command_connection(redis, proxy))
+        await node_a.wait_ready(False)
+        await node_a.line_matching(r"left a write unanswered for 5 s")
+        await node_a.wait_ready(True)
+        await expect_relay_back(alice, bob)
+        await expect_relay_back(bob, alice)
+    finally:
+        proxy.resume()
+        await node_a.kill()
+        await proxy.close()
 
 
 async def test_a_message_forwarded_from_a_dead_node_is_not_overtaken(

@@ -944,7 +944,7 @@ class ClusterHub(Hub):
 
     async def _read_generation(self) -> bytes | None:
         try:
-            reply = await self.link.call("MEMBERS", "", self.link.boot)
+            reply = await self.link.call("MEMBERS", "", _new_generation())
         except (LinkDown, RedisError, OSError):
             return None
         return bytes(reply[2])
@@ -966,7 +966,7 @@ class ClusterHub(Hub):
                 continue  # its membership is being read already
             room.pending = []  # events from now on wait for the read, then apply over it
             try:
-                reply = await self.link.call("MEMBERS", room.room_id, self.link.boot)
+                reply = await self.link.call("MEMBERS", room.room_id, _new_generation())
             except (LinkDown, RedisError, OSError):
                 self._apply_pending(room)
                 return  # the next subscription tries again
@@ -1155,6 +1155,13 @@ _ROOM_KEY = re.compile(rb"sig:\{([A-Za-z0-9._~-]{1,64})\}:m\Z")
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _new_generation() -> str:
+    """A value for ``sig:gen`` if the registry has none (MEMBERS): new at every read, so a
+    Redis that restarted empty gets another one even when the node that set the old one
+    asks first again (its boot id would come back the same)."""
+    return secrets.token_hex(8)
 
 
 def _seconds(ms: Any) -> float | None:

@@ -573,8 +573,8 @@ return 1
 
 # The members of a room and its version, read at once (a node that may have
 # missed events while its subscriber was away brings its mirror up to date),
-# with the registry's generation: sig:gen is set once by the first node that
-# asks, so a Redis that restarted empty has another one.
+# with the registry's generation: sig:gen is set once, by the first read, to the
+# random value every read brings, so a Redis that restarted empty has another one.
 # ARGV: room ('' for the generation alone), a new generation if none -> {version, members-json, generation}
 MEMBERS = r"""
 redis.call('SET', 'sig:gen', ARGV[2], 'NX')
