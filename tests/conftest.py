@@ -19,7 +19,8 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from signal_server import Settings, create_standalone_app
+from signal_server import Settings, create_standalone_app, hub as hub_module
+from signal_server.protocol import encode_server_message
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 # One scale for every wait in the suite; raise it on a slow machine.
@@ -228,3 +229,15 @@ def wscat() -> Path:
         )
     assert binary.exists()
     return WSCAT_DIR
+
+
+def fail_room_state_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next ``room_state`` the hub encodes raises (an encoder bug); later ones encode."""
+    failures = iter([True])
+
+    def failing_once(kind: str, payload: dict[str, Any], room_id: str | None) -> bytes:
+        if kind == "room_state" and next(failures, False):
+            raise TypeError("an encoder bug")
+        return encode_server_message(kind, payload, room_id)
+
+    monkeypatch.setattr(hub_module, "encode_server_message", failing_once)

@@ -27,12 +27,10 @@ import pytest
 from aiohttp import ClientSession, WSMsgType
 from aiohttp.test_utils import TestClient
 
-from signal_server import hub as hub_module
 from signal_server.context import SIGNALING
-from signal_server.protocol import encode_server_message
 
 from .cluster import Clients, Node, RedisServer, RefusingRedis, Sentinel, poll_until
-from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, make_token
+from .conftest import COMMAND, SECRET, TIMEOUT, Member, connector, fail_room_state_once, make_token
 from .rawws import RawWebSocket
 from .stallproxy import StallProxy
 
@@ -1536,15 +1534,7 @@ async def test_a_cluster_join_that_fails_after_admission_is_rolled_back_in_redis
     the node keeps no slot for her, and she gets 1011."""
     (node_a,) = await in_process_nodes(app_client, redis, "a")
     hub = hub_of(node_a)
-    real = encode_server_message
-    failures = iter([True])
-
-    def failing_once(kind: str, payload: dict[str, Any], room_id: str | None) -> bytes:
-        if kind == "room_state" and next(failures, False):
-            raise TypeError("an encoder bug")
-        return real(kind, payload, room_id)
-
-    monkeypatch.setattr(hub_module, "encode_server_message", failing_once)
+    fail_room_state_once(monkeypatch)
     victim = await connector(node_a)("ann", join=False)
     message = await asyncio.wait_for(victim.ws.receive(), TIMEOUT)
     assert message.type is WSMsgType.CLOSE and message.data == 1011, message

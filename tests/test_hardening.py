@@ -18,11 +18,9 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType
 
-import signal_server.hub as hub_module
 from signal_server.context import SIGNALING
-from signal_server.protocol import encode_server_message
 
-from .conftest import SECRET, TIMEOUT, Connect, Member, connector, join_all, make_token
+from .conftest import SECRET, TIMEOUT, Connect, Member, connector, fail_room_state_once, join_all, make_token
 from .rawws import RawWebSocket
 from .receipts import confirmations
 from .stallproxy import StallProxy
@@ -132,15 +130,7 @@ async def test_a_join_that_fails_midway_leaves_the_room_as_it_was(app_client, mo
     """All-or-nothing: a failure while encoding room_state inserts no slot, and the client gets 1011."""
     client = await app_client(max_participants=1)
     connect = connector(client)
-    real = encode_server_message
-    failures = iter([True])
-
-    def failing_once(kind: str, payload: dict[str, Any], room_id: str | None) -> bytes:
-        if kind == "room_state" and next(failures, False):
-            raise TypeError("an encoder bug")
-        return real(kind, payload, room_id)
-
-    monkeypatch.setattr(hub_module, "encode_server_message", failing_once)
+    fail_room_state_once(monkeypatch)
     victim = await connect("ann", join=False)
     message = await asyncio.wait_for(victim.ws.receive(), TIMEOUT)
     assert message.type is WSMsgType.CLOSE and message.data == 1011, message
