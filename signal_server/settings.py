@@ -34,6 +34,10 @@ EXAMPLE_SECRETS = frozenset({
     "replace-me-with-32-or-more-random-bytes-from-your-vault",
     "replace-with-the-output-of-secrets.token_urlsafe(32)",
 })
+# Empty in the environment is an error for these, not "unset": an empty
+# SIGNAL_JWT_SECRET (say, from a failed `openssl rand` in a deploy script) would
+# otherwise mean dev mode, with its open token endpoint, or no TURN or webhook key.
+KEY_FIELDS = frozenset({"jwt_secret", "jwt_secret_file", "jwt_public_key_file", "turn_secret", "webhook_secret"})
 LOG_FORMATS = ("text", "json")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 
@@ -478,6 +482,10 @@ def load_settings(
     for option in OPTIONS:
         if option.env in environ and environ[option.env] != "":
             values[option.field] = _parse(option, environ[option.env], option.env)
+        elif environ.get(option.env) == "" and option.field in KEY_FIELDS:
+            raise SettingsError(
+                f"{option.env}: set but empty (a failed secret generation?); give the value or unset it"
+            )
         raw = flags.get(option.flag)
         if raw is not None and raw != []:
             values[option.field] = _parse(option, raw if not option.repeat else list(raw), f"--{option.flag}")

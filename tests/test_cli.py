@@ -86,6 +86,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (["--host", "0.0.0.0"], {}, "--jwt-secret: dev mode"),
         (["--jwt-secret", "a"], {}, "--jwt-secret: must be at least 32 bytes"),
         ([], {"SIGNAL_JWT_SECRET": "x" * 31}, "SIGNAL_JWT_SECRET: must be at least 32 bytes"),
+        ([], {"SIGNAL_JWT_SECRET": ""}, "SIGNAL_JWT_SECRET: set but empty"),  # not dev mode
+        ([], {"SIGNAL_JWT_PUBLIC_KEY": ""}, "SIGNAL_JWT_PUBLIC_KEY: set but empty"),
+        ([], {"SIGNAL_TURN_SECRET": ""}, "SIGNAL_TURN_SECRET: set but empty"),
         (["--kept-bytes", "2000000"], {}, "--kept-bytes"),
         (["--redis-sentinel", "127.0.0.1:26379"], {}, "--redis-master"),
         (["--redis-url", "http://x"], {}, "--redis-url"),
