@@ -536,7 +536,29 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.redis_url and settings.redis_sentinels:
         raise SettingsError("--redis-sentinel: give either --redis-url or sentinels, not both")
+    _check_turn(settings)
     if settings.webhook_urls and not settings.webhook_secret:
         raise SettingsError("--webhook-secret: webhooks are signed; give a secret of at least 32 bytes")
     if bool(settings.redis_sentinels) != bool(settings.redis_master):
         raise SettingsError("--redis-master: sentinels need a master name and a master name needs sentinels")
+
+
+def _check_turn(settings: Settings) -> None:
+    """A TURN server needs credentials (browsers throw on a TURN entry without them,
+    which breaks every call), and credentials need a server."""
+    static = (settings.turn_username, settings.turn_credential)
+    if settings.turn_secret and any(static):
+        raise SettingsError("--turn-secret: give either --turn-secret or --turn-username/--turn-credential, not both")
+    if any(static) and not all(static):
+        missing = "--turn-credential" if settings.turn_username else "--turn-username"
+        raise SettingsError(f"{missing}: static TURN credentials need both --turn-username and --turn-credential")
+    credentials = settings.turn_secret or all(static)
+    if settings.turn_urls and not credentials:
+        raise SettingsError(
+            "--turn-url: a TURN server needs credentials: --turn-secret (coturn use-auth-secret) "
+            "or --turn-username and --turn-credential"
+        )
+    if credentials and not settings.turn_urls:
+        option = "--turn-secret" if settings.turn_secret else "--turn-username"
+        raise SettingsError(f"{option}: TURN credentials without --turn-url are never used")
+

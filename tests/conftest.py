@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
     async def start(*args: str, env: dict[str, str] | None = None) -> Server:
         process = await asyncio.create_subprocess_exec(
             *COMMAND, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "SIGNAL_JWT_SECRET": "", **(env or {})},
+            env={**without_secret(os.environ), **(env or {})},
         )
         server = Server(process)
         started.append(server)
@@ -241,3 +241,9 @@ def fail_room_state_once(monkeypatch: pytest.MonkeyPatch) -> None:
         return encode_server_message(kind, payload, room_id)
 
     monkeypatch.setattr(hub_module, "encode_server_message", failing_once)
+
+
+def without_secret(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without a JWT secret the developer's shell may carry (empty would be refused)."""
+    return {name: value for name, value in environ.items() if name != "SIGNAL_JWT_SECRET"}
+

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, without_secret
 
 ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SIGNAL_JWT_SECRET": ""}
+ENV = {**without_secret(os.environ), "PYTHONUNBUFFERED": "1"}
 
 
 def section(text: str, title: str, level: int = 2) -> str:

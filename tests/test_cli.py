@@ -89,6 +89,10 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         ([], {"SIGNAL_JWT_SECRET": ""}, "SIGNAL_JWT_SECRET: set but empty"),  # not dev mode
         ([], {"SIGNAL_JWT_PUBLIC_KEY": ""}, "SIGNAL_JWT_PUBLIC_KEY: set but empty"),
         ([], {"SIGNAL_TURN_SECRET": ""}, "SIGNAL_TURN_SECRET: set but empty"),
+        # A TURN entry without credentials makes browsers throw: every call would break.
+        (["--turn-url", "turn:127.0.0.1:3478"], {}, "--turn-url: a TURN server needs credentials"),
+        (["--turn-url", "turn:127.0.0.1:3478", "--turn-username", "u"], {}, "--turn-credential: static TURN"),
+        (["--turn-secret", "s"], {}, "--turn-secret: TURN credentials without --turn-url"),
         (["--kept-bytes", "2000000"], {}, "--kept-bytes"),
         (["--redis-sentinel", "127.0.0.1:26379"], {}, "--redis-master"),
         (["--redis-url", "http://x"], {}, "--redis-url"),
@@ -255,7 +259,8 @@ def test_help_of_a_subcommand_lists_only_what_it_uses(command: str) -> None:
 
 
 def test_token_command_without_a_secret_fails_cleanly() -> None:
-    result = run("token", "carol", env={"SIGNAL_JWT_SECRET": ""})
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("SIGNAL_")}
+    result = subprocess.run([*COMMAND, "token", "carol"], capture_output=True, text=True, timeout=30, env=environ)
     assert result.returncode == 2 and "--jwt-secret" in result.stderr and "Traceback" not in result.stderr
 
 

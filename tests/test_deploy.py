@@ -286,13 +286,14 @@ def test_the_unit_is_hardened(tmp_path: Path) -> None:
 
 async def test_the_sample_config_starts_the_command(start_server, tmp_path: Path) -> None:
     """deploy/signal.toml as shipped, with only host, port and certificate paths overridden by flags."""
-    assert load_settings({}, {}, str(DEPLOY / "signal.toml")).log_format == "json"
+    environment = {"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_TURN_SECRET": "a-coturn-static-auth-secret"}  # the env file
+    assert load_settings({}, environment, str(DEPLOY / "signal.toml")).log_format == "json"
     authority = Authority()
     authority.issue().install(tmp_path / "cert.pem", tmp_path / "key.pem")
     server = await start_server(
         "--config", str(DEPLOY / "signal.toml"), "--host", "127.0.0.1", "--port", "0",
         "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
-        env={"SIGNAL_JWT_SECRET": SECRET},
+        env=environment,
     )
     url = json.loads((await server.line_matching(r"listening on https://")).string)["url"]
     async with ClientSession(connector=TCPConnector(ssl=authority.client_context())) as session:

@@ -68,6 +68,8 @@ CLIENT = (ROOT / "docs" / "client.md").read_text()
 SAMPLE_CONFIG = (ROOT / "deploy" / "signal.toml").read_text()
 VENV_PATH = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
 COTURN_SECRET = "a-coturn-static-auth-secret-of-32-bytes"
+# What deployment.md's /etc/signal-server/env holds (the sample config's TURN URLs need the secret).
+ENV_FILE = {"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_TURN_SECRET": COTURN_SECRET}
 
 
 async def listening(shell: Shell) -> str:
@@ -311,7 +313,7 @@ async def test_tls_in_the_command_with_the_deploy_hook_as_written(shells: OpenTe
     assert (tls_dir / "privkey.pem").stat().st_mode & 0o777 == 0o640
     server = await shells(
         f"echo $$ > {pid_file}; exec signal-server --config {config}", tmp_path,
-        PATH=VENV_PATH, SIGNAL_JWT_SECRET=SECRET, SIGNAL_TLS_WATCH_INTERVAL="3600",
+        PATH=VENV_PATH, SIGNAL_TLS_WATCH_INTERVAL="3600", **ENV_FILE,
     )
     await listening(server)
     assert await handshake_serial(authority) == first
@@ -343,7 +345,7 @@ async def test_the_proxied_configs_as_written(shells: OpenTerminal, tmp_path: Pa
     lines = deployment_block(title, "toml")
     config = tmp_path / "signal.toml"
     config.write_text(replace_once(SAMPLE_CONFIG, {FOUR_TLS_LINES: lines}))
-    server = await shells(f"exec signal-server --config {config}", tmp_path, PATH=VENV_PATH, SIGNAL_JWT_SECRET=SECRET)
+    server = await shells(f"exec signal-server --config {config}", tmp_path, PATH=VENV_PATH, **ENV_FILE)
     values = tomllib.loads(lines)
     assert await listening(server) == f"http://{values['host']}:{values['port']}"
     status, _ = await get_json("http://127.0.0.1:8080/readyz")
@@ -360,8 +362,7 @@ async def test_many_nodes_config_as_written(shells: OpenTerminal, tmp_path: Path
         lines = replace_once(lines, {"rediss://redis.internal:6380/0": "redis://127.0.0.1:6380/0"})
         config = tmp_path / "signal.toml"
         config.write_text(replace_once(SAMPLE_CONFIG, {FOUR_TLS_LINES: 'host = "127.0.0.1"\nport = 8080\n'}) + lines)
-        server = await shells(f"exec signal-server --config {config}", tmp_path, PATH=VENV_PATH,
-                              SIGNAL_JWT_SECRET=SECRET)
+        server = await shells(f"exec signal-server --config {config}", tmp_path, PATH=VENV_PATH, **ENV_FILE)
         line = await server.line("Redis reachable")  # /readyz says 503 until then
         assert json.loads(line)["node"] == "node-a", line
         status, _ = await get_json("http://127.0.0.1:8080/readyz")

@@ -178,4 +178,4 @@ def test_a_fifo_in_place_of_a_key_file_is_refused_not_waited_on(tmp_path: Path) 
         load_settings({"jwt-secret-file": str(path)}, {})
     missing = tmp_path / "missing"
     with pytest.raises(SettingsError, match="--jwt-public-key: cannot read"):
-        load_settings({"jwt-public-key": str(missing), "jwt-algorithm": "ES256"}, {"SIGNAL_JWT_SECRET": ""})
+        load_settings({"jwt-public-key": str(missing), "jwt-algorithm": "ES256"}, {})
