@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
@@ -29,7 +30,9 @@ from .errors import CloseCode
 from .handlers import OPERATIONS, config_handler, websocket_handler
 from .keepalive import keep_alive
 from .logs import install_token_redaction
-from .settings import Settings
+from .settings import EXAMPLE_SECRETS, Settings
+
+logger = logging.getLogger("signal_server")
 
 __all__ = ["create_app", "create_standalone_app"]
 
@@ -42,6 +45,9 @@ def create_app(settings: Settings) -> web.Application:
     Raises:
         ValueError: when no JWT secret or public key is configured.
     """
+    if settings.jwt_secret in EXAMPLE_SECRETS or settings.webhook_secret in EXAMPLE_SECRETS:
+        # The host app binds its own address, unknown here: say it, as the command refuses it off loopback.
+        logger.warning("an example secret from the documentation is configured: fine for a try on loopback only")
     app = web.Application()
     _install(app, settings, prefix="")
     return app

@@ -149,13 +149,18 @@ def _is_loopback(host: str) -> bool:
 
 def _example_secret(settings: Settings) -> str | None:
     """Why the secret must not serve a non-loopback address, if it is one our documentation prints."""
-    if settings.jwt_secret in EXAMPLE_SECRETS and not _is_loopback(settings.host):
+    if _is_loopback(settings.host):
+        return None
+    if settings.jwt_secret in EXAMPLE_SECRETS:
         option = "--jwt-secret-file" if settings.jwt_secret_file else "--jwt-secret"
-        return (
-            f"{option}: this is an example secret from the documentation, fine on loopback only; "
-            "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
-        )
-    return None
+    elif settings.webhook_secret in EXAMPLE_SECRETS:
+        option = "--webhook-secret"
+    else:
+        return None
+    return (
+        f"{option}: this is an example secret from the documentation, fine on loopback only; "
+        "generate your own: python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
+    )
 
 
 def _serve_command(args: list[str], env: Mapping[str, str]) -> int:

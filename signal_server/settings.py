@@ -33,6 +33,8 @@ EXAMPLE_SECRETS = frozenset({
     "change-me-to-32-or-more-random-bytes",
     "replace-me-with-32-or-more-random-bytes-from-your-vault",
     "replace-with-the-output-of-secrets.token_urlsafe(32)",
+    "an-hs256-secret-of-32-bytes-or-more!!",
+    "a-webhook-secret-of-32-bytes-or-more",
 })
 # Empty in the environment is an error for these, not "unset": an empty
 # SIGNAL_JWT_SECRET (say, from a failed `openssl rand` in a deploy script) would

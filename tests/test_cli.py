@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
+from signal_server import create_app
 from signal_server.auth import TokenVerifier
 from signal_server.settings import OPTIONS, Settings, SettingsError, load_settings
 
@@ -116,6 +117,25 @@ def test_the_documentations_example_secrets_serve_loopback_only(tmp_path: Path) 
     assert result.returncode == 2 and "example secret" in result.stderr, result
     result = run("--host", "::", "--port", "0", env={"SIGNAL_JWT_SECRET": "change-me-to-32-or-more-random-bytes"})
     assert result.returncode == 2 and "example secret" in result.stderr, result
+    # The README's webhook walk-through: its JWT secret and its webhook secret.
+    result = run("--host", "0.0.0.0", "--port", "0", "--jwt-secret", "an-hs256-secret-of-32-bytes-or-more!!")
+    assert result.returncode == 2 and "--jwt-secret: this is an example secret" in result.stderr, result
+    result = run(
+        "--host", "0.0.0.0", "--port", "0", "--webhook-url", "http://127.0.0.1:9/hooks",
+        "--webhook-secret", "a-webhook-secret-of-32-bytes-or-more", env={"SIGNAL_JWT_SECRET": SECRET},
+    )
+    assert result.returncode == 2 and "--webhook-secret: this is an example secret" in result.stderr, result
+
+
+def test_an_embedded_app_with_an_example_secret_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """create_app cannot know the address its host binds: it says the secret is the README's."""
+    with caplog.at_level(logging.WARNING, logger="signal_server"):
+        create_app(make_settings(jwt_secret="replace-me-with-32-or-more-random-bytes-from-your-vault"))
+    assert "an example secret from the documentation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="signal_server"):
+        create_app(make_settings(jwt_secret=SECRET))
+    assert "example secret" not in caplog.text
 
 
 def test_prefixes_of_flags_are_not_flags() -> None:
