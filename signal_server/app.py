@@ -94,7 +94,7 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
         app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
-    cors_resources = {config_route.resource, module_route.resource}
+    cors_resources: set[object] = {config_route.resource, module_route.resource}
     app.on_response_prepare.append(_plain_http_hook(cors_hooks, sig, cors_resources))
     install_token_redaction()
 
