@@ -74,7 +74,8 @@ class Hints:
 
     def refused_origin(self, origin: str, where: str, now: float | None = None) -> None:
         """A request (``where``: a CORS fetch or a WebSocket) came from a page whose origin is not allowed."""
-        if self._origins.due(origin, time.monotonic() if now is None else now):
+        # Keyed on what is shown: an 8 KiB Origin must not cost 8 KiB of table.
+        if self._origins.due(origin[:_SHOWN], time.monotonic() if now is None else now):
             logger.warning(
                 "origin %s refused (%s): it is not in --allowed-origin; if that page is yours, add it "
                 "with --allowed-origin (logged once an hour per origin)", _shown(origin), where,
@@ -82,7 +83,7 @@ class Hints:
 
     def untrusted_forwarding(self, peer: str, now: float | None = None) -> None:
         """A request from ``peer`` carries X-Forwarded-For or Forwarded, and ``peer`` is not a trusted proxy."""
-        if self._forwarders.due(peer, time.monotonic() if now is None else now):
+        if self._forwarders.due(peer[:_SHOWN], time.monotonic() if now is None else now):
             logger.warning(
                 "X-Forwarded-For/Forwarded from %s ignored: it is not a --trusted-proxy, so per-IP limits count "
                 "every client behind it as %s; if this is your reverse proxy, add --trusted-proxy %s "
