@@ -25,12 +25,12 @@ from .errors import SignalError
 from .ratelimit import TokenBucket
 from .settings import Settings
 
-__all__ = ["Admission", "ClientAddress", "limit_key", "parse_hop"]
+__all__ = ["Admission", "ClientAddress", "PER_ADDRESS", "limit_key", "parse_hop"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _PRUNE_THRESHOLD = 10_000
-_PER_ADDRESS = frozenset({"ip_concurrent", "ip_rate"})  # limits that belong to one address
+PER_ADDRESS = frozenset({"ip_concurrent", "ip_rate"})  # limits that belong to one address
 
 
 class Admission:
@@ -54,7 +54,7 @@ class Admission:
         the name of the limit (for metrics).
         """
         refusal = self._check_address(address, now)
-        if refusal is None or refusal[1] not in _PER_ADDRESS:
+        if refusal is None or refusal[1] not in PER_ADDRESS:
             self.open += 1
         self._per_ip[address] += 1
         return refusal
@@ -86,7 +86,7 @@ class Admission:
         return None
 
     def release_address(self, address: str, refusal: tuple[SignalError, str] | None = None) -> None:
-        if refusal is None or refusal[1] not in _PER_ADDRESS:
+        if refusal is None or refusal[1] not in PER_ADDRESS:
             self.open -= 1
         self._per_ip[address] -= 1
         if self._per_ip[address] <= 0:
@@ -166,6 +166,11 @@ class ClientAddress:
 
     def _is_trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self._trusted)
+
+    def trusts(self, peer: str | None) -> bool:
+        """Whether ``peer`` (the socket's address) is one of the trusted proxies."""
+        address = parse_hop(peer) if peer and self._trusted else None
+        return address is not None and self._is_trusted(address)
 
     def scheme(self, peer: str | None, headers: MultiMapping[str], own: str) -> str:
         """The scheme the client used: ``X-Forwarded-Proto`` from a trusted proxy, else ``own``.

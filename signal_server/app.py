@@ -27,7 +27,7 @@ from .admin import add_admin_routes
 from .context import SIGNALING, Signaling
 from .demo import add_demo_routes, client_module
 from .errors import CloseCode
-from .handlers import OPERATIONS, config_handler, websocket_handler
+from .handlers import OPERATIONS, config_handler, origin_allowed, websocket_handler
 from .keepalive import keep_alive
 from .logs import install_token_redaction
 from .settings import EXAMPLE_SECRETS, Settings
@@ -94,22 +94,31 @@ def _install(app: web.Application, settings: Settings, prefix: str) -> None:
         app.on_response_prepare.append(_node_header(node))
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
-    app.on_response_prepare.append(_plain_http_hook(cors_hooks))
+    cors_resources: set[object] = {config_route.resource, module_route.resource}
+    app.on_response_prepare.append(_plain_http_hook(cors_hooks, sig, cors_resources))
     install_token_redaction()
 
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
 
 
-def _plain_http_hook(hooks: list[ResponseHook]) -> ResponseHook:
+def _plain_http_hook(hooks: list[ResponseHook], sig: Signaling, cors_resources: set[object]) -> ResponseHook:
     """The one response hook: nothing for a WebSocket's upgrade (a join pays for no hook
-    that has nothing to do), ``hooks`` (CORS) and the close for every other response."""
+    that has nothing to do), ``hooks`` (CORS) and the close for every other response.
+
+    It also logs a CORS request (the config fetch or its preflight) from an origin the
+    allow-list refuses: the page only sees a failed fetch, which reads like a server down.
+    """
+    listed = bool(sig.settings.allowed_origins) and "*" not in sig.settings.allowed_origins
 
     async def prepare(request: web.Request, response: web.StreamResponse) -> None:
         if isinstance(response, web.WebSocketResponse):
             return
         for hook in hooks:
             await hook(request, response)
+        if listed and "Origin" in request.headers and request.match_info.route.resource in cors_resources:
+            if not origin_allowed(sig, request):
+                sig.hints.refused_origin(request.headers["Origin"], f"CORS {request.method} {request.path}")
         _close_after_plain_http(response)
 
     return prepare

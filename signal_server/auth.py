@@ -82,6 +82,7 @@ class _Config:
     audience: str | None
     issuer: str | None
     options: Any
+    key_option: str  # the option a backend's key must match, for the bad-signature message
 
 
 def _configuration(settings: Settings) -> _Config:
@@ -100,6 +101,7 @@ def _configuration(settings: Settings) -> _Config:
             "verify_aud": settings.jwt_audience is not None,
             "verify_iss": settings.jwt_issuer is not None,
         },
+        key_option="--jwt-public-key" if settings.jwt_public_key else "--jwt-secret",
     )
 
 
@@ -193,6 +195,12 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("token has expired") from None
+        except jwt.InvalidSignatureError:
+            # The usual cause is not an attacker but a backend signing with another key.
+            raise _unauthorized(
+                "invalid token (InvalidSignatureError): its signature does not match this server's key "
+                f"(does the backend that issues tokens sign with the key given as {config.key_option}?)"
+            ) from None
         except jwt.InvalidTokenError as exc:
             raise _unauthorized(f"invalid token ({type(exc).__name__})") from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .admission import Admission, ClientAddress
 from .auth import TokenVerifier
+from .hints import Hints
 from .hub import Hub, HubLimits
 from .metrics import Metrics, TokenCacheCollector
 from .peer import WebSocketPeer
@@ -31,6 +32,7 @@ class Signaling:
     hub: Hub = field(init=False)
     admission: Admission = field(init=False)
     client_address: ClientAddress = field(init=False)
+    hints: Hints = field(init=False)  # log lines that name the option behind a refusal
     webhooks: WebhookSender | None = field(init=False, default=None)
     peers: set[WebSocketPeer] = field(default_factory=set)  # live connections, for keepalive
     started: bool = False  # between start-up and shutdown
@@ -42,6 +44,7 @@ class Signaling:
         self.verifier = TokenVerifier(settings)
         self.admission = Admission(settings)
         self.client_address = ClientAddress(settings.trusted_proxies)
+        self.hints = Hints(trusts_proxies=bool(settings.trusted_proxies))
         self.metrics = Metrics(lambda: (self.admission.open, len(self.hub.rooms)))
         self.metrics.registry.register(TokenCacheCollector(self.verifier.cache))
         limits = HubLimits(

@@ -20,8 +20,10 @@ from urllib.parse import unquote_plus
 
 from aiohttp import WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
+from multidict import MultiMapping
 from yarl import URL
 
+from .admission import PER_ADDRESS
 from .auth import Identity
 from .context import SIGNALING, Signaling
 from .errors import CloseCode, SignalError
@@ -132,7 +134,7 @@ def _origin_tuple(origin: str) -> tuple[str, str, int | None] | None:
         return None
 
 
-def _origin_allowed(sig: Signaling, request: web.Request) -> bool:
+def origin_allowed(sig: Signaling, request: web.Request) -> bool:
     """No Origin (non-browser), an open allow-list, a listed origin, or our own origin."""
     origins = request.headers.getall("Origin", [])
     if not origins:
@@ -200,6 +202,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     )
     if not meter_intake(request, settings.receive_rate, settings.receive_burst, peer.flooded):
         _warn_unmetered()
+    if _forwarded(request.headers) and not sig.client_address.trusts(request.remote):
+        sig.hints.untrusted_forwarding(request.remote or "unknown")
     address = sig.client_address(request.remote, request.headers)
     # Counted from here to the end, refused or not: a refused socket is open
     # until its close completes.
@@ -208,6 +212,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if refusal is not None:
             error, limit = refusal
             sig.metrics.refused[limit] += 1
+            if limit in PER_ADDRESS:
+                error = _per_address_refusal(sig, address, error)
             await _refuse(ws, peer, sig, error)
             return ws
         try:
@@ -322,7 +328,8 @@ def query_tokens(request: web.Request) -> list[str]:
 
 def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     """Origin, token, room id and the token's room list, in that order."""
-    if not _origin_allowed(sig, request):
+    if not origin_allowed(sig, request):
+        sig.hints.refused_origin(request.headers.get("Origin", ""), "WebSocket")
         raise SignalError("FORBIDDEN", "this origin is not allowed")
     tokens = query_tokens(request)
     if len(tokens) > 1:
@@ -334,6 +341,20 @@ def _admit(sig: Signaling, request: web.Request, room_id: str) -> Identity:
     if not identity.may_join(room_id):
         raise SignalError("FORBIDDEN", f"this token may not join room {room_id!r}")
     return identity
+
+
+def _forwarded(headers: MultiMapping[str]) -> bool:
+    return "X-Forwarded-For" in headers or "Forwarded" in headers
+
+
+def _per_address_refusal(sig: Signaling, address: str, error: SignalError) -> SignalError:
+    """A per-IP refusal, logged (rate-limited) and, when the address counted looks like a
+    reverse proxy's and none is trusted, with a pointer to --trusted-proxy."""
+    hint = sig.hints.proxy_hint(address)
+    sig.hints.per_ip_refusal(address, error.message + hint)
+    if not hint:
+        return error
+    return SignalError(error.code, error.message.partition(": ")[2] + hint)
 
 
 def _rate_limited(sig: Signaling, peer: WebSocketPeer, verdict: Verdict) -> None:

@@ -319,11 +319,13 @@ async def test_alone_in_a_room_the_controls_stay_in_view(browser, servers, width
 
 
 async def test_a_page_load_and_join_log_no_errors(browser, servers):
-    """No favicon request, no console errors, no failed requests."""
+    """No favicon request, no console errors, no failed requests, one dev token fetch per join."""
     signal, _ = servers
     problems: list[str] = []
+    token_fetches: list[str] = []
 
     def listen(page: Any) -> None:
+        page.on("request", lambda r: token_fetches.append(r.url) if "/dev/token" in r.url else None)
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
         page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
@@ -331,6 +333,7 @@ async def test_a_page_load_and_join_log_no_errors(browser, servers):
     page = await open_demo(browser, signal, "alice", listen=listen)
     await joined(page)
     assert problems == []
+    assert len(token_fetches) == 1, token_fetches
 
 
 async def test_rejoining_keeps_the_guest_identity(browser, servers):

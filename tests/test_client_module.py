@@ -7,6 +7,7 @@ Each page is a harness on another origin (tests/realclients.py) holding one
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 from typing import Any
@@ -309,6 +310,30 @@ async def test_connect_to_a_dead_server_rejects_with_a_signaling_error(browser, 
     )
     assert outcome[:2] == [True, "NETWORK_ERROR"] and outcome[2].startswith("NETWORK_ERROR")
     assert [args[1] for args in await events(page, "error")] == ["NETWORK_ERROR"]
+
+
+async def test_an_origin_the_server_refuses_is_named_in_the_error_and_logged(browser, servers, caplog):
+    """The page's origin is not in --allowed-origin: the browser only sees a failed fetch, so
+    NETWORK_ERROR names the likely causes (origin, certificate, server down), and the server
+    logs the refused origin with the option to set."""
+    from .realclients import start_signal_server
+
+    caplog.set_level(logging.INFO, logger="signal_server.hints")
+    _, page_server = servers
+    signal = await start_signal_server(
+        allowed_origins=("https://app.example",), dev_mode=True, stun_urls=("stun:127.0.0.1:3478",),
+    )
+    try:
+        page = await module_call(browser, page_server, origin(signal), "alice", media=False, connect=False)
+        outcome = await page.evaluate(
+            "window.call.connect().then(() => 'joined', e => [e instanceof window.M.SignalingError, e.code, e.message])"
+        )
+    finally:
+        await signal.close()
+    assert outcome[:2] == [True, "NETWORK_ERROR"]
+    assert "--allowed-origin" in outcome[2] and "certificate" in outcome[2] and "down" in outcome[2]
+    page_origin = f"'http://localhost:{page_server.port}'"
+    assert any(page_origin in line and "--allowed-origin" in line for line in caplog.messages), caplog.messages
 
 
 async def test_a_token_function_that_refuses_ends_connect_with_its_code(browser, servers):

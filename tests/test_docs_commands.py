@@ -265,16 +265,23 @@ SHIPPED_TLS_DIR = "/etc/signal-server/tls"
 
 
 def systemctl_stand_in(directory: Path, pid_file: Path) -> str:
-    """A `systemctl` that does what the unit's ExecReload does (SIGHUP to the main process), and logs its call."""
+    """A `systemctl` that logs its call and does what systemd does for the unit: ``reload`` and
+    ``try-reload-or-restart`` run its ExecReload (SIGHUP to the main process) while it is active;
+    when it is not, ``reload`` fails ("not active, cannot reload") and ``try-reload-or-restart``
+    does nothing."""
     bin_dir = directory / "bin"
     bin_dir.mkdir()
     stand_in = bin_dir / "systemctl"
     stand_in.write_text(
         "#!/bin/sh\n"
         f'echo "$@" >> {directory}/systemctl.calls\n'
-        f'[ "$1 $2" = "reload signal-server" ] || exit 1\n'
+        '[ "$2" = signal-server ] || exit 1\n'
         f"[ -s {pid_file} ] && exec kill -HUP \"$(cat {pid_file})\"\n"
-        "exit 0  # not started yet: nothing to reload\n"
+        'case "$1" in\n'
+        "  try-reload-or-restart) exit 0 ;;\n"
+        '  reload) echo "signal-server.service is not active, cannot reload." >&2; exit 1 ;;\n'
+        "  *) exit 1 ;;\n"
+        "esac\n"
     )
     stand_in.chmod(0o755)
     return f"{bin_dir}:{VENV_PATH}"
@@ -283,7 +290,8 @@ def systemctl_stand_in(directory: Path, pid_file: Path) -> str:
 async def test_tls_in_the_command_with_the_deploy_hook_as_written(shells: OpenTerminal, tmp_path: Path) -> None:
     """docs/deployment.md 2a: the sample config's TLS lines on 0.0.0.0:443, its certbot deploy hook run
     once by hand to install the first pair, the command started from the config, then the hook run for a
-    renewal: the server takes the new certificate (reload through `systemctl reload`)."""
+    renewal: the server takes the new certificate (reload through `systemctl try-reload-or-restart`, which
+    the first run, before the unit is started, must not fail on)."""
     tls_lines = deployment_block(TLS_SECTION, "toml")
     assert tls_lines in SAMPLE_CONFIG, "2a's TOML lines are the sample config's"
     hook = deployment_block(TLS_SECTION, "sh", 1)
@@ -320,7 +328,7 @@ async def test_tls_in_the_command_with_the_deploy_hook_as_written(shells: OpenTe
     renewed = await certbot_renews("renewed.example")
     await server.line("TLS certificate reloaded")
     assert await handshake_serial(authority) == renewed != first
-    assert (tmp_path / "systemctl.calls").read_text() == "reload signal-server\n" * 2
+    assert (tmp_path / "systemctl.calls").read_text() == "try-reload-or-restart signal-server\n" * 2
 
 
 async def handshake_serial(authority: Authority) -> int:

@@ -160,8 +160,14 @@ async function tokenSource() {
     if (!response.ok) throw Object.assign(new Error(`HTTP_${response.status}`), { code: "NETWORK_ERROR" });
     return (await response.json()).token;
   };
-  await fetchToken(); // fail here, with a clear message, when there is no dev mode
-  return fetchToken;
+  // Fetched here, to fail with a clear message when there is no dev mode; the call's
+  // first attempt uses it, later attempts (reconnects) fetch a fresh one.
+  let first = await fetchToken();
+  return async () => {
+    const token = first ?? (await fetchToken());
+    first = null;
+    return token;
+  };
 }
 
 /** Errors caused by what another participant sent: their details (attacker text) go to the console only. */

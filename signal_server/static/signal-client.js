@@ -130,6 +130,22 @@ function networkError(error, what) {
   });
 }
 
+/**
+ * The config fetch failed without a response. The browser does not tell a page why
+ * (a server that is down, an origin the server's CORS refuses and a certificate it
+ * does not trust all read as one TypeError), so the message names all three.
+ */
+function fetchFailed(error, what) {
+  if (error?.name !== "TypeError") return networkError(error, what);
+  return new SignalingError(
+    "NETWORK_ERROR",
+    `NETWORK_ERROR: cannot reach ${what} (${error.message}): the server may be down, may not allow this ` +
+      "page's origin (its --allowed-origin list, CORS), or its TLS certificate may not be trusted by this " +
+      "browser; the browser console says which",
+    { cause: error },
+  );
+}
+
 export class WebRTCCall {
   #serverUrl;
   #token;
@@ -461,7 +477,7 @@ export class WebRTCCall {
         signal: AbortSignal.timeout(this.#staleAfterMs),
       });
     } catch (error) {
-      throw networkError(error, this.#serverUrl);
+      throw fetchFailed(error, this.#serverUrl);
     }
     let body = null;
     try {
