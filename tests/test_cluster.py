@@ -1084,6 +1084,29 @@ async def test_a_subscription_redis_dropped_is_noticed_and_renewed(redis: RedisS
         await watch.link.stop()
 
 
+async def test_a_pooled_connection_idle_through_an_empty_restart_is_replaced_before_use(
+    redis: RedisServer, app_client: AppClient
+) -> None:
+    """A connection of the node's pool sits idle while Redis restarts empty (one the webhook
+    sender or an admin read had; the writer and the subscriber hold their own). Back in the
+    pool, it is the next one out: the pool reconnects it before anything is sent, and the
+    admin read that gets it is answered (before, with redis-py 8.1's maintenance
+    notifications on by default, it went out as it was: "Connection closed by server", 503;
+    a resubscription or the webhook sender's next read could meet it the same way)."""
+    (node,) = await in_process_nodes(app_client, redis, "a")
+    hub = hub_of(node)
+    pool = hub.link.redis.connection_pool
+    idle = await pool.get_connection()
+    await redis.stop()
+    await link_is(hub, up=False)
+    await redis.start()  # empty
+    await link_is(hub, up=True)
+    await pool.release(idle)  # the last one in: the next one out
+    response = await node.get("/webrtc/rooms", headers={"Authorization": f"Bearer {make_token('ops', admin=True)}"})
+    assert response.status == 200, await response.text()
+    assert hub.link.up
+
+
 async def proxied_node(redis: RedisServer, node_id: str, args: list[str]) -> tuple[Node, StallProxy]:
     """A node whose connections to Redis pass through a proxy the test can pause."""
     proxy = await StallProxy("127.0.0.1", redis.port).start()

@@ -232,9 +232,6 @@ async def test_after_an_empty_redis_restart_the_outage_leaves_and_ends_are_sent(
     assert summary(await receiver.take(1, timeout=15)) == [("room_finished", "room-2", None, None)]
 
     await n1.wait_ready()  # joins wait for readiness after an outage, as a balancer would
-    # ...and a balancer asks /readyz. (Joining at once, a few ms sooner, sometimes met a
-    # "Connection closed by server" on n1's link right at room-2's finish: not diagnosed yet.)
-    assert await n1.readyz() == 200
     erin = await clients.connect(n1, "erin", "room-4")  # webhooks go on; nothing else was sent meanwhile
     await erin.ws.close()
     assert by_room(await receiver.take(4)) == {"room-4": [

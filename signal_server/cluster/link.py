@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import random
 import secrets
@@ -43,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -119,6 +120,31 @@ SCRIPT_SOURCES = {name: scripts.PRELUDE + getattr(scripts, name) for name in NAM
 SCRIPT_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPT_SOURCES.items()}
 
 
+def _checked_checkout() -> dict[str, Any]:
+    """Options that keep the pool's check of a connection it hands out.
+
+    The pool reconnects, before use, a pooled connection whose server closed it
+    (a restarted Redis, its ``timeout``, CLIENT KILL), and only then does the
+    command go out: the retry on a fresh connection that is safe for every command,
+    since nothing was sent yet. redis-py 8.1's asyncio pool skips that check while
+    maintenance notifications are on, and it turns them on by itself ("auto") for
+    RESP3 over TCP (redis-py issue 4252): a connection left idle in the pool across
+    an empty restart went out as it was and failed with "Connection closed by
+    server" (a subscription, so the link went down; the webhook sender's read; an
+    admin read, 503). Those notifications come from managed Redis services, never
+    from redis-server, which refuses CLIENT MAINT_NOTIFICATIONS; without them each
+    connect saves that command too. Older redis-py has neither.
+    """
+    if "maint_notifications_config" not in inspect.signature(ConnectionPool.__init__).parameters:
+        return {}
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
+_CHECKED_CHECKOUT = _checked_checkout()
+
+
 def make_client(settings: Settings, node: str) -> Redis:
     """A client for the URL, or for the master the sentinels name (followed across failovers)."""
     options: dict[str, Any] = {
@@ -128,6 +154,7 @@ def make_client(settings: Settings, node: str) -> Redis:
         "socket_connect_timeout": 2.0,
         "socket_timeout": 5.0,
         "health_check_interval": 0,
+        **_CHECKED_CHECKOUT,
     }
     if settings.redis_sentinels:
         hosts = []
