@@ -34,6 +34,9 @@ SECRET = secrets.token_urlsafe(32)
 NO_LIMITS = [
     "--rate-limit", "1e7", "--rate-burst", "10000000", "--max-connections", "1000000",
     "--max-connections-per-ip", "1000000", "--ip-connect-rate", "1e7", "--ip-connect-burst", "10000000",
+    # The byte intake limit too (256 KiB/s a connection by default): at saturation S1's
+    # few connections each send more than that, and would be cut off with 4429.
+    "--receive-rate", str(1 << 30), "--receive-burst", str(1 << 30),
 ]
 
 
