@@ -65,25 +65,25 @@ def _looks_like_a_proxy(address: str) -> bool:
 class Hints:
     """The operator hints of one signaling app."""
 
-    def __init__(self, trusts_proxies: bool, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+    def __init__(self, trusts_proxies: bool) -> None:
+        now = time.monotonic()
         self._trusts_proxies = trusts_proxies
         self._origins = OncePerKey(now)
         self._forwarders = OncePerKey(now)
         self._per_ip = OncePerKey(now)
 
-    def refused_origin(self, origin: str, where: str, now: float | None = None) -> None:
+    def refused_origin(self, origin: str, where: str) -> None:
         """A request (``where``: a CORS fetch or a WebSocket) came from a page whose origin is not allowed."""
         # Keyed on what is shown: an 8 KiB Origin must not cost 8 KiB of table.
-        if self._origins.due(origin[:_SHOWN], time.monotonic() if now is None else now):
+        if self._origins.due(origin[:_SHOWN], time.monotonic()):
             logger.warning(
                 "origin %s refused (%s): it is not in --allowed-origin; if that page is yours, add it "
                 "with --allowed-origin (logged once an hour per origin)", _shown(origin), where,
             )
 
-    def untrusted_forwarding(self, peer: str, now: float | None = None) -> None:
+    def untrusted_forwarding(self, peer: str) -> None:
         """A request from ``peer`` carries X-Forwarded-For or Forwarded, and ``peer`` is not a trusted proxy."""
-        if self._forwarders.due(peer[:_SHOWN], time.monotonic() if now is None else now):
+        if self._forwarders.due(peer[:_SHOWN], time.monotonic()):
             logger.warning(
                 "X-Forwarded-For/Forwarded from %s ignored: it is not a --trusted-proxy, so per-IP limits count "
                 "every client behind it as %s; if this is your reverse proxy, add --trusted-proxy %s "
@@ -97,6 +97,6 @@ class Hints:
             return ""
         return " (all clients of a reverse proxy count as its address unless the server has --trusted-proxy)"
 
-    def per_ip_refusal(self, address: str, message: str, now: float | None = None) -> None:
-        if self._per_ip.due(address, time.monotonic() if now is None else now):
+    def per_ip_refusal(self, address: str, message: str) -> None:
+        if self._per_ip.due(address, time.monotonic()):
             logger.warning("refused a connection from %s: %s (logged once an hour per address)", address, message)
